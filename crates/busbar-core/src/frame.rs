@@ -1,0 +1,836 @@
+//! Frames of the native wire protocol, and their byte layout.
+//!
+//! docs/PROTOCOL.md is the reference; this module is its implementation. Every frame is
+//!
+//! ```text
+//! u32 length                     bytes after this field (big-endian, like every integer here)
+//! u16 magic = 0x6562 ("eb")
+//! u8  version = 1
+//! u8  signal                     C E K V n n n n   (control, event, key present, envelope present, command)
+//! u32 source id
+//! u32 destination id
+//! u64 correlation                subscription id, request id … (meaning depends on the command)
+//! [u64 balance key]              only when K is set
+//! body                           depends on the command
+//! ```
+//!
+//! Decoding never panics and treats a partial frame as "need more bytes" ([`decode`] returns
+//! `Ok(None)`), never as an error. A maximum frame size is always enforced, before the frame's
+//! bytes have arrived.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
+use thiserror::Error;
+
+/// The two magic bytes that open every frame header: `"eb"`.
+pub const MAGIC: u16 = 0x6562;
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Size of the fixed header after the length prefix, without the optional balance key.
+pub const HEADER_LEN: usize = 20;
+/// Default maximum frame size (the value of the length prefix): 1 MiB.
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 1024 * 1024;
+/// Size of the optional envelope in data frames.
+pub const ENVELOPE_LEN: usize = 40;
+
+/// Signal byte bit: control frame (handshake, subscriptions, errors) rather than data.
+pub const SIGNAL_CONTROL: u8 = 0x80;
+/// Signal byte bit: an event, fanned out to subscribers (data frames only).
+pub const SIGNAL_EVENT: u8 = 0x40;
+/// Signal byte bit: a 64-bit balance key follows the fixed header.
+pub const SIGNAL_KEY: u8 = 0x20;
+/// Signal byte bit: a data frame carries the 40-byte envelope.
+pub const SIGNAL_ENVELOPE: u8 = 0x10;
+
+/// Why bytes could not be decoded into a frame, or a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// The length prefix announces more than the allowed maximum.
+    #[error("frame of {size} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Announced (or, when encoding, computed) size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The length prefix is smaller than the fixed header.
+    #[error("frame of {size} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TooShort {
+        /// Announced size.
+        size: usize,
+    },
+    /// The frame does not start with `"eb"`.
+    #[error("bad magic 0x{0:04x}, expected 0x6562 (\"eb\")")]
+    BadMagic(u16),
+    /// A protocol version this implementation does not speak.
+    #[error("unsupported protocol version {0}, this side speaks {VERSION}")]
+    UnsupportedVersion(u8),
+    /// The signal byte names no known command.
+    #[error("unknown command in signal byte 0x{0:02x}")]
+    UnknownCommand(u8),
+    /// A flag that this command does not allow (balance key or envelope on a control frame).
+    #[error("flags 0x{0:02x} are not allowed on this command")]
+    BadFlags(u8),
+    /// A field runs past the end of the frame.
+    #[error("field `{0}` runs past the end of the frame")]
+    Truncated(&'static str),
+    /// Bytes left over after the last field of a frame that has no payload.
+    #[error("{0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    /// A text field is not UTF-8.
+    #[error("field `{0}` is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    /// An enumerated field has an unknown value.
+    #[error("field `{field}` has unknown value {value}")]
+    InvalidValue {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// When encoding: a text field longer than its 16-bit length allows.
+    #[error("field `{0}` is longer than 65535 bytes")]
+    FieldTooLong(&'static str),
+}
+
+/// Error codes carried by [`Frame::Error`]. The numbering groups them: 1xx protocol, 2xx limits,
+/// 3xx authentication and permissions, 4xx requests, 5xx server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 100: bytes that are not a valid frame. The connection is closed.
+    MalformedFrame,
+    /// 101: a frame larger than the announced maximum. The connection is closed.
+    FrameTooLarge,
+    /// 102: the peer speaks another protocol version. The connection is closed.
+    UnsupportedVersion,
+    /// 103: the first frame was not HELLO, or a second HELLO arrived. The connection is closed.
+    HandshakeRequired,
+    /// 104: a publish topic that breaks the topic rules. The connection stays open.
+    InvalidTopic,
+    /// 105: a subscription pattern that breaks the pattern rules. The connection stays open.
+    InvalidPattern,
+    /// 106: UNSUB of a subscription id that is not known. The connection stays open.
+    UnknownSubscription,
+    /// 107: SUB with a subscription id already in use. The connection stays open.
+    DuplicateSubscription,
+    /// 108: a frame the receiving side never accepts (a client sending MSG, say). Closed.
+    UnexpectedFrame,
+    /// 200: the connection did not read its messages fast enough. The connection is closed.
+    SlowConsumer,
+    /// 201: the broker is at its connection limit. The connection is closed.
+    TooManyConnections,
+    /// 202: the connection is at its subscription limit. The connection stays open.
+    TooManySubscriptions,
+    /// 203: no HELLO within the handshake timeout. The connection is closed.
+    HandshakeTimeout,
+    /// 300: authentication failed. The connection is closed.
+    AuthenticationFailed,
+    /// 301: not allowed to publish or subscribe there. The connection stays open.
+    PermissionDenied,
+    /// 400: a request found nobody to answer it.
+    NoResponders,
+    /// 401: a request was not answered in time.
+    Timeout,
+    /// 402: the handler of a request or command failed.
+    HandlerError,
+    /// 500: the broker is shutting down; reconnect elsewhere. The connection is closed.
+    ShuttingDown,
+    /// 501: an internal broker error.
+    Internal,
+    /// A code this implementation does not know, kept as received.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The numeric code on the wire.
+    pub fn as_u16(self) -> u16 {
+        match self {
+            Self::MalformedFrame => 100,
+            Self::FrameTooLarge => 101,
+            Self::UnsupportedVersion => 102,
+            Self::HandshakeRequired => 103,
+            Self::InvalidTopic => 104,
+            Self::InvalidPattern => 105,
+            Self::UnknownSubscription => 106,
+            Self::DuplicateSubscription => 107,
+            Self::UnexpectedFrame => 108,
+            Self::SlowConsumer => 200,
+            Self::TooManyConnections => 201,
+            Self::TooManySubscriptions => 202,
+            Self::HandshakeTimeout => 203,
+            Self::AuthenticationFailed => 300,
+            Self::PermissionDenied => 301,
+            Self::NoResponders => 400,
+            Self::Timeout => 401,
+            Self::HandlerError => 402,
+            Self::ShuttingDown => 500,
+            Self::Internal => 501,
+            Self::Other(code) => code,
+        }
+    }
+
+    /// The code for a number received on the wire.
+    pub fn from_u16(code: u16) -> Self {
+        match code {
+            100 => Self::MalformedFrame,
+            101 => Self::FrameTooLarge,
+            102 => Self::UnsupportedVersion,
+            103 => Self::HandshakeRequired,
+            104 => Self::InvalidTopic,
+            105 => Self::InvalidPattern,
+            106 => Self::UnknownSubscription,
+            107 => Self::DuplicateSubscription,
+            108 => Self::UnexpectedFrame,
+            200 => Self::SlowConsumer,
+            201 => Self::TooManyConnections,
+            202 => Self::TooManySubscriptions,
+            203 => Self::HandshakeTimeout,
+            300 => Self::AuthenticationFailed,
+            301 => Self::PermissionDenied,
+            400 => Self::NoResponders,
+            401 => Self::Timeout,
+            402 => Self::HandlerError,
+            500 => Self::ShuttingDown,
+            501 => Self::Internal,
+            other => Self::Other(other),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Other(code) => write!(f, "{code}"),
+            known => write!(f, "{} {:?}", known.as_u16(), known),
+        }
+    }
+}
+
+/// Ordered key/value text pairs: message headers, handshake properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(ByteString, ByteString)>);
+
+impl Headers {
+    /// No headers; does not allocate.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+    /// Appends a pair (keys may repeat).
+    pub fn insert(&mut self, key: impl Into<ByteString>, value: impl Into<ByteString>) {
+        self.0.push((key.into(), value.into()));
+    }
+    /// The first value stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| &**v)
+    }
+    /// All pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Into<ByteString>, V: Into<ByteString>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Self(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+/// Envelope metadata of a data frame: message id, transaction id, occurred-at time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique, sortable message id.
+    pub id: u128,
+    /// Id of the transaction (the causal chain) this message belongs to.
+    pub tx: u128,
+    /// When the event occurred, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+}
+
+/// How a group chooses the one member that receives a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupPolicy {
+    /// 1: a member chosen at random.
+    Random,
+    /// 2: members in turn.
+    RoundRobin,
+    /// 3: consistent hashing of the message's balance key.
+    Hash,
+}
+
+impl GroupPolicy {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Random => 1,
+            Self::RoundRobin => 2,
+            Self::Hash => 3,
+        }
+    }
+}
+
+/// Membership of a subscription in a load-balanced group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Group name; subscriptions with the same name and pattern share the messages.
+    pub name: ByteString,
+    /// How a member is chosen.
+    pub policy: GroupPolicy,
+}
+
+/// The message carried by PUB (client → broker) and MSG (broker → client) frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Service id of the sender (the broker fills it in for MSG).
+    pub source: u32,
+    /// Service id of the addressee, 0 for "whoever subscribes".
+    pub destination: u32,
+    /// Balance key, used by groups with the hash policy.
+    pub key: Option<u64>,
+    /// Optional envelope metadata.
+    pub envelope: Option<Envelope>,
+    /// The topic, a valid topic without wildcards.
+    pub topic: ByteString,
+    /// Application headers.
+    pub headers: Headers,
+    /// Opaque application bytes.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// A message with only topic and payload set.
+    pub fn new(topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            source: 0,
+            destination: 0,
+            key: None,
+            envelope: None,
+            topic: topic.into(),
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
+    }
+}
+
+/// First frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Hello {
+    /// Free-form client name, for logs and monitoring.
+    pub name: ByteString,
+    /// Extensible properties (service name, credentials … in later versions).
+    pub properties: Headers,
+}
+
+/// The broker's answer to HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Welcome {
+    /// The service id the broker assigned to this connection (sent in the destination field).
+    pub service_id: u32,
+    /// Largest frame the broker accepts (value of the length prefix).
+    pub max_frame_size: u32,
+    /// Interval at which the broker pings an idle connection, in milliseconds; 0 = never.
+    pub heartbeat_ms: u32,
+    /// Name of the broker.
+    pub server_name: ByteString,
+    /// Version of the broker software.
+    pub server_version: ByteString,
+    /// Extensible properties.
+    pub properties: Headers,
+}
+
+/// Subscribe to a pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sub {
+    /// Subscription id chosen by the client, unique per connection (correlation field).
+    pub sid: u64,
+    /// The pattern.
+    pub pattern: ByteString,
+    /// Optional group membership.
+    pub group: Option<Group>,
+}
+
+/// An error, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// The correlation of the frame that caused it (a subscription id, say), or 0.
+    pub correlation: u64,
+    /// Human-readable detail.
+    pub message: ByteString,
+}
+
+/// Every frame of the native protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Client → broker, first frame.
+    Hello(Hello),
+    /// Broker → client, answer to HELLO.
+    Welcome(Welcome),
+    /// Either way: are you there? Also a barrier: PONG comes after every earlier frame was handled.
+    Ping,
+    /// Answer to PING.
+    Pong,
+    /// Client → broker: subscribe.
+    Sub(Sub),
+    /// Client → broker: unsubscribe the given subscription id.
+    Unsub {
+        /// The subscription id.
+        sid: u64,
+    },
+    /// Either way: an error.
+    Error(ErrorFrame),
+    /// Client → broker: publish a message.
+    Pub(Message),
+    /// Broker → client: a message for subscription `sid`.
+    Msg {
+        /// The subscription it matched.
+        sid: u64,
+        /// The message.
+        message: Message,
+    },
+}
+
+/// Command codes: the signal byte without the K and V flags.
+mod cmd {
+    use super::{SIGNAL_CONTROL as C, SIGNAL_EVENT as E};
+    pub(super) const HELLO: u8 = C | 0x1;
+    pub(super) const WELCOME: u8 = C | 0x2;
+    pub(super) const PING: u8 = C | 0x3;
+    pub(super) const PONG: u8 = C | 0x4;
+    pub(super) const SUB: u8 = C | 0x5;
+    pub(super) const UNSUB: u8 = C | 0x6;
+    pub(super) const ERROR: u8 = C | 0x7;
+    pub(super) const PUB: u8 = E | 0x1;
+    pub(super) const MSG: u8 = E | 0x2;
+}
+
+impl Frame {
+    /// Short upper-case name of the command, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "HELLO",
+            Frame::Welcome(_) => "WELCOME",
+            Frame::Ping => "PING",
+            Frame::Pong => "PONG",
+            Frame::Sub(_) => "SUB",
+            Frame::Unsub { .. } => "UNSUB",
+            Frame::Error(_) => "ERROR",
+            Frame::Pub(_) => "PUB",
+            Frame::Msg { .. } => "MSG",
+        }
+    }
+
+    /// Appends the encoded frame to `dst`. Fails, writing nothing, when a text field is too long
+    /// for its length prefix or the frame would exceed `max_frame_size`.
+    pub fn encode(&self, dst: &mut BytesMut, max_frame_size: usize) -> Result<(), FrameError> {
+        let start = dst.len();
+        let result = self.encode_unchecked(dst).and_then(|()| {
+            let size = dst.len() - start - LEN_PREFIX;
+            if size > max_frame_size {
+                return Err(FrameError::TooLarge {
+                    size,
+                    max: max_frame_size,
+                });
+            }
+            dst[start..start + LEN_PREFIX].copy_from_slice(&(size as u32).to_be_bytes());
+            Ok(())
+        });
+        if result.is_err() {
+            dst.truncate(start);
+        }
+        result
+    }
+
+    /// Encodes into a fresh buffer with the default maximum frame size.
+    pub fn to_bytes(&self) -> Result<Bytes, FrameError> {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf, u32::MAX as usize)?;
+        Ok(buf.freeze())
+    }
+
+    fn encode_unchecked(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let header = |dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64| {
+            dst.put_u32(0); // patched by `encode`
+            dst.put_u16(MAGIC);
+            dst.put_u8(VERSION);
+            dst.put_u8(signal);
+            dst.put_u32(source);
+            dst.put_u32(destination);
+            dst.put_u64(corr);
+        };
+        match self {
+            Frame::Hello(h) => {
+                header(dst, cmd::HELLO, 0, 0, 0);
+                put_str(dst, &h.name, "name")?;
+                put_headers(dst, &h.properties, "properties")?;
+            }
+            Frame::Welcome(w) => {
+                header(dst, cmd::WELCOME, 0, w.service_id, 0);
+                dst.put_u32(w.max_frame_size);
+                dst.put_u32(w.heartbeat_ms);
+                put_str(dst, &w.server_name, "server_name")?;
+                put_str(dst, &w.server_version, "server_version")?;
+                put_headers(dst, &w.properties, "properties")?;
+            }
+            Frame::Ping => header(dst, cmd::PING, 0, 0, 0),
+            Frame::Pong => header(dst, cmd::PONG, 0, 0, 0),
+            Frame::Sub(s) => {
+                header(dst, cmd::SUB, 0, 0, s.sid);
+                put_str(dst, &s.pattern, "pattern")?;
+                match &s.group {
+                    None => {
+                        put_str(dst, "", "group")?;
+                        dst.put_u8(0);
+                    }
+                    Some(g) => {
+                        put_str(dst, &g.name, "group")?;
+                        dst.put_u8(g.policy.to_u8());
+                    }
+                }
+            }
+            Frame::Unsub { sid } => header(dst, cmd::UNSUB, 0, 0, *sid),
+            Frame::Error(e) => {
+                header(dst, cmd::ERROR, 0, 0, e.correlation);
+                dst.put_u16(e.code.as_u16());
+                put_str(dst, &e.message, "message")?;
+            }
+            Frame::Pub(m) => encode_message(dst, cmd::PUB, 0, m, header)?,
+            Frame::Msg { sid, message } => encode_message(dst, cmd::MSG, *sid, message, header)?,
+        }
+        Ok(())
+    }
+}
+
+fn encode_message(
+    dst: &mut BytesMut,
+    command: u8,
+    corr: u64,
+    m: &Message,
+    header: impl Fn(&mut BytesMut, u8, u32, u32, u64),
+) -> Result<(), FrameError> {
+    let mut signal = command;
+    if m.key.is_some() {
+        signal |= SIGNAL_KEY;
+    }
+    if m.envelope.is_some() {
+        signal |= SIGNAL_ENVELOPE;
+    }
+    dst.reserve(HEADER_LEN + 8 + ENVELOPE_LEN + 4 + m.topic.len() + m.payload.len() + 4);
+    header(dst, signal, m.source, m.destination, corr);
+    if let Some(key) = m.key {
+        dst.put_u64(key);
+    }
+    if let Some(e) = &m.envelope {
+        dst.put_u128(e.id);
+        dst.put_u128(e.tx);
+        dst.put_u64(e.timestamp_ns);
+    }
+    put_str(dst, &m.topic, "topic")?;
+    put_headers(dst, &m.headers, "headers")?;
+    dst.put_slice(&m.payload);
+    Ok(())
+}
+
+fn put_str(dst: &mut BytesMut, s: &str, field: &'static str) -> Result<(), FrameError> {
+    let len = u16::try_from(s.len()).map_err(|_| FrameError::FieldTooLong(field))?;
+    dst.put_u16(len);
+    dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_headers(dst: &mut BytesMut, h: &Headers, field: &'static str) -> Result<(), FrameError> {
+    let count = u16::try_from(h.len()).map_err(|_| FrameError::FieldTooLong(field))?;
+    dst.put_u16(count);
+    for (k, v) in h.iter() {
+        put_str(dst, k, field)?;
+        put_str(dst, v, field)?;
+    }
+    Ok(())
+}
+
+/// Looks at the start of `buf`: `Ok(Some(n))` when a whole frame of `n` bytes (prefix included) is
+/// there, `Ok(None)` when more bytes are needed, an error when the bytes can never become a valid
+/// frame. Magic, version and size are checked as soon as their bytes have arrived, so garbage is
+/// refused without waiting for the length it claims.
+pub fn check(buf: &[u8], max_frame_size: usize) -> Result<Option<usize>, FrameError> {
+    if buf.len() >= LEN_PREFIX {
+        let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if size > max_frame_size {
+            return Err(FrameError::TooLarge {
+                size,
+                max: max_frame_size,
+            });
+        }
+        if size < HEADER_LEN {
+            return Err(FrameError::TooShort { size });
+        }
+    }
+    if buf.len() >= LEN_PREFIX + 2 {
+        let magic = u16::from_be_bytes([buf[4], buf[5]]);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+    }
+    if buf.len() >= LEN_PREFIX + 3 && buf[6] != VERSION {
+        return Err(FrameError::UnsupportedVersion(buf[6]));
+    }
+    if buf.len() < LEN_PREFIX {
+        return Ok(None);
+    }
+    let total = LEN_PREFIX + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Takes one whole frame off the front of `buf`. `Ok(None)` means "not yet: read more bytes";
+/// `buf` is untouched then. After an error the stream cannot be resynchronised: close it.
+pub fn decode(buf: &mut BytesMut, max_frame_size: usize) -> Result<Option<Frame>, FrameError> {
+    match check(buf, max_frame_size)? {
+        None => Ok(None),
+        Some(total) => {
+            let mut frame = buf.split_to(total).freeze();
+            frame.advance(LEN_PREFIX);
+            parse(frame).map(Some)
+        }
+    }
+}
+
+/// Parses one frame from exactly its bytes after the length prefix.
+pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
+    if b.len() < HEADER_LEN {
+        return Err(FrameError::TooShort { size: b.len() });
+    }
+    let magic = b.get_u16();
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = b.get_u8();
+    if version != VERSION {
+        return Err(FrameError::UnsupportedVersion(version));
+    }
+    let signal = b.get_u8();
+    let source = b.get_u32();
+    let destination = b.get_u32();
+    let corr = b.get_u64();
+    let command = signal & !(SIGNAL_KEY | SIGNAL_ENVELOPE);
+    let flags = signal & (SIGNAL_KEY | SIGNAL_ENVELOPE);
+    let frame = match command {
+        cmd::PUB | cmd::MSG => {
+            let key = if flags & SIGNAL_KEY != 0 {
+                Some(get_u64(&mut b, "balance key")?)
+            } else {
+                None
+            };
+            let envelope = if flags & SIGNAL_ENVELOPE != 0 {
+                need(&b, ENVELOPE_LEN, "envelope")?;
+                Some(Envelope {
+                    id: b.get_u128(),
+                    tx: b.get_u128(),
+                    timestamp_ns: b.get_u64(),
+                })
+            } else {
+                None
+            };
+            let topic = get_str(&mut b, "topic")?;
+            let headers = get_headers(&mut b, "headers")?;
+            let message = Message {
+                source,
+                destination,
+                key,
+                envelope,
+                topic,
+                headers,
+                payload: b,
+            };
+            return Ok(if command == cmd::PUB {
+                Frame::Pub(message)
+            } else {
+                Frame::Msg { sid: corr, message }
+            });
+        }
+        _ if flags != 0 && command & SIGNAL_CONTROL != 0 => return Err(FrameError::BadFlags(flags)),
+        cmd::HELLO => {
+            let name = get_str(&mut b, "name")?;
+            let properties = get_headers(&mut b, "properties")?;
+            Frame::Hello(Hello { name, properties })
+        }
+        cmd::WELCOME => {
+            let max_frame_size = get_u32(&mut b, "max_frame_size")?;
+            let heartbeat_ms = get_u32(&mut b, "heartbeat_ms")?;
+            let server_name = get_str(&mut b, "server_name")?;
+            let server_version = get_str(&mut b, "server_version")?;
+            let properties = get_headers(&mut b, "properties")?;
+            Frame::Welcome(Welcome {
+                service_id: destination,
+                max_frame_size,
+                heartbeat_ms,
+                server_name,
+                server_version,
+                properties,
+            })
+        }
+        cmd::PING => Frame::Ping,
+        cmd::PONG => Frame::Pong,
+        cmd::SUB => {
+            let pattern = get_str(&mut b, "pattern")?;
+            let name = get_str(&mut b, "group")?;
+            need(&b, 1, "policy")?;
+            let policy = match b.get_u8() {
+                0 => None,
+                1 => Some(GroupPolicy::Random),
+                2 => Some(GroupPolicy::RoundRobin),
+                3 => Some(GroupPolicy::Hash),
+                v => {
+                    return Err(FrameError::InvalidValue {
+                        field: "policy",
+                        value: v.into(),
+                    });
+                }
+            };
+            let group = match (name.is_empty(), policy) {
+                (true, None) => None,
+                (false, Some(policy)) => Some(Group { name, policy }),
+                (_, p) => {
+                    let value = p.map_or(0, |p| p.to_u8()).into();
+                    return Err(FrameError::InvalidValue {
+                        field: "policy",
+                        value,
+                    });
+                }
+            };
+            Frame::Sub(Sub {
+                sid: corr,
+                pattern,
+                group,
+            })
+        }
+        cmd::UNSUB => Frame::Unsub { sid: corr },
+        cmd::ERROR => {
+            let code = ErrorCode::from_u16(get_u16(&mut b, "code")?);
+            let message = get_str(&mut b, "message")?;
+            Frame::Error(ErrorFrame {
+                code,
+                correlation: corr,
+                message,
+            })
+        }
+        _ => return Err(FrameError::UnknownCommand(signal)),
+    };
+    if !b.is_empty() {
+        return Err(FrameError::TrailingBytes(b.len()));
+    }
+    Ok(frame)
+}
+
+fn need(b: &Bytes, n: usize, field: &'static str) -> Result<(), FrameError> {
+    if b.len() < n {
+        Err(FrameError::Truncated(field))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u16(b: &mut Bytes, field: &'static str) -> Result<u16, FrameError> {
+    need(b, 2, field)?;
+    Ok(b.get_u16())
+}
+
+fn get_u32(b: &mut Bytes, field: &'static str) -> Result<u32, FrameError> {
+    need(b, 4, field)?;
+    Ok(b.get_u32())
+}
+
+fn get_u64(b: &mut Bytes, field: &'static str) -> Result<u64, FrameError> {
+    need(b, 8, field)?;
+    Ok(b.get_u64())
+}
+
+fn get_str(b: &mut Bytes, field: &'static str) -> Result<ByteString, FrameError> {
+    let len = get_u16(b, field)? as usize;
+    need(b, len, field)?;
+    ByteString::try_from(b.split_to(len)).map_err(|_| FrameError::InvalidUtf8(field))
+}
+
+fn get_headers(b: &mut Bytes, field: &'static str) -> Result<Headers, FrameError> {
+    let count = get_u16(b, field)? as usize;
+    // Each pair takes at least 4 bytes: refuse absurd counts before allocating for them.
+    need(b, count * 4, field)?;
+    let mut pairs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let k = get_str(b, field)?;
+        let v = get_str(b, field)?;
+        pairs.push((k, v));
+    }
+    Ok(Headers(pairs))
+}
+
+/// A [`tokio_util::codec`] codec, so that I/O layers can use `FramedRead`/`FramedWrite`.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame_size: usize,
+}
+
+impl FrameCodec {
+    /// A codec that refuses frames larger than `max_frame_size` both ways.
+    pub fn new(max_frame_size: usize) -> Self {
+        Self { max_frame_size }
+    }
+    /// The limit in force.
+    pub fn max_frame_size(&self) -> usize {
+        self.max_frame_size
+    }
+    /// Changes the limit (after the handshake announced the peer's).
+    pub fn set_max_frame_size(&mut self, max: usize) {
+        self.max_frame_size = max;
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME_SIZE)
+    }
+}
+
+/// Error of [`FrameCodec`]: a protocol violation or an I/O error below it.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The transport failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl tokio_util::codec::Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        Ok(decode(src, self.max_frame_size)?)
+    }
+}
+
+impl tokio_util::codec::Encoder<&Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        Ok(frame.encode(dst, self.max_frame_size)?)
+    }
+}
+
+impl tokio_util::codec::Encoder<Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        Ok(frame.encode(dst, self.max_frame_size)?)
+    }
+}

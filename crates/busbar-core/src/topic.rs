@@ -1,0 +1,238 @@
+//! Topics and subscription patterns.
+//!
+//! A **topic** names what a message is about: dot-separated tokens such as `event.email.new`.
+//! A **pattern** is what a subscriber listens to: a topic whose tokens may also be
+//! `*` (exactly one token) or, as the last token only, `>` (one or more remaining tokens).
+//!
+//! | pattern        | matches                          | does not match          |
+//! |----------------|----------------------------------|-------------------------|
+//! | `event.email`  | `event.email`                    | `event.email.new`       |
+//! | `event.*`      | `event.email`                    | `event`, `event.a.b`    |
+//! | `event.>`      | `event.email`, `event.email.new` | `event`                 |
+//! | `*.email.>`    | `x.email.new`                    | `email.new`             |
+//!
+//! Rules, checked by [`validate_topic`] and [`validate_pattern`]:
+//! - not empty, at most [`MAX_TOPIC_LEN`] bytes and [`MAX_TOKENS`] tokens;
+//! - no empty token (`a..b`, `.a`, `a.` are refused);
+//! - no whitespace or control characters anywhere;
+//! - `*` and `>` are wildcards only as a whole token and only in patterns; elsewhere they are refused,
+//!   so a topic can never be mistaken for a pattern.
+
+use thiserror::Error;
+
+/// The longest topic or pattern accepted, in bytes.
+pub const MAX_TOPIC_LEN: usize = 1024;
+/// The most tokens a topic or pattern may have.
+pub const MAX_TOKENS: usize = 64;
+
+/// Why a topic or pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TopicError {
+    /// The topic is the empty string.
+    #[error("topic is empty")]
+    Empty,
+    /// The topic is longer than [`MAX_TOPIC_LEN`] bytes.
+    #[error("topic is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The topic has more than [`MAX_TOKENS`] tokens.
+    #[error("topic has more than {max} tokens")]
+    TooManyTokens {
+        /// The limit.
+        max: usize,
+    },
+    /// Two dots in a row, or a leading or trailing dot.
+    #[error("token {index} is empty (leading, trailing or double dot)")]
+    EmptyToken {
+        /// Zero-based index of the empty token.
+        index: usize,
+    },
+    /// Whitespace or a control character.
+    #[error("character {ch:?} at byte {at} is not allowed in a topic")]
+    InvalidChar {
+        /// The offending character.
+        ch: char,
+        /// Its byte offset.
+        at: usize,
+    },
+    /// A wildcard in a topic that is published to.
+    #[error("wildcard token {index} is not allowed in a publish topic")]
+    WildcardInTopic {
+        /// Zero-based index of the token.
+        index: usize,
+    },
+    /// `*` or `>` inside a longer token, like `a*` or `>b`.
+    #[error("token {index} mixes a wildcard with other characters")]
+    PartialWildcard {
+        /// Zero-based index of the token.
+        index: usize,
+    },
+    /// `>` that is not the last token.
+    #[error("`>` must be the last token (found at token {index})")]
+    FullWildcardNotLast {
+        /// Zero-based index of the token.
+        index: usize,
+    },
+}
+
+/// Checks a topic that a message is published to: no wildcards allowed.
+pub fn validate_topic(topic: &str) -> Result<(), TopicError> {
+    validate(topic, false)
+}
+
+/// Checks a subscription pattern: `*` and a trailing `>` allowed.
+pub fn validate_pattern(pattern: &str) -> Result<(), TopicError> {
+    validate(pattern, true)
+}
+
+/// True when `pattern` contains a wildcard token (so it cannot match exactly one topic).
+pub fn is_wildcard(pattern: &str) -> bool {
+    pattern.split('.').any(|t| t == "*" || t == ">")
+}
+
+fn validate(s: &str, allow_wildcards: bool) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong {
+            len: s.len(),
+            max: MAX_TOPIC_LEN,
+        });
+    }
+    if let Some((at, ch)) = s
+        .char_indices()
+        .find(|(_, c)| c.is_whitespace() || c.is_control())
+    {
+        return Err(TopicError::InvalidChar { ch, at });
+    }
+    let count = s.split('.').count();
+    if count > MAX_TOKENS {
+        return Err(TopicError::TooManyTokens { max: MAX_TOKENS });
+    }
+    for (index, token) in s.split('.').enumerate() {
+        match token {
+            "" => return Err(TopicError::EmptyToken { index }),
+            "*" | ">" if !allow_wildcards => return Err(TopicError::WildcardInTopic { index }),
+            ">" if index + 1 != count => return Err(TopicError::FullWildcardNotLast { index }),
+            "*" | ">" => {}
+            t if t.contains(['*', '>']) => return Err(TopicError::PartialWildcard { index }),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The reference matcher: does `pattern` match `topic`? Both are assumed valid.
+///
+/// Linear in the length of the two strings. The broker uses [`crate::SubscriptionTrie`] instead, whose
+/// cost does not grow with the number of subscriptions; property tests check that both agree.
+pub fn matches(pattern: &str, topic: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut t = topic.split('.');
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_topics() {
+        for t in ["a", "event.email.new", "a-b_c.d:e", "ünï.cödé", "x.1.2.3"] {
+            assert_eq!(validate_topic(t), Ok(()), "{t}");
+        }
+    }
+
+    #[test]
+    fn invalid_topics() {
+        assert_eq!(validate_topic(""), Err(TopicError::Empty));
+        assert_eq!(validate_topic("a..b"), Err(TopicError::EmptyToken { index: 1 }));
+        assert_eq!(validate_topic(".a"), Err(TopicError::EmptyToken { index: 0 }));
+        assert_eq!(validate_topic("a."), Err(TopicError::EmptyToken { index: 1 }));
+        assert_eq!(
+            validate_topic("a b"),
+            Err(TopicError::InvalidChar { ch: ' ', at: 1 })
+        );
+        assert_eq!(
+            validate_topic("a\tb"),
+            Err(TopicError::InvalidChar { ch: '\t', at: 1 })
+        );
+        assert_eq!(
+            validate_topic("a.*"),
+            Err(TopicError::WildcardInTopic { index: 1 })
+        );
+        assert_eq!(
+            validate_topic("a.>"),
+            Err(TopicError::WildcardInTopic { index: 1 })
+        );
+        assert_eq!(
+            validate_topic("a.b*"),
+            Err(TopicError::PartialWildcard { index: 1 })
+        );
+        let long = "a".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(
+            validate_topic(&long),
+            Err(TopicError::TooLong {
+                len: MAX_TOPIC_LEN + 1,
+                max: MAX_TOPIC_LEN
+            })
+        );
+        let many = vec!["a"; MAX_TOKENS + 1].join(".");
+        assert_eq!(
+            validate_topic(&many),
+            Err(TopicError::TooManyTokens { max: MAX_TOKENS })
+        );
+    }
+
+    #[test]
+    fn patterns() {
+        for p in ["a.*", "a.>", ">", "*", "*.b.>", "*.*"] {
+            assert_eq!(validate_pattern(p), Ok(()), "{p}");
+        }
+        assert_eq!(
+            validate_pattern("a.>.b"),
+            Err(TopicError::FullWildcardNotLast { index: 1 })
+        );
+        assert_eq!(
+            validate_pattern("a.*x"),
+            Err(TopicError::PartialWildcard { index: 1 })
+        );
+        assert_eq!(validate_pattern("a..*"), Err(TopicError::EmptyToken { index: 1 }));
+    }
+
+    #[test]
+    fn reference_matcher() {
+        let cases = [
+            ("event.email", "event.email", true),
+            ("event.email", "event.email.new", false),
+            ("event.*", "event.email", true),
+            ("event.*", "event", false),
+            ("event.*", "event.a.b", false),
+            ("event.>", "event.email", true),
+            ("event.>", "event.email.new", true),
+            ("event.>", "event", false),
+            ("*.email.>", "x.email.new", true),
+            ("*.email.>", "email.new", false),
+            (">", "a", true),
+            (">", "a.b.c", true),
+            ("*", "a", true),
+            ("*", "a.b", false),
+        ];
+        for (p, t, want) in cases {
+            assert_eq!(matches(p, t), want, "{p} ~ {t}");
+        }
+    }
+}

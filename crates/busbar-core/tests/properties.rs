@@ -1,0 +1,301 @@
+//! Property tests: codec round trips, decoder robustness, trie against the reference matcher.
+
+use busbar_core::frame::{self, DEFAULT_MAX_FRAME_SIZE};
+use busbar_core::topic::matches;
+use busbar_core::*;
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+
+fn text(max: usize) -> impl Strategy<Value = ByteString> {
+    proptest::string::string_regex(&format!("[a-zA-Z0-9 ._ü-]{{0,{max}}}"))
+        .unwrap()
+        .prop_map(ByteString::from)
+}
+
+fn headers() -> impl Strategy<Value = Headers> {
+    proptest::collection::vec((text(12), text(24)), 0..4).prop_map(|v| v.into_iter().collect())
+}
+
+fn topic() -> impl Strategy<Value = String> {
+    proptest::collection::vec("[a-c]{1,2}", 1..5).prop_map(|t| t.join("."))
+}
+
+fn pattern() -> impl Strategy<Value = String> {
+    (
+        proptest::collection::vec(prop_oneof![3 => "[a-c]{1,2}", 1 => Just("*".to_string())], 1..5),
+        any::<bool>(),
+    )
+        .prop_map(|(mut t, rest)| {
+            if rest {
+                let last = t.len() - 1;
+                t[last] = ">".into();
+            }
+            t.join(".")
+        })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    (
+        any::<u32>(),
+        any::<u32>(),
+        any::<Option<u64>>(),
+        any::<Option<(u128, u128, u64)>>(),
+        topic(),
+        headers(),
+        proptest::collection::vec(any::<u8>(), 0..300),
+    )
+        .prop_map(
+            |(source, destination, key, env, topic, headers, payload)| Message {
+                source,
+                destination,
+                key,
+                envelope: env.map(|(id, tx, timestamp_ns)| Envelope { id, tx, timestamp_ns }),
+                topic: topic.into(),
+                headers,
+                payload: Bytes::from(payload),
+            },
+        )
+}
+
+fn any_frame() -> impl Strategy<Value = Frame> {
+    let policy = prop_oneof![
+        Just(GroupPolicy::Random),
+        Just(GroupPolicy::RoundRobin),
+        Just(GroupPolicy::Hash)
+    ];
+    let group = proptest::option::of((text(10).prop_filter("non-empty", |s| !s.is_empty()), policy))
+        .prop_map(|g| g.map(|(name, policy)| Group { name, policy }));
+    prop_oneof![
+        (text(20), headers()).prop_map(|(name, properties)| Frame::Hello(Hello { name, properties })),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            text(10),
+            text(10),
+            headers()
+        )
+            .prop_map(
+                |(service_id, max_frame_size, heartbeat_ms, server_name, server_version, properties)| {
+                    Frame::Welcome(Welcome {
+                        service_id,
+                        max_frame_size,
+                        heartbeat_ms,
+                        server_name,
+                        server_version,
+                        properties,
+                    })
+                }
+            ),
+        Just(Frame::Ping),
+        Just(Frame::Pong),
+        (any::<u64>(), pattern(), group).prop_map(|(sid, pattern, group)| Frame::Sub(Sub {
+            sid,
+            pattern: pattern.into(),
+            group
+        })),
+        any::<u64>().prop_map(|sid| Frame::Unsub { sid }),
+        (any::<u16>(), any::<u64>(), text(40)).prop_map(|(code, correlation, message)| {
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::from_u16(code),
+                correlation,
+                message,
+            })
+        }),
+        message().prop_map(Frame::Pub),
+        (any::<u64>(), message()).prop_map(|(sid, message)| Frame::Msg { sid, message }),
+    ]
+}
+
+fn decode_all(mut buf: BytesMut) -> Result<Vec<Frame>, FrameError> {
+    let mut out = Vec::new();
+    while let Some(f) = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE)? {
+        out.push(f);
+    }
+    Ok(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_frame_round_trips(f in any_frame()) {
+        let mut buf = BytesMut::new();
+        f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        let len = buf.len();
+        prop_assert_eq!(frame::check(&buf, DEFAULT_MAX_FRAME_SIZE), Ok(Some(len)));
+        let back = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        prop_assert_eq!(back, Some(f));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_stream_split_anywhere_decodes_the_same(frames in proptest::collection::vec(any_frame(), 1..6),
+                                                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+        let mut whole = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut whole, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        }
+        let bytes = whole.clone().freeze();
+        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        points.sort();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut last = 0;
+        for p in points.into_iter().chain([bytes.len()]) {
+            buf.extend_from_slice(&bytes[last..p]);
+            last = p;
+            while let Some(f) = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap() {
+                got.push(f);
+            }
+        }
+        prop_assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_chunking_agrees(data in proptest::collection::vec(any::<u8>(), 0..200),
+                                                    chunk in 1usize..17) {
+        let whole = decode_all(BytesMut::from(&data[..]));
+        // Feed the same bytes in small chunks: the frames decoded before an error, and the error
+        // itself, must be the same as when decoding the whole buffer at once.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut err = None;
+        'outer: for piece in data.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            loop {
+                match frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE) {
+                    Ok(Some(f)) => got.push(f),
+                    Ok(None) => break,
+                    Err(e) => { err = Some(e); break 'outer; }
+                }
+            }
+        }
+        match whole {
+            Ok(frames) => { prop_assert_eq!(err, None); prop_assert_eq!(got, frames); }
+            Err(e) => prop_assert_eq!(err, Some(e)),
+        }
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+        let mut buf = BytesMut::new();
+        f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        for (i, b) in flips {
+            let at = i.index(buf.len());
+            buf[at] = b;
+        }
+        let _ = decode_all(buf);
+    }
+
+    #[test]
+    fn trie_agrees_with_reference_matcher(patterns in proptest::collection::vec(pattern(), 0..40),
+                                          topics in proptest::collection::vec(topic(), 1..20),
+                                          removals in proptest::collection::vec(any::<prop::sample::Index>(), 0..10)) {
+        let mut trie = SubscriptionTrie::new();
+        let mut live: Vec<(String, usize)> = Vec::new();
+        for (i, p) in patterns.iter().enumerate() {
+            prop_assert_eq!(validate_pattern(p), Ok(()));
+            trie.insert(p, i);
+            live.push((p.clone(), i));
+        }
+        for r in removals {
+            if live.is_empty() { break; }
+            let (p, v) = live.remove(r.index(live.len()));
+            prop_assert_eq!(trie.remove(&p, &v), Some(v));
+        }
+        prop_assert_eq!(trie.len(), live.len());
+        for t in &topics {
+            let mut want: Vec<usize> = live.iter().filter(|(p, _)| matches(p, t)).map(|(_, v)| *v).collect();
+            let mut got: Vec<usize> = trie.matches(t).into_iter().copied().collect();
+            want.sort();
+            got.sort();
+            prop_assert_eq!(got, want, "topic {}", t);
+        }
+    }
+}
+
+#[test]
+fn oversized_frame_is_refused_from_its_prefix_alone() {
+    let prefix = ((DEFAULT_MAX_FRAME_SIZE + 1) as u32).to_be_bytes();
+    assert_eq!(
+        frame::check(&prefix, DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::TooLarge {
+            size: DEFAULT_MAX_FRAME_SIZE + 1,
+            max: DEFAULT_MAX_FRAME_SIZE
+        })
+    );
+    let mut buf = BytesMut::new();
+    let big = Frame::Pub(Message::new("a", vec![0u8; 100]));
+    assert!(matches!(
+        big.encode(&mut buf, 64),
+        Err(FrameError::TooLarge { max: 64, .. })
+    ));
+    assert!(buf.is_empty(), "a refused encode writes nothing");
+}
+
+#[test]
+fn garbage_is_refused_before_its_claimed_length_arrives() {
+    // "GET / HTTP/1.1": the first four bytes read as a length of 0x47455420, far above the limit.
+    assert!(matches!(
+        frame::check(b"GET / HTTP/1.1", DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::TooLarge { .. })
+    ));
+    // A plausible length but the wrong magic, with only six bytes in hand.
+    assert_eq!(
+        frame::check(&[0, 0, 0, 30, b'x', b'y'], DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::BadMagic(0x7879))
+    );
+    assert_eq!(
+        frame::check(&[0, 0, 0, 30, b'e', b'b', 9], DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::UnsupportedVersion(9))
+    );
+    assert_eq!(
+        frame::check(&[0, 0, 0, 30, b'e', b'b', 1], DEFAULT_MAX_FRAME_SIZE),
+        Ok(None)
+    );
+    assert_eq!(
+        frame::check(&[0, 0, 0, 3], DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::TooShort { size: 3 })
+    );
+}
+
+#[test]
+fn structural_errors_are_specific() {
+    let mut ok = BytesMut::new();
+    Frame::Ping.encode(&mut ok, DEFAULT_MAX_FRAME_SIZE).unwrap();
+    // Unknown command nibble.
+    let mut b = ok.clone();
+    b[7] = 0x8f;
+    assert_eq!(
+        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::UnknownCommand(0x8f))
+    );
+    // Balance-key flag on a control frame.
+    let mut b = ok.clone();
+    b[7] |= 0x20;
+    assert_eq!(
+        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::BadFlags(0x20))
+    );
+    // A PUB whose topic length runs past the end.
+    let mut b = BytesMut::new();
+    Frame::Pub(Message::new("abc", ""))
+        .encode(&mut b, DEFAULT_MAX_FRAME_SIZE)
+        .unwrap();
+    b[24] = 0xff;
+    assert_eq!(
+        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::Truncated("topic"))
+    );
+    // Invalid UTF-8 in a topic.
+    let mut b = BytesMut::new();
+    Frame::Pub(Message::new("abc", ""))
+        .encode(&mut b, DEFAULT_MAX_FRAME_SIZE)
+        .unwrap();
+    b[26] = 0xff;
+    assert_eq!(
+        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
+        Err(FrameError::InvalidUtf8("topic"))
+    );
+}
