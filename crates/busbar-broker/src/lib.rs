@@ -1,1 +1,31 @@
+//! The busbar broker as a library: run it from `busbar serve`, or embed it in any tokio program.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), busbar_broker::BrokerError> {
+//! use busbar_broker::{Broker, Config};
+//! let broker = Broker::start(Config::with_listen("127.0.0.1:0".parse().unwrap())).await?;
+//! let addr = broker.local_addr(); // connect clients here
+//! broker.stop().await;            // graceful: clients are told, queues drain
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! | module    | what it holds |
+//! |-----------|---------------|
+//! | `config`  | [`Config`]: listen address and every limit |
+//! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
+//! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
+//! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
+//!
+//! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
+//! `try_send` into each subscriber's bounded outbox → that subscriber's write task batches and
+//! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
+mod config;
+mod router;
+mod server;
+mod session;
+
+pub use config::Config;
+pub use server::{Broker, BrokerError, Stats, run, serve};

@@ -318,6 +318,19 @@ impl Message {
             payload: payload.into(),
         }
     }
+
+    /// Size of the PUB or MSG frame carrying this message, as the length prefix counts it (the
+    /// number to compare with a maximum frame size).
+    pub fn frame_size(&self) -> usize {
+        HEADER_LEN
+            + if self.key.is_some() { 8 } else { 0 }
+            + if self.envelope.is_some() { ENVELOPE_LEN } else { 0 }
+            + 2
+            + self.topic.len()
+            + 2
+            + self.headers.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
+            + self.payload.len()
+    }
 }
 
 /// First frame a client sends.
@@ -432,22 +445,7 @@ impl Frame {
     /// Appends the encoded frame to `dst`. Fails, writing nothing, when a text field is too long
     /// for its length prefix or the frame would exceed `max_frame_size`.
     pub fn encode(&self, dst: &mut BytesMut, max_frame_size: usize) -> Result<(), FrameError> {
-        let start = dst.len();
-        let result = self.encode_unchecked(dst).and_then(|()| {
-            let size = dst.len() - start - LEN_PREFIX;
-            if size > max_frame_size {
-                return Err(FrameError::TooLarge {
-                    size,
-                    max: max_frame_size,
-                });
-            }
-            dst[start..start + LEN_PREFIX].copy_from_slice(&(size as u32).to_be_bytes());
-            Ok(())
-        });
-        if result.is_err() {
-            dst.truncate(start);
-        }
-        result
+        finish(dst, max_frame_size, |dst| self.encode_body(dst))
     }
 
     /// Encodes into a fresh buffer with the default maximum frame size.
@@ -457,16 +455,7 @@ impl Frame {
         Ok(buf.freeze())
     }
 
-    fn encode_unchecked(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let header = |dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64| {
-            dst.put_u32(0); // patched by `encode`
-            dst.put_u16(MAGIC);
-            dst.put_u8(VERSION);
-            dst.put_u8(signal);
-            dst.put_u32(source);
-            dst.put_u32(destination);
-            dst.put_u64(corr);
-        };
+    fn encode_body(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         match self {
             Frame::Hello(h) => {
                 header(dst, cmd::HELLO, 0, 0, 0);
@@ -503,20 +492,57 @@ impl Frame {
                 dst.put_u16(e.code.as_u16());
                 put_str(dst, &e.message, "message")?;
             }
-            Frame::Pub(m) => encode_message(dst, cmd::PUB, 0, m, header)?,
-            Frame::Msg { sid, message } => encode_message(dst, cmd::MSG, *sid, message, header)?,
+            Frame::Pub(m) => encode_message(dst, cmd::PUB, 0, m)?,
+            Frame::Msg { sid, message } => encode_message(dst, cmd::MSG, *sid, message)?,
         }
         Ok(())
     }
 }
 
-fn encode_message(
+/// Appends a MSG frame for subscription `sid` to `dst` without building a [`Frame`], so that a
+/// broker can encode one shared message for many subscribers.
+pub fn encode_msg(
     dst: &mut BytesMut,
-    command: u8,
-    corr: u64,
-    m: &Message,
-    header: impl Fn(&mut BytesMut, u8, u32, u32, u64),
+    sid: u64,
+    message: &Message,
+    max_frame_size: usize,
 ) -> Result<(), FrameError> {
+    finish(dst, max_frame_size, |dst| encode_message(dst, cmd::MSG, sid, message))
+}
+
+fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
+    dst.put_u32(0); // patched by `finish`
+    dst.put_u16(MAGIC);
+    dst.put_u8(VERSION);
+    dst.put_u8(signal);
+    dst.put_u32(source);
+    dst.put_u32(destination);
+    dst.put_u64(corr);
+}
+
+/// Runs `body` (which writes a frame with a zero length prefix), then patches the prefix; on any
+/// error, `dst` is left as it was.
+fn finish(
+    dst: &mut BytesMut,
+    max_frame_size: usize,
+    body: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+) -> Result<(), FrameError> {
+    let start = dst.len();
+    let result = body(dst).and_then(|()| {
+        let size = dst.len() - start - LEN_PREFIX;
+        if size > max_frame_size {
+            return Err(FrameError::TooLarge { size, max: max_frame_size });
+        }
+        dst[start..start + LEN_PREFIX].copy_from_slice(&(size as u32).to_be_bytes());
+        Ok(())
+    });
+    if result.is_err() {
+        dst.truncate(start);
+    }
+    result
+}
+
+fn encode_message(dst: &mut BytesMut, command: u8, corr: u64, m: &Message) -> Result<(), FrameError> {
     let mut signal = command;
     if m.key.is_some() {
         signal |= SIGNAL_KEY;
@@ -565,10 +591,7 @@ pub fn check(buf: &[u8], max_frame_size: usize) -> Result<Option<usize>, FrameEr
     if buf.len() >= LEN_PREFIX {
         let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if size > max_frame_size {
-            return Err(FrameError::TooLarge {
-                size,
-                max: max_frame_size,
-            });
+            return Err(FrameError::TooLarge { size, max: max_frame_size });
         }
         if size < HEADER_LEN {
             return Err(FrameError::TooShort { size });
@@ -624,32 +647,16 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
     let flags = signal & (SIGNAL_KEY | SIGNAL_ENVELOPE);
     let frame = match command {
         cmd::PUB | cmd::MSG => {
-            let key = if flags & SIGNAL_KEY != 0 {
-                Some(get_u64(&mut b, "balance key")?)
-            } else {
-                None
-            };
+            let key = if flags & SIGNAL_KEY != 0 { Some(get_u64(&mut b, "balance key")?) } else { None };
             let envelope = if flags & SIGNAL_ENVELOPE != 0 {
                 need(&b, ENVELOPE_LEN, "envelope")?;
-                Some(Envelope {
-                    id: b.get_u128(),
-                    tx: b.get_u128(),
-                    timestamp_ns: b.get_u64(),
-                })
+                Some(Envelope { id: b.get_u128(), tx: b.get_u128(), timestamp_ns: b.get_u64() })
             } else {
                 None
             };
             let topic = get_str(&mut b, "topic")?;
             let headers = get_headers(&mut b, "headers")?;
-            let message = Message {
-                source,
-                destination,
-                key,
-                envelope,
-                topic,
-                headers,
-                payload: b,
-            };
+            let message = Message { source, destination, key, envelope, topic, headers, payload: b };
             return Ok(if command == cmd::PUB {
                 Frame::Pub(message)
             } else {
@@ -689,10 +696,7 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
                 2 => Some(GroupPolicy::RoundRobin),
                 3 => Some(GroupPolicy::Hash),
                 v => {
-                    return Err(FrameError::InvalidValue {
-                        field: "policy",
-                        value: v.into(),
-                    });
+                    return Err(FrameError::InvalidValue { field: "policy", value: v.into() });
                 }
             };
             let group = match (name.is_empty(), policy) {
@@ -700,27 +704,16 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
                 (false, Some(policy)) => Some(Group { name, policy }),
                 (_, p) => {
                     let value = p.map_or(0, |p| p.to_u8()).into();
-                    return Err(FrameError::InvalidValue {
-                        field: "policy",
-                        value,
-                    });
+                    return Err(FrameError::InvalidValue { field: "policy", value });
                 }
             };
-            Frame::Sub(Sub {
-                sid: corr,
-                pattern,
-                group,
-            })
+            Frame::Sub(Sub { sid: corr, pattern, group })
         }
         cmd::UNSUB => Frame::Unsub { sid: corr },
         cmd::ERROR => {
             let code = ErrorCode::from_u16(get_u16(&mut b, "code")?);
             let message = get_str(&mut b, "message")?;
-            Frame::Error(ErrorFrame {
-                code,
-                correlation: corr,
-                message,
-            })
+            Frame::Error(ErrorFrame { code, correlation: corr, message })
         }
         _ => return Err(FrameError::UnknownCommand(signal)),
     };
@@ -731,11 +724,7 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
 }
 
 fn need(b: &Bytes, n: usize, field: &'static str) -> Result<(), FrameError> {
-    if b.len() < n {
-        Err(FrameError::Truncated(field))
-    } else {
-        Ok(())
-    }
+    if b.len() < n { Err(FrameError::Truncated(field)) } else { Ok(()) }
 }
 
 fn get_u16(b: &mut Bytes, field: &'static str) -> Result<u16, FrameError> {
@@ -816,14 +805,6 @@ impl tokio_util::codec::Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         Ok(decode(src, self.max_frame_size)?)
-    }
-}
-
-impl tokio_util::codec::Encoder<&Frame> for FrameCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        Ok(frame.encode(dst, self.max_frame_size)?)
     }
 }
 

@@ -99,15 +99,9 @@ fn validate(s: &str, allow_wildcards: bool) -> Result<(), TopicError> {
         return Err(TopicError::Empty);
     }
     if s.len() > MAX_TOPIC_LEN {
-        return Err(TopicError::TooLong {
-            len: s.len(),
-            max: MAX_TOPIC_LEN,
-        });
+        return Err(TopicError::TooLong { len: s.len(), max: MAX_TOPIC_LEN });
     }
-    if let Some((at, ch)) = s
-        .char_indices()
-        .find(|(_, c)| c.is_whitespace() || c.is_control())
-    {
+    if let Some((at, ch)) = s.char_indices().find(|(_, c)| c.is_whitespace() || c.is_control()) {
         return Err(TopicError::InvalidChar { ch, at });
     }
     let count = s.split('.').count();
@@ -162,39 +156,18 @@ mod tests {
         assert_eq!(validate_topic("a..b"), Err(TopicError::EmptyToken { index: 1 }));
         assert_eq!(validate_topic(".a"), Err(TopicError::EmptyToken { index: 0 }));
         assert_eq!(validate_topic("a."), Err(TopicError::EmptyToken { index: 1 }));
-        assert_eq!(
-            validate_topic("a b"),
-            Err(TopicError::InvalidChar { ch: ' ', at: 1 })
-        );
-        assert_eq!(
-            validate_topic("a\tb"),
-            Err(TopicError::InvalidChar { ch: '\t', at: 1 })
-        );
-        assert_eq!(
-            validate_topic("a.*"),
-            Err(TopicError::WildcardInTopic { index: 1 })
-        );
-        assert_eq!(
-            validate_topic("a.>"),
-            Err(TopicError::WildcardInTopic { index: 1 })
-        );
-        assert_eq!(
-            validate_topic("a.b*"),
-            Err(TopicError::PartialWildcard { index: 1 })
-        );
+        assert_eq!(validate_topic("a b"), Err(TopicError::InvalidChar { ch: ' ', at: 1 }));
+        assert_eq!(validate_topic("a\tb"), Err(TopicError::InvalidChar { ch: '\t', at: 1 }));
+        assert_eq!(validate_topic("a.*"), Err(TopicError::WildcardInTopic { index: 1 }));
+        assert_eq!(validate_topic("a.>"), Err(TopicError::WildcardInTopic { index: 1 }));
+        assert_eq!(validate_topic("a.b*"), Err(TopicError::PartialWildcard { index: 1 }));
         let long = "a".repeat(MAX_TOPIC_LEN + 1);
         assert_eq!(
             validate_topic(&long),
-            Err(TopicError::TooLong {
-                len: MAX_TOPIC_LEN + 1,
-                max: MAX_TOPIC_LEN
-            })
+            Err(TopicError::TooLong { len: MAX_TOPIC_LEN + 1, max: MAX_TOPIC_LEN })
         );
         let many = vec!["a"; MAX_TOKENS + 1].join(".");
-        assert_eq!(
-            validate_topic(&many),
-            Err(TopicError::TooManyTokens { max: MAX_TOKENS })
-        );
+        assert_eq!(validate_topic(&many), Err(TopicError::TooManyTokens { max: MAX_TOKENS }));
     }
 
     #[test]
@@ -202,14 +175,8 @@ mod tests {
         for p in ["a.*", "a.>", ">", "*", "*.b.>", "*.*"] {
             assert_eq!(validate_pattern(p), Ok(()), "{p}");
         }
-        assert_eq!(
-            validate_pattern("a.>.b"),
-            Err(TopicError::FullWildcardNotLast { index: 1 })
-        );
-        assert_eq!(
-            validate_pattern("a.*x"),
-            Err(TopicError::PartialWildcard { index: 1 })
-        );
+        assert_eq!(validate_pattern("a.>.b"), Err(TopicError::FullWildcardNotLast { index: 1 }));
+        assert_eq!(validate_pattern("a.*x"), Err(TopicError::PartialWildcard { index: 1 }));
         assert_eq!(validate_pattern("a..*"), Err(TopicError::EmptyToken { index: 1 }));
     }
 

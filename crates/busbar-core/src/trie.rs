@@ -30,12 +30,7 @@ struct Node<V> {
 
 impl<V> Default for Node<V> {
     fn default() -> Self {
-        Self {
-            literal: HashMap::new(),
-            star: None,
-            here: Vec::new(),
-            rest: Vec::new(),
-        }
+        Self { literal: HashMap::new(), star: None, here: Vec::new(), rest: Vec::new() }
     }
 }
 
@@ -47,10 +42,7 @@ impl<V> Node<V> {
 
 impl<V> Default for SubscriptionTrie<V> {
     fn default() -> Self {
-        Self {
-            root: Node::default(),
-            len: 0,
-        }
+        Self { root: Node::default(), len: 0 }
     }
 }
 

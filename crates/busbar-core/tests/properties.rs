@@ -44,49 +44,36 @@ fn message() -> impl Strategy<Value = Message> {
         headers(),
         proptest::collection::vec(any::<u8>(), 0..300),
     )
-        .prop_map(
-            |(source, destination, key, env, topic, headers, payload)| Message {
-                source,
-                destination,
-                key,
-                envelope: env.map(|(id, tx, timestamp_ns)| Envelope { id, tx, timestamp_ns }),
-                topic: topic.into(),
-                headers,
-                payload: Bytes::from(payload),
-            },
-        )
+        .prop_map(|(source, destination, key, env, topic, headers, payload)| Message {
+            source,
+            destination,
+            key,
+            envelope: env.map(|(id, tx, timestamp_ns)| Envelope { id, tx, timestamp_ns }),
+            topic: topic.into(),
+            headers,
+            payload: Bytes::from(payload),
+        })
 }
 
 fn any_frame() -> impl Strategy<Value = Frame> {
-    let policy = prop_oneof![
-        Just(GroupPolicy::Random),
-        Just(GroupPolicy::RoundRobin),
-        Just(GroupPolicy::Hash)
-    ];
+    let policy =
+        prop_oneof![Just(GroupPolicy::Random), Just(GroupPolicy::RoundRobin), Just(GroupPolicy::Hash)];
     let group = proptest::option::of((text(10).prop_filter("non-empty", |s| !s.is_empty()), policy))
         .prop_map(|g| g.map(|(name, policy)| Group { name, policy }));
     prop_oneof![
         (text(20), headers()).prop_map(|(name, properties)| Frame::Hello(Hello { name, properties })),
-        (
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
-            text(10),
-            text(10),
-            headers()
-        )
-            .prop_map(
-                |(service_id, max_frame_size, heartbeat_ms, server_name, server_version, properties)| {
-                    Frame::Welcome(Welcome {
-                        service_id,
-                        max_frame_size,
-                        heartbeat_ms,
-                        server_name,
-                        server_version,
-                        properties,
-                    })
-                }
-            ),
+        (any::<u32>(), any::<u32>(), any::<u32>(), text(10), text(10), headers()).prop_map(
+            |(service_id, max_frame_size, heartbeat_ms, server_name, server_version, properties)| {
+                Frame::Welcome(Welcome {
+                    service_id,
+                    max_frame_size,
+                    heartbeat_ms,
+                    server_name,
+                    server_version,
+                    properties,
+                })
+            }
+        ),
         Just(Frame::Ping),
         Just(Frame::Pong),
         (any::<u64>(), pattern(), group).prop_map(|(sid, pattern, group)| Frame::Sub(Sub {
@@ -96,11 +83,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         })),
         any::<u64>().prop_map(|sid| Frame::Unsub { sid }),
         (any::<u16>(), any::<u64>(), text(40)).prop_map(|(code, correlation, message)| {
-            Frame::Error(ErrorFrame {
-                code: ErrorCode::from_u16(code),
-                correlation,
-                message,
-            })
+            Frame::Error(ErrorFrame { code: ErrorCode::from_u16(code), correlation, message })
         }),
         message().prop_map(Frame::Pub),
         (any::<u64>(), message()).prop_map(|(sid, message)| Frame::Msg { sid, message }),
@@ -123,6 +106,9 @@ proptest! {
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
         let len = buf.len();
+        if let Frame::Pub(m) | Frame::Msg { message: m, .. } = &f {
+            prop_assert_eq!(m.frame_size() + frame::LEN_PREFIX, len);
+        }
         prop_assert_eq!(frame::check(&buf, DEFAULT_MAX_FRAME_SIZE), Ok(Some(len)));
         let back = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
         prop_assert_eq!(back, Some(f));
@@ -220,17 +206,11 @@ fn oversized_frame_is_refused_from_its_prefix_alone() {
     let prefix = ((DEFAULT_MAX_FRAME_SIZE + 1) as u32).to_be_bytes();
     assert_eq!(
         frame::check(&prefix, DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::TooLarge {
-            size: DEFAULT_MAX_FRAME_SIZE + 1,
-            max: DEFAULT_MAX_FRAME_SIZE
-        })
+        Err(FrameError::TooLarge { size: DEFAULT_MAX_FRAME_SIZE + 1, max: DEFAULT_MAX_FRAME_SIZE })
     );
     let mut buf = BytesMut::new();
     let big = Frame::Pub(Message::new("a", vec![0u8; 100]));
-    assert!(matches!(
-        big.encode(&mut buf, 64),
-        Err(FrameError::TooLarge { max: 64, .. })
-    ));
+    assert!(matches!(big.encode(&mut buf, 64), Err(FrameError::TooLarge { max: 64, .. })));
     assert!(buf.is_empty(), "a refused encode writes nothing");
 }
 
@@ -250,14 +230,8 @@ fn garbage_is_refused_before_its_claimed_length_arrives() {
         frame::check(&[0, 0, 0, 30, b'e', b'b', 9], DEFAULT_MAX_FRAME_SIZE),
         Err(FrameError::UnsupportedVersion(9))
     );
-    assert_eq!(
-        frame::check(&[0, 0, 0, 30, b'e', b'b', 1], DEFAULT_MAX_FRAME_SIZE),
-        Ok(None)
-    );
-    assert_eq!(
-        frame::check(&[0, 0, 0, 3], DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::TooShort { size: 3 })
-    );
+    assert_eq!(frame::check(&[0, 0, 0, 30, b'e', b'b', 1], DEFAULT_MAX_FRAME_SIZE), Ok(None));
+    assert_eq!(frame::check(&[0, 0, 0, 3], DEFAULT_MAX_FRAME_SIZE), Err(FrameError::TooShort { size: 3 }));
 }
 
 #[test]
@@ -267,35 +241,19 @@ fn structural_errors_are_specific() {
     // Unknown command nibble.
     let mut b = ok.clone();
     b[7] = 0x8f;
-    assert_eq!(
-        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::UnknownCommand(0x8f))
-    );
+    assert_eq!(frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE), Err(FrameError::UnknownCommand(0x8f)));
     // Balance-key flag on a control frame.
     let mut b = ok.clone();
     b[7] |= 0x20;
-    assert_eq!(
-        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::BadFlags(0x20))
-    );
+    assert_eq!(frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE), Err(FrameError::BadFlags(0x20)));
     // A PUB whose topic length runs past the end.
     let mut b = BytesMut::new();
-    Frame::Pub(Message::new("abc", ""))
-        .encode(&mut b, DEFAULT_MAX_FRAME_SIZE)
-        .unwrap();
+    Frame::Pub(Message::new("abc", "")).encode(&mut b, DEFAULT_MAX_FRAME_SIZE).unwrap();
     b[24] = 0xff;
-    assert_eq!(
-        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::Truncated("topic"))
-    );
+    assert_eq!(frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE), Err(FrameError::Truncated("topic")));
     // Invalid UTF-8 in a topic.
     let mut b = BytesMut::new();
-    Frame::Pub(Message::new("abc", ""))
-        .encode(&mut b, DEFAULT_MAX_FRAME_SIZE)
-        .unwrap();
+    Frame::Pub(Message::new("abc", "")).encode(&mut b, DEFAULT_MAX_FRAME_SIZE).unwrap();
     b[26] = 0xff;
-    assert_eq!(
-        frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE),
-        Err(FrameError::InvalidUtf8("topic"))
-    );
+    assert_eq!(frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE), Err(FrameError::InvalidUtf8("topic")));
 }

@@ -1,0 +1,51 @@
+//! Broker configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use busbar_core::frame::DEFAULT_MAX_FRAME_SIZE;
+
+/// Everything the broker can be told. [`Config::default`] is a sensible single-machine broker on
+/// `127.0.0.1:4900`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the native protocol listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Name announced in WELCOME.
+    pub server_name: String,
+    /// Largest frame accepted (and sent), announced in WELCOME.
+    pub max_frame_size: usize,
+    /// Most client connections at once; one more is refused with `TooManyConnections`.
+    pub max_connections: usize,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Most frames waiting to be written to one connection; a connection whose queue is full is a
+    /// slow consumer and is disconnected with `SlowConsumer`.
+    pub max_pending: usize,
+    /// Time a new connection has to send HELLO.
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long connections get to flush before they are cut.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
+            server_name: "busbar".into(),
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            max_connections: 65_536,
+            max_subscriptions: 65_536,
+            max_pending: 65_536,
+            handshake_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// The default configuration listening on `listen`.
+    pub fn with_listen(listen: SocketAddr) -> Self {
+        Self { listen, ..Self::default() }
+    }
+}

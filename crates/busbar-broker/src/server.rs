@@ -1,0 +1,279 @@
+//! The accept loop, shared broker state, graceful shutdown, and the embedding API.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use busbar_core::{ErrorCode, ErrorFrame, Frame};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::Config;
+use crate::router::Router;
+use crate::session;
+
+/// Errors that stop the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Any other I/O failure of the listener.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub(crate) fn inc(&self) {
+        self.add(1);
+    }
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) messages_in: Counter,
+    pub(crate) deliveries: Counter,
+    pub(crate) connections_total: Counter,
+    pub(crate) connections_refused: Counter,
+}
+
+/// A snapshot of what the broker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Subscriptions held now, over all connections.
+    pub subscriptions: u64,
+    /// PUB frames received since start.
+    pub messages_in: u64,
+    /// Messages queued for delivery to subscribers since start.
+    pub deliveries: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Connections refused at the connection limit since start.
+    pub connections_refused: u64,
+}
+
+/// State shared by the accept loop and every session.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    router: RwLock<Router>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) stats: Counters,
+    open: AtomicU64,
+    next_id: AtomicU32,
+}
+
+impl Shared {
+    pub(crate) fn router(&self) -> RwLockReadGuard<'_, Router> {
+        // No code path panics while holding the lock; if one ever did, the router's data is still
+        // consistent (every mutation completes before the guard drops), so poisoning is ignored.
+        self.router.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn router_mut(&self) -> RwLockWriteGuard<'_, Router> {
+        self.router.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            connections: self.open.load(Ordering::Relaxed),
+            subscriptions: self.router().subscription_count() as u64,
+            messages_in: self.stats.messages_in.get(),
+            deliveries: self.stats.deliveries.get(),
+            connections_total: self.stats.connections_total.get(),
+            connections_refused: self.stats.connections_refused.get(),
+        }
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` completes, then drains. The `busbar serve`
+/// command is this function plus a signal handler.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+    serve(listener, config, shutdown).await
+}
+
+/// Serves on an already bound listener (`config.listen` is ignored) until `shutdown` completes:
+/// stops accepting, tells every client the server is shutting down, and waits up to
+/// `config.drain_timeout` for their queues to flush.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    let shared = new_shared(config);
+    serve_shared(listener, shared, shutdown).await
+}
+
+fn new_shared(config: Config) -> Arc<Shared> {
+    Arc::new(Shared {
+        config,
+        router: RwLock::default(),
+        shutdown: CancellationToken::new(),
+        stats: Counters::default(),
+        open: AtomicU64::new(0),
+        next_id: AtomicU32::new(1),
+    })
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    let addr = listener.local_addr()?;
+    info!(%addr, "busbar broker listening");
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Most likely out of file descriptors: back off instead of spinning.
+                    error!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        if shared.open.load(Ordering::Relaxed) >= shared.config.max_connections as u64 {
+            shared.stats.connections_refused.inc();
+            warn!(%peer, limit = shared.config.max_connections, "connection limit reached, refusing");
+            tracker.spawn(refuse(stream, shared.config.max_frame_size));
+            continue;
+        }
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        shared.stats.connections_total.inc();
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", id, %peer);
+        let s = shared.clone();
+        tracker.spawn(
+            async move {
+                session::run(stream, peer, id, s.clone()).await;
+                s.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
+    }
+    info!(connections = shared.open.load(Ordering::Relaxed), "shutting down: draining connections");
+    drop(listener);
+    shared.shutdown.cancel();
+    tracker.close();
+    let grace = shared.config.drain_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!("drain timeout: some connections did not close in time");
+    }
+    info!("broker stopped");
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
+}
+
+async fn refuse(mut stream: TcpStream, max: usize) {
+    let frame = Frame::Error(ErrorFrame {
+        code: ErrorCode::TooManyConnections,
+        correlation: 0,
+        message: "connection limit reached".into(),
+    });
+    let mut buf = bytes::BytesMut::new();
+    if frame.encode(&mut buf, max).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// A broker running in the background of this process, for embedding and tests.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), busbar_broker::BrokerError> {
+/// let broker = busbar_broker::Broker::start(busbar_broker::Config::with_listen("127.0.0.1:0".parse().unwrap())).await?;
+/// println!("listening on {}", broker.local_addr());
+/// broker.stop().await;
+/// # Ok(()) }
+/// ```
+///
+/// Dropping the handle stops the broker too (without waiting for it).
+#[derive(Debug)]
+pub struct Broker {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), BrokerError>>>,
+}
+
+impl Broker {
+    /// Binds `config.listen` and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Self, BrokerError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr()?;
+        let shared = new_shared(config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_shared(listener, shared.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { addr, shared, stop: Some(stop), task: Some(task) })
+    }
+
+    /// The address the broker listens on (with the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Stops accepting, tells clients, waits for the drain (bounded by `drain_timeout`).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! One client connection: handshake, the read loop that applies the client's frames, and the write
+//! task that owns the socket's write half.
+//!
+//! ```text
+//!  socket read half ──► session loop ──► Router (subscribe / route)
+//!                           │                    │ try_send
+//!                           ▼                    ▼
+//!                       Outbox (bounded mpsc of Outbound) ──► write task ──► socket write half
+//! ```
+//!
+//! The write task batches whatever is queued into one buffer per `write`, so many small frames cost
+//! one system call. A [`Control`] shared by both sides carries "stop now, and send this error".
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use busbar_core::frame::{self, FrameError};
+use busbar_core::{
+    CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, Message, Welcome, validate_pattern, validate_topic,
+};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::server::Shared;
+
+/// Largest batch the write task builds before it writes.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Time given to a connection being closed to take its last frames and the error frame.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// What the session and the router queue for the write task.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A published message for subscription `sid`.
+    Msg { sid: u64, msg: Arc<Message> },
+    /// Any other frame.
+    Frame(Frame),
+    /// Write this error after everything queued before it, then close.
+    Close(ErrorFrame),
+}
+
+/// "Stop this connection now", shared by its reader, writer and the router.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    kill: CancellationToken,
+    reason: Mutex<Option<ErrorFrame>>,
+}
+
+impl Control {
+    /// Stops the connection, abandoning what is queued; `reason` is written if the socket takes it.
+    pub(crate) fn fail(&self, reason: ErrorFrame) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() && !self.kill.is_cancelled() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.kill.cancel();
+    }
+}
+
+/// The sending side of a connection's bounded outbound queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: Option<mpsc::Sender<Outbound>>,
+    control: Arc<Control>,
+}
+
+impl Outbox {
+    /// An outbox that leads nowhere (used as a lookup key, and in unit tests).
+    pub(crate) fn detached() -> Self {
+        Self { tx: None, control: Arc::default() }
+    }
+
+    /// Queues a message without waiting. A full queue makes the connection a slow consumer: it is
+    /// closed with `SlowConsumer` rather than allowed to slow the publisher or grow without bound.
+    pub(crate) fn deliver(&self, sid: u64, msg: &Arc<Message>) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send(Outbound::Msg { sid, msg: msg.clone() }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if !self.control.kill.is_cancelled() {
+                    warn!(sid, "slow consumer: outbound queue full, closing connection");
+                    self.control.fail(error(
+                        ErrorCode::SlowConsumer,
+                        0,
+                        "outbound queue full: slow consumer",
+                    ));
+                }
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a frame, waiting for room (the client's own replies: backpressure on its reads).
+    async fn send(&self, out: Outbound) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        tokio::select! {
+            r = tx.send(out) => r.is_ok(),
+            () = self.control.kill.cancelled() => false,
+        }
+    }
+}
+
+fn error(code: ErrorCode, correlation: u64, message: impl Into<String>) -> ErrorFrame {
+    ErrorFrame { code, correlation, message: message.into().into() }
+}
+
+fn frame_error_code(e: &FrameError) -> ErrorCode {
+    match e {
+        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        FrameError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        _ => ErrorCode::MalformedFrame,
+    }
+}
+
+/// Serves one accepted connection until it closes, then removes everything it held.
+pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Arc<Shared>) {
+    let max = shared.config.max_frame_size;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, FrameCodec::new(max));
+    let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
+    let control = Arc::new(Control::default());
+    let outbox = Outbox { tx: Some(tx), control: control.clone() };
+    let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
+
+    let registered = match handshake(&mut reader, &outbox, id, &shared).await {
+        Some(name) => {
+            info!(name = %name, "client connected");
+            shared.router_mut().add_connection(id);
+            read_loop(&mut reader, &outbox, id, &shared).await;
+            true
+        }
+        None => false,
+    };
+    if registered {
+        shared.router_mut().remove_connection(id);
+    }
+    drop(outbox);
+    // The writer ends once every sender is gone (flushing what is queued) or the connection was
+    // killed; give it the drain timeout, then cut it.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
+        abort.abort();
+    }
+    debug!(%peer, "connection closed");
+}
+
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+
+/// Waits for HELLO and answers WELCOME. Returns the client's name, or None when the connection
+/// must close (the reason has been queued).
+async fn handshake(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) -> Option<String> {
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => r,
+        () = shared.shutdown.cancelled() => {
+            outbox.control.fail(error(ErrorCode::ShuttingDown, 0, "server shutting down"));
+            return None;
+        }
+    };
+    let hello = match first {
+        Err(_elapsed) => {
+            outbox.control.fail(error(
+                ErrorCode::HandshakeTimeout,
+                0,
+                "no HELLO within the handshake timeout",
+            ));
+            return None;
+        }
+        Ok(None) | Ok(Some(Err(CodecError::Io(_)))) => return None,
+        Ok(Some(Err(CodecError::Frame(e)))) => {
+            debug!(error = %e, "malformed handshake");
+            outbox.control.fail(error(frame_error_code(&e), 0, e.to_string()));
+            return None;
+        }
+        Ok(Some(Ok(Frame::Hello(hello)))) => hello,
+        Ok(Some(Ok(other))) => {
+            let text = format!("expected HELLO, got {}", other.name());
+            outbox.control.fail(error(ErrorCode::HandshakeRequired, 0, text));
+            return None;
+        }
+    };
+    let welcome = Welcome {
+        service_id: id,
+        max_frame_size: u32::try_from(shared.config.max_frame_size).unwrap_or(u32::MAX),
+        heartbeat_ms: 0,
+        server_name: shared.config.server_name.clone().into(),
+        server_version: env!("CARGO_PKG_VERSION").into(),
+        properties: Default::default(),
+    };
+    outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await.then(|| hello.name.to_string())
+}
+
+async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) {
+    loop {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            () = outbox.control.kill.cancelled() => return,
+            () = shared.shutdown.cancelled() => {
+                let bye = error(ErrorCode::ShuttingDown, 0, "server shutting down");
+                outbox.send(Outbound::Close(bye)).await;
+                return;
+            }
+        };
+        let frame = match next {
+            None => return,
+            Some(Err(CodecError::Io(e))) => {
+                debug!(error = %e, "read failed");
+                return;
+            }
+            Some(Err(CodecError::Frame(e))) => {
+                warn!(error = %e, "malformed frame, closing connection");
+                outbox.control.fail(error(frame_error_code(&e), 0, e.to_string()));
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        if let Err(fatal) = apply(frame, outbox, id, shared).await {
+            outbox.control.fail(fatal);
+            return;
+        }
+    }
+}
+
+/// Applies one frame from the client. `Err` carries an error that closes the connection;
+/// non-fatal errors are queued as ERROR frames and the connection goes on.
+async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Result<(), ErrorFrame> {
+    match frame {
+        Frame::Pub(mut message) => {
+            shared.stats.messages_in.inc();
+            if let Err(e) = validate_topic(&message.topic) {
+                let text = format!("invalid topic {:?}: {e}", &*message.topic);
+                outbox.send(Outbound::Frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
+                return Ok(());
+            }
+            message.source = id;
+            let message = Arc::new(message);
+            let delivered = shared.router().route(&message);
+            shared.stats.deliveries.add(delivered as u64);
+        }
+        Frame::Sub(sub) => {
+            let fail = |code, text: String| Outbound::Frame(Frame::Error(error(code, sub.sid, text)));
+            if let Err(e) = validate_pattern(&sub.pattern) {
+                outbox
+                    .send(fail(
+                        ErrorCode::InvalidPattern,
+                        format!("invalid pattern {:?}: {e}", &*sub.pattern),
+                    ))
+                    .await;
+                return Ok(());
+            }
+            let group = sub.group.map(|g| (g.name, g.policy));
+            let limit = shared.config.max_subscriptions;
+            let result =
+                shared.router_mut().subscribe(id, sub.sid, sub.pattern.clone(), group, outbox.clone(), limit);
+            if let Err(e) = result {
+                let text = format!("subscription {} to {:?} refused: {e:?}", sub.sid, &*sub.pattern);
+                outbox.send(fail(e.code(), text)).await;
+            }
+        }
+        Frame::Unsub { sid } => {
+            if !shared.router_mut().unsubscribe(id, sid) {
+                let e = error(ErrorCode::UnknownSubscription, sid, format!("no subscription with id {sid}"));
+                outbox.send(Outbound::Frame(Frame::Error(e))).await;
+            }
+        }
+        Frame::Ping => {
+            outbox.send(Outbound::Frame(Frame::Pong)).await;
+        }
+        Frame::Pong => {}
+        Frame::Error(e) => debug!(code = %e.code, message = %e.message, "client reported an error"),
+        Frame::Hello(_) => return Err(error(ErrorCode::HandshakeRequired, 0, "HELLO sent twice")),
+        other @ (Frame::Welcome(_) | Frame::Msg { .. }) => {
+            return Err(error(
+                ErrorCode::UnexpectedFrame,
+                0,
+                format!("a client may not send {}", other.name()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Owns the write half: batches queued frames into one buffer per write.
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    control: Arc<Control>,
+    max: usize,
+) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    let mut written = 0;
+    'run: loop {
+        let first = tokio::select! {
+            biased;
+            () = control.kill.cancelled() => break 'run,
+            next = rx.recv() => next,
+        };
+        let Some(first) = first else { break 'run };
+        let mut closing = encode(&mut buf, first, max);
+        while !closing && buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(next) => closing = encode(&mut buf, next, max),
+                Err(_) => break,
+            }
+        }
+        written = 0;
+        while written < buf.len() {
+            tokio::select! {
+                biased;
+                () = control.kill.cancelled() => break 'run,
+                r = wr.write(&buf[written..]) => match r {
+                    Ok(0) | Err(_) => { control.kill.cancel(); return; }
+                    Ok(n) => written += n,
+                }
+            }
+        }
+        buf.clear();
+        written = 0;
+        if closing {
+            break;
+        }
+    }
+    // Killed (or closing): finish the frame in flight so the stream stays parseable, add the
+    // reason, and give the peer a short grace to take them.
+    let reason = control.reason.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        wr.write_all(&buf[written..]).await?;
+        if let Some(reason) = reason {
+            let mut tail = BytesMut::new();
+            if Frame::Error(reason).encode(&mut tail, max).is_ok() {
+                wr.write_all(&tail).await?;
+            }
+        }
+        wr.shutdown().await
+    })
+    .await;
+    control.kill.cancel();
+}
+
+/// Encodes one outbound item; true when it was a closing error.
+fn encode(buf: &mut BytesMut, out: Outbound, max: usize) -> bool {
+    let (result, closing) = match out {
+        Outbound::Msg { sid, msg } => (frame::encode_msg(buf, sid, &msg, max), false),
+        Outbound::Frame(f) => (f.encode(buf, max), false),
+        Outbound::Close(e) => (Frame::Error(e).encode(buf, max), true),
+    };
+    if let Err(e) = result {
+        // Only a frame that grew past the limit on the way can fail here; skip it, keep going.
+        warn!(error = %e, "dropping an outbound frame that cannot be encoded");
+    }
+    closing
+}

@@ -1,0 +1,63 @@
+//! The client's error type.
+
+use busbar_core::{ErrorCode, FrameError, TopicError};
+
+/// Everything that can go wrong talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker could not be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker did not complete the handshake.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// The broker answered with an ERROR frame.
+    #[error("broker error {code}: {message}")]
+    Server {
+        /// Error code.
+        code: ErrorCode,
+        /// The broker's text.
+        message: String,
+    },
+    /// A topic or pattern that breaks the rules; nothing was sent.
+    #[error("invalid topic or pattern {topic:?}: {source}")]
+    InvalidTopic {
+        /// The topic or pattern.
+        topic: String,
+        /// Which rule it breaks.
+        source: TopicError,
+    },
+    /// A frame that cannot be sent (too large for the broker's limit, say); nothing was sent.
+    #[error("cannot encode frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Serialising or deserialising a typed payload failed.
+    #[error("payload codec: {0}")]
+    Codec(String),
+    /// The connection is closed (by `disconnect`, by the broker, or lost).
+    #[error("connection closed")]
+    Closed,
+    /// The operation did not finish in time.
+    #[error("timed out")]
+    Timeout,
+    /// An I/O error on an established connection.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The broker's error code, when the broker refused something.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

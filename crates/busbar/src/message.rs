@@ -1,0 +1,87 @@
+//! Messages as the application sees them.
+
+use busbar_core::{ByteString, Envelope, Headers};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// A message received on a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub(crate) sid: u64,
+    pub(crate) inner: busbar_core::Message,
+}
+
+impl Message {
+    /// The topic it was published to.
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+    /// The raw payload (a cheap, reference-counted view of the received bytes).
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.payload
+    }
+    /// The payload as text, when it is UTF-8.
+    pub fn payload_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.inner.payload).ok()
+    }
+    /// Application headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.headers
+    }
+    /// Service id of the publisher, assigned by the broker.
+    pub fn source(&self) -> u32 {
+        self.inner.source
+    }
+    /// The balance key it was published with.
+    pub fn key(&self) -> Option<u64> {
+        self.inner.key
+    }
+    /// Envelope metadata, when the publisher sent it.
+    pub fn envelope(&self) -> Option<&Envelope> {
+        self.inner.envelope.as_ref()
+    }
+    /// Id of the subscription it arrived on.
+    pub fn subscription_id(&self) -> u64 {
+        self.sid
+    }
+    /// Decodes a JSON payload.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.inner.payload).map_err(|e| Error::Codec(e.to_string()))
+    }
+    /// Decodes a MessagePack payload.
+    pub fn msgpack<T: DeserializeOwned>(&self) -> Result<T> {
+        rmp_serde::from_slice(&self.inner.payload).map_err(|e| Error::Codec(e.to_string()))
+    }
+    /// The wire-level message.
+    pub fn into_inner(self) -> busbar_core::Message {
+        self.inner
+    }
+}
+
+/// A message to publish with more than topic and payload: headers, a balance key, an envelope.
+#[derive(Debug, Clone)]
+pub struct Outgoing(pub(crate) busbar_core::Message);
+
+impl Outgoing {
+    /// A message to `topic` with `payload`.
+    pub fn new(topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Self {
+        Self(busbar_core::Message::new(topic, payload))
+    }
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<ByteString>, value: impl Into<ByteString>) -> Self {
+        self.0.headers.insert(key, value);
+        self
+    }
+    /// Sets the balance key (used by groups with the hash policy).
+    pub fn key(mut self, key: u64) -> Self {
+        self.0.key = Some(key);
+        self
+    }
+    /// Sets the envelope metadata.
+    pub fn envelope(mut self, envelope: Envelope) -> Self {
+        self.0.envelope = Some(envelope);
+        self
+    }
+}
