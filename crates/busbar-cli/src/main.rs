@@ -1,1 +1,252 @@
-fn main() {}
+//! `busbar`: run a broker, publish, subscribe.
+#![allow(clippy::print_stdout)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use busbar::{Client, ClientOptions, GroupPolicy, Message, Outgoing};
+use busbar_broker::Config;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// busbar: a distributed event bus. Run a broker, publish and subscribe from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "busbar", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a broker until Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+    /// Publish a message.
+    #[command(name = "pub")]
+    Publish(PubArgs),
+    /// Subscribe to a pattern and print what arrives.
+    #[command(name = "sub")]
+    Subscribe(SubArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, short, default_value = "127.0.0.1:4900", env = "BUSBAR_LISTEN")]
+    listen: SocketAddr,
+    /// Name announced to clients.
+    #[arg(long, default_value = "busbar")]
+    name: String,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = busbar::core::frame::DEFAULT_MAX_FRAME_SIZE)]
+    max_frame_size: usize,
+    /// Most client connections at once.
+    #[arg(long, default_value_t = Config::default().max_connections)]
+    max_connections: usize,
+    /// Most subscriptions per connection.
+    #[arg(long, default_value_t = Config::default().max_subscriptions)]
+    max_subscriptions: usize,
+    /// Most frames queued for one connection before it counts as a slow consumer.
+    #[arg(long, default_value_t = Config::default().max_pending)]
+    max_pending: usize,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Broker address.
+    #[arg(long, short, default_value = "127.0.0.1:4900", env = "BUSBAR_SERVER", global = true)]
+    server: String,
+}
+
+#[derive(Debug, Args)]
+struct PubArgs {
+    /// Topic to publish to, e.g. event.email.new
+    topic: String,
+    /// Payload (text; JSON is sent as is).
+    data: String,
+    /// Header to add, as key=value (repeatable).
+    #[arg(long = "header", short = 'H', value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Balance key for groups using the hash policy.
+    #[arg(long)]
+    key: Option<u64>,
+    /// Publish the message this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Policy {
+    Random,
+    RoundRobin,
+    Hash,
+}
+
+#[derive(Debug, Args)]
+struct SubArgs {
+    /// Pattern: dot-separated tokens, `*` for one token, `>` for the rest, e.g. 'event.>'
+    pattern: String,
+    /// Join this load-balanced group.
+    #[arg(long)]
+    group: Option<String>,
+    /// How the group picks a member.
+    #[arg(long, value_enum, default_value_t = Policy::RoundRobin, requires = "group")]
+    policy: Policy,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Print payloads raw, without JSON pretty-printing.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Publish(args) => publish(args).await,
+            Command::Subscribe(args) => subscribe(args).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = Config {
+        listen: args.listen,
+        server_name: args.name,
+        max_frame_size: args.max_frame_size,
+        max_connections: args.max_connections,
+        max_subscriptions: args.max_subscriptions,
+        max_pending: args.max_pending,
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("busbar listening on {addr}");
+    std::io::stdout().flush()?;
+    busbar_broker::serve(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+async fn connect(args: &ConnectArgs, name: &str) -> Result<Client> {
+    let options = ClientOptions::new(&args.server).name(name);
+    Client::connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to busbar at {}", args.server))
+}
+
+async fn publish(args: PubArgs) -> Result<()> {
+    let client = connect(&args.connect, "busbar-cli pub").await?;
+    for _ in 0..args.count {
+        let mut message = Outgoing::new(args.topic.clone(), args.data.clone().into_bytes());
+        for (k, v) in &args.headers {
+            message = message.header(k.clone(), v.clone());
+        }
+        if let Some(key) = args.key {
+            message = message.key(key);
+        }
+        client.publish_message(message).await?;
+    }
+    // Wait until the broker has routed them, so that exiting right away loses nothing.
+    client.flush().await?;
+    client.disconnect().await?;
+    eprintln!("published {} message(s) to {}", args.count, args.topic);
+    Ok(())
+}
+
+async fn subscribe(args: SubArgs) -> Result<()> {
+    let client = connect(&args.connect, "busbar-cli sub").await?;
+    let mut sub = match &args.group {
+        None => client.subscribe(args.pattern.clone()).await?,
+        Some(group) => {
+            let policy = match args.policy {
+                Policy::Random => GroupPolicy::Random,
+                Policy::RoundRobin => GroupPolicy::RoundRobin,
+                Policy::Hash => GroupPolicy::Hash,
+            };
+            client.subscribe_group(args.pattern.clone(), group.clone(), policy).await?
+        }
+    };
+    eprintln!("subscribed to {} on {}", args.pattern, args.connect.server);
+    let mut seen = 0u64;
+    loop {
+        let message = tokio::select! {
+            m = sub.next() => m,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(message) = message else { bail!("connection to the broker closed") };
+        seen += 1;
+        print_message(seen, &message, args.raw)?;
+        if args.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+    Ok(())
+}
+
+fn print_message(n: u64, m: &Message, raw: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "[#{n}] {}", m.topic())?;
+    for (k, v) in m.headers().iter() {
+        writeln!(out, "  {k}: {v}")?;
+    }
+    let payload = m.payload();
+    match (raw, serde_json::from_slice::<serde_json::Value>(payload)) {
+        (false, Ok(json)) => writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?,
+        _ => match std::str::from_utf8(payload) {
+            Ok(text) => writeln!(out, "{text}")?,
+            Err(_) => writeln!(
+                out,
+                "<{} bytes of binary: {:02x?}>",
+                payload.len(),
+                &payload[..payload.len().min(32)]
+            )?,
+        },
+    }
+    out.flush()?;
+    Ok(())
+}

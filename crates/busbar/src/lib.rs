@@ -31,3 +31,8 @@ pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers};
 pub use client::{Client, ClientOptions, HandlerTask, Status, Subscription};
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};
+
+/// The README's Rust examples, compiled by `cargo test` so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,121 @@
+//! The README's 60-second tour, run with the real binary: serve, sub, pub.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_busbar");
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Kills the child if the test fails before it is reaped.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lines of a child's output, read on a thread so the test can wait with a deadline.
+fn lines(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                let done = line.contains(needle);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("waiting for {needle:?}: {e}; output so far: {seen:#?}"),
+        }
+    }
+}
+
+fn start_broker() -> (Reap, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busbar serve starts");
+    let stdout: ChildStdout = child.stdout.take().unwrap();
+    let rx = lines(stdout);
+    let first = wait_for(&rx, "listening on").pop().unwrap();
+    let addr = first.rsplit(' ').next().unwrap().to_string();
+    (Reap(child), addr, rx)
+}
+
+#[test]
+fn serve_sub_pub_tour() {
+    let (mut broker, addr, _broker_out) = start_broker();
+    let mut sub = Command::new(BIN)
+        .args(["sub", "event.>", "--count", "1", "--server", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sub_err = lines(sub.stderr.take().unwrap());
+    let sub_out = lines(sub.stdout.take().unwrap());
+    let mut sub = Reap(sub);
+    wait_for(&sub_err, "subscribed to event.>");
+
+    let status = Command::new(BIN)
+        .args(["pub", "event.email.new", r#"{"subject":"hi"}"#, "--server", &addr])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let printed = wait_for(&sub_out, "\"subject\": \"hi\"");
+    assert!(printed.iter().any(|l| l.contains("event.email.new")), "{printed:#?}");
+    assert!(sub.0.wait().unwrap().success(), "sub exits 0 after --count 1");
+
+    // SIGTERM: the broker shuts down gracefully and exits 0.
+    let pid = broker.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = broker.0.try_wait().unwrap() {
+            assert!(status.success(), "broker exit status {status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "broker did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pub_reports_a_clear_error_when_no_broker_listens() {
+    // Bind and drop a listener to find a port that is (almost certainly) closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out =
+        Command::new(BIN).args(["pub", "a", "b", "--server", &format!("127.0.0.1:{port}")]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to busbar"), "{err}");
+}
+
+#[test]
+fn invalid_topic_is_refused_before_sending() {
+    let (_broker, addr, _out) = start_broker();
+    let out = Command::new(BIN).args(["pub", "a..b", "x", "--server", &addr]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid topic"), "{err}");
+}

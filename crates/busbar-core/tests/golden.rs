@@ -1,0 +1,100 @@
+//! The golden byte vectors of docs/PROTOCOL.md: each must encode from, and decode to, the frame
+//! named here. The document is read at test time, so it cannot drift from the code.
+
+use busbar_core::frame::{self, DEFAULT_MAX_FRAME_SIZE};
+use busbar_core::*;
+use bytes::BytesMut;
+
+const PROTOCOL_MD: &str = include_str!("../../../docs/PROTOCOL.md");
+
+fn golden_frames() -> Vec<(&'static str, Frame)> {
+    let mut full = Message::new("a.b", "hi");
+    full.key = Some(42);
+    full.envelope = Some(Envelope { id: 1, tx: 2, timestamp_ns: 3 });
+    full.headers.insert("k", "v");
+    let mut delivered = Message::new("event.email.new", "hi");
+    delivered.source = 7;
+    vec![
+        (
+            "hello",
+            Frame::Hello(Hello {
+                name: "cli".into(),
+                properties: [("service", "mailer")].into_iter().collect(),
+            }),
+        ),
+        (
+            "welcome",
+            Frame::Welcome(Welcome {
+                service_id: 7,
+                max_frame_size: 1_048_576,
+                heartbeat_ms: 10_000,
+                server_name: "busbar".into(),
+                server_version: "0.1.0".into(),
+                properties: Headers::new(),
+            }),
+        ),
+        ("ping", Frame::Ping),
+        ("pong", Frame::Pong),
+        ("sub", Frame::Sub(Sub { sid: 1, pattern: "event.>".into(), group: None })),
+        (
+            "sub-group",
+            Frame::Sub(Sub {
+                sid: 2,
+                pattern: "jobs.*".into(),
+                group: Some(Group { name: "workers".into(), policy: GroupPolicy::RoundRobin }),
+            }),
+        ),
+        ("unsub", Frame::Unsub { sid: 1 }),
+        (
+            "error",
+            Frame::Error(ErrorFrame { code: ErrorCode::InvalidTopic, correlation: 0, message: "bad".into() }),
+        ),
+        ("pub", Frame::Pub(Message::new("event.email.new", r#"{"subject":"hi"}"#))),
+        ("pub-full", Frame::Pub(full)),
+        ("msg", Frame::Msg { sid: 1, message: delivered }),
+    ]
+}
+
+/// `(name, bytes)` for every `<!-- golden: name -->` marker followed by a fenced hex block.
+fn vectors_in_doc() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut lines = PROTOCOL_MD.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line.trim().strip_prefix("<!-- golden: ").and_then(|r| r.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        assert!(lines.next().is_some_and(|l| l.starts_with("```")), "fence after golden marker {name}");
+        let mut hex = String::new();
+        for l in lines.by_ref() {
+            if l.starts_with("```") {
+                break;
+            }
+            hex.extend(l.split('#').next().unwrap().chars().filter(|c| c.is_ascii_hexdigit()));
+        }
+        assert_eq!(hex.len() % 2, 0, "odd number of hex digits in {name}");
+        let bytes =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        out.push((name.to_string(), bytes));
+    }
+    out
+}
+
+#[test]
+fn golden_vectors_in_protocol_md_match_the_codec() {
+    let doc = vectors_in_doc();
+    let frames = golden_frames();
+    for (name, frame) in &frames {
+        let mut encoded = BytesMut::new();
+        frame.encode(&mut encoded, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        let Some((_, bytes)) = doc.iter().find(|(n, _)| n == name) else {
+            let hex: String = encoded.iter().map(|b| format!("{b:02x}")).collect();
+            panic!("docs/PROTOCOL.md has no golden vector {name:?}; the codec says:\n{hex}");
+        };
+        let hex: String = encoded.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(&encoded[..], &bytes[..], "vector {name}: the codec encodes\n{hex}");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap().as_ref(), Some(frame), "{name}");
+    }
+    assert_eq!(doc.len(), frames.len(), "every vector in the document is checked");
+}
