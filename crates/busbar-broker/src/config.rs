@@ -22,6 +22,8 @@ pub struct Config {
     /// Most frames waiting to be written to one connection; a connection whose queue is full is a
     /// slow consumer and is disconnected with `SlowConsumer`.
     pub max_pending: usize,
+    /// Most requests one connection may have waiting for replies.
+    pub max_requests: usize,
     /// Time a new connection has to send HELLO.
     pub handshake_timeout: Duration,
     /// On shutdown, how long connections get to flush before they are cut.
@@ -37,6 +39,7 @@ impl Default for Config {
             max_connections: 65_536,
             max_subscriptions: 65_536,
             max_pending: 65_536,
+            max_requests: 65_536,
             handshake_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }

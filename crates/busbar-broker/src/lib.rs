@@ -16,6 +16,7 @@
 //! | `config`  | [`Config`]: listen address and every limit |
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
+//! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
 //! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
@@ -23,6 +24,7 @@
 //! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
 mod config;
+mod requests;
 mod router;
 mod server;
 mod session;

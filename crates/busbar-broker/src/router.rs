@@ -10,7 +10,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use busbar_core::{ByteString, ErrorCode, GroupPolicy, Message, SubscriptionTrie};
+use busbar_core::{ByteString, ErrorCode, GroupPolicy, Message, SubKind, SubscriptionTrie};
 
 use crate::session::Outbox;
 
@@ -40,7 +40,23 @@ pub(crate) struct GroupState {
 /// What a connection holds, for cleanup and monitoring.
 #[derive(Debug)]
 struct ConnSubs {
-    subs: HashMap<u64, (ByteString, Option<Arc<GroupState>>)>,
+    subs: HashMap<u64, SubEntry>,
+    service: Option<ByteString>,
+}
+
+#[derive(Debug)]
+struct SubEntry {
+    pattern: ByteString,
+    group: Option<Arc<GroupState>>,
+    kind: SubKind,
+}
+
+/// A responder picked for a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) conn: u32,
+    pub(crate) sid: u64,
+    pub(crate) outbox: Outbox,
 }
 
 /// Why a subscription was refused.
@@ -63,30 +79,55 @@ impl SubError {
 
 #[derive(Debug, Default)]
 pub(crate) struct Router {
-    trie: SubscriptionTrie<SubRef>,
+    /// Subscriptions to events (MSG).
+    events: SubscriptionTrie<SubRef>,
+    /// Subscriptions that answer requests (CALL).
+    responders: SubscriptionTrie<SubRef>,
     conns: HashMap<u32, ConnSubs>,
     groups: HashMap<ByteString, (Arc<GroupState>, usize)>,
+    /// Service name → connections registered under it, oldest first.
+    services: HashMap<ByteString, Vec<u32>>,
+    /// Round-robin position for responders that are in no group.
+    next_responder: AtomicU64,
 }
 
 impl Router {
-    pub(crate) fn add_connection(&mut self, conn: u32) {
-        self.conns.insert(conn, ConnSubs { subs: HashMap::new() });
+    pub(crate) fn add_connection(&mut self, conn: u32, service: Option<ByteString>) {
+        if let Some(name) = &service {
+            self.services.entry(name.clone()).or_default().push(conn);
+        }
+        self.conns.insert(conn, ConnSubs { subs: HashMap::new(), service });
     }
 
     /// Removes a connection and every subscription it held.
     pub(crate) fn remove_connection(&mut self, conn: u32) {
         let Some(entry) = self.conns.remove(&conn) else { return };
-        for (sid, (pattern, group)) in entry.subs {
-            self.drop_sub(conn, sid, &pattern, group);
+        if let Some(name) = entry.service
+            && let Entry::Occupied(mut e) = self.services.entry(name)
+        {
+            e.get_mut().retain(|&c| c != conn);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+        for (sid, sub) in entry.subs {
+            self.drop_sub(conn, sid, sub);
         }
     }
 
+    /// The connection most recently registered under service `name`.
+    pub(crate) fn resolve_service(&self, name: &str) -> Option<u32> {
+        self.services.get(name).and_then(|conns| conns.last().copied())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn subscribe(
         &mut self,
         conn: u32,
         sid: u64,
         pattern: ByteString,
         group: Option<(ByteString, GroupPolicy)>,
+        kind: SubKind,
         outbox: Outbox,
         limit: usize,
     ) -> Result<(), SubError> {
@@ -115,24 +156,31 @@ impl Router {
                 }
             },
         };
-        entry.subs.insert(sid, (pattern.clone(), group.clone()));
-        self.trie.insert(&pattern, SubRef { conn, sid, group, outbox });
+        let trie = match kind {
+            SubKind::Events => &mut self.events,
+            SubKind::Requests => &mut self.responders,
+        };
+        trie.insert(&pattern, SubRef { conn, sid, group: group.clone(), outbox });
+        entry.subs.insert(sid, SubEntry { pattern, group, kind });
         Ok(())
     }
 
     /// Removes one subscription; false when the connection had no such id.
     pub(crate) fn unsubscribe(&mut self, conn: u32, sid: u64) -> bool {
         let Some(entry) = self.conns.get_mut(&conn) else { return false };
-        let Some((pattern, group)) = entry.subs.remove(&sid) else { return false };
-        self.drop_sub(conn, sid, &pattern, group);
+        let Some(sub) = entry.subs.remove(&sid) else { return false };
+        self.drop_sub(conn, sid, sub);
         true
     }
 
-    fn drop_sub(&mut self, conn: u32, sid: u64, pattern: &str, group: Option<Arc<GroupState>>) {
+    fn drop_sub(&mut self, conn: u32, sid: u64, sub: SubEntry) {
         // Only `conn` and `sid` take part in SubRef equality; the outbox is a placeholder.
         let probe = SubRef { conn, sid, group: None, outbox: Outbox::detached() };
-        self.trie.remove(pattern, &probe);
-        if let Some(g) = group
+        match sub.kind {
+            SubKind::Events => self.events.remove(&sub.pattern, &probe),
+            SubKind::Requests => self.responders.remove(&sub.pattern, &probe),
+        };
+        if let Some(g) = sub.group
             && let Entry::Occupied(mut e) = self.groups.entry(g.name.clone())
         {
             e.get_mut().1 -= 1;
@@ -143,15 +191,19 @@ impl Router {
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
-        self.trie.len()
+        self.events.len() + self.responders.len()
     }
 
     /// Delivers `msg` to every matching plain subscription and to one member of every matching
-    /// group. Returns how many deliveries were queued.
-    pub(crate) fn route(&self, msg: &Arc<Message>) -> usize {
+    /// group; with `only` set (direct addressing), to that connection's subscriptions only.
+    /// Returns how many deliveries were queued.
+    pub(crate) fn route(&self, msg: &Arc<Message>, only: Option<u32>) -> usize {
         let mut delivered = 0;
         let mut grouped: Vec<&SubRef> = Vec::new();
-        self.trie.for_each_match(&msg.topic, |s| {
+        self.events.for_each_match(&msg.topic, |s| {
+            if only.is_some_and(|c| c != s.conn) {
+                return;
+            }
             if s.group.is_none() {
                 delivered += usize::from(s.outbox.deliver(s.sid, msg));
             } else {
@@ -183,6 +235,44 @@ impl Router {
         delivered
     }
 
+    /// The responders a request goes to: every matching one for scatter-gather (`all`), else one,
+    /// picked by the policy of the first grouped candidate, or round-robin when none is grouped.
+    /// `only` restricts candidates to one connection (direct addressing).
+    pub(crate) fn select_responders(
+        &self,
+        topic: &str,
+        key: Option<u64>,
+        only: Option<u32>,
+        all: bool,
+    ) -> Vec<Target> {
+        let mut candidates: Vec<&SubRef> = Vec::new();
+        self.responders.for_each_match(topic, |s| {
+            if only.is_none_or(|c| c == s.conn) {
+                candidates.push(s);
+            }
+        });
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        candidates.sort_unstable_by_key(|s| (s.conn, s.sid));
+        candidates.dedup_by_key(|s| (s.conn, s.sid));
+        let target = |s: &SubRef| Target { conn: s.conn, sid: s.sid, outbox: s.outbox.clone() };
+        if all {
+            return candidates.into_iter().map(target).collect();
+        }
+        let group = candidates.iter().find_map(|s| s.group.as_ref());
+        let n = candidates.len();
+        let chosen = match group.map(|g| (g.policy, &g.next)) {
+            Some((GroupPolicy::Random, _)) => rand::random_range(0..n),
+            Some((GroupPolicy::Hash, _)) => Self::rendezvous(key.unwrap_or(0), &candidates),
+            Some((GroupPolicy::RoundRobin, next)) => {
+                (next.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+            }
+            None => (self.next_responder.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
+        };
+        vec![target(candidates[chosen])]
+    }
+
     /// Rendezvous (highest random weight) hashing: each member scores `hash(key, member)`, the
     /// highest wins. Adding a member moves only the keys it now wins, about 1/(n+1) of them.
     fn rendezvous(key: u64, members: &[&SubRef]) -> usize {
@@ -207,16 +297,21 @@ mod tests {
     #[test]
     fn subscribe_unsubscribe_and_cleanup_keep_counts_right() {
         let mut r = Router::default();
-        r.add_connection(1);
-        r.subscribe(1, 1, "a.>".into(), None, Outbox::detached(), 10).unwrap();
-        r.subscribe(1, 2, "a.*".into(), Some(("g".into(), GroupPolicy::Random)), Outbox::detached(), 10)
-            .unwrap();
-        assert_eq!(r.subscribe(1, 2, "b".into(), None, Outbox::detached(), 10), Err(SubError::Duplicate));
+        let ev = SubKind::Events;
+        r.add_connection(1, Some("svc".into()));
+        assert_eq!(r.resolve_service("svc"), Some(1));
+        r.subscribe(1, 1, "a.>".into(), None, ev, Outbox::detached(), 10).unwrap();
+        let g = Some(("g".into(), GroupPolicy::Random));
+        r.subscribe(1, 2, "a.*".into(), g, SubKind::Requests, Outbox::detached(), 10).unwrap();
+        assert_eq!(r.subscribe(1, 2, "b".into(), None, ev, Outbox::detached(), 10), Err(SubError::Duplicate));
+        let h = Some(("g".into(), GroupPolicy::Hash));
         assert_eq!(
-            r.subscribe(1, 3, "b".into(), Some(("g".into(), GroupPolicy::Hash)), Outbox::detached(), 10),
+            r.subscribe(1, 3, "b".into(), h, ev, Outbox::detached(), 10),
             Err(SubError::PolicyMismatch)
         );
-        assert_eq!(r.subscribe(1, 9, "c".into(), None, Outbox::detached(), 2), Err(SubError::Limit));
+        assert_eq!(r.subscribe(1, 9, "c".into(), None, ev, Outbox::detached(), 2), Err(SubError::Limit));
+        assert_eq!(r.select_responders("a.x", None, None, false).len(), 1);
+        assert_eq!(r.select_responders("a.x", None, Some(2), false).len(), 0);
         assert_eq!(r.subscription_count(), 2);
         assert!(r.unsubscribe(1, 1));
         assert!(!r.unsubscribe(1, 1));
@@ -224,5 +319,6 @@ mod tests {
         r.remove_connection(1);
         assert_eq!(r.subscription_count(), 0);
         assert!(r.groups.is_empty());
+        assert_eq!(r.resolve_service("svc"), None);
     }
 }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use busbar_core::{ErrorCode, ErrorFrame, Frame};
@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
+use crate::requests::Requests;
 use crate::router::Router;
 use crate::session;
 
@@ -57,6 +58,10 @@ pub(crate) struct Counters {
     pub(crate) deliveries: Counter,
     pub(crate) connections_total: Counter,
     pub(crate) connections_refused: Counter,
+    pub(crate) requests: Counter,
+    pub(crate) no_responders: Counter,
+    pub(crate) late_replies: Counter,
+    pub(crate) undeliverable: Counter,
 }
 
 /// A snapshot of what the broker is doing.
@@ -74,6 +79,16 @@ pub struct Stats {
     pub connections_total: u64,
     /// Connections refused at the connection limit since start.
     pub connections_refused: u64,
+    /// REQUEST frames received since start.
+    pub requests: u64,
+    /// Requests answered with NoResponders since start.
+    pub no_responders: u64,
+    /// Requests waiting for replies now.
+    pub requests_pending: u64,
+    /// Replies that found no waiting request (late or unknown) since start.
+    pub late_replies: u64,
+    /// Direct messages to a service that is not connected, dropped since start.
+    pub undeliverable: u64,
 }
 
 /// State shared by the accept loop and every session.
@@ -81,6 +96,7 @@ pub struct Stats {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     router: RwLock<Router>,
+    requests: Mutex<Requests>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) stats: Counters,
     open: AtomicU64,
@@ -98,6 +114,10 @@ impl Shared {
         self.router.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    pub(crate) fn requests(&self) -> MutexGuard<'_, Requests> {
+        self.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn stats(&self) -> Stats {
         Stats {
             connections: self.open.load(Ordering::Relaxed),
@@ -106,6 +126,11 @@ impl Shared {
             deliveries: self.stats.deliveries.get(),
             connections_total: self.stats.connections_total.get(),
             connections_refused: self.stats.connections_refused.get(),
+            requests: self.stats.requests.get(),
+            no_responders: self.stats.no_responders.get(),
+            requests_pending: self.requests().len() as u64,
+            late_replies: self.stats.late_replies.get(),
+            undeliverable: self.stats.undeliverable.get(),
         }
     }
 }
@@ -135,6 +160,7 @@ fn new_shared(config: Config) -> Arc<Shared> {
     Arc::new(Shared {
         config,
         router: RwLock::default(),
+        requests: Mutex::default(),
         shutdown: CancellationToken::new(),
         stats: Counters::default(),
         open: AtomicU64::new(0),
@@ -150,6 +176,7 @@ async fn serve_shared(
     let addr = listener.local_addr()?;
     info!(%addr, "busbar broker listening");
     let tracker = TaskTracker::new();
+    tracker.spawn(sweep_requests(shared.clone()));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -195,6 +222,23 @@ async fn serve_shared(
     }
     info!("broker stopped");
     Ok(())
+}
+
+/// Forgets requests whose requesters have stopped waiting, once a second, until shutdown.
+async fn sweep_requests(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let expired = shared.requests().expire(tokio::time::Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "expired requests forgotten");
+                }
+            }
+        }
+    }
 }
 
 fn is_connection_error(e: &std::io::Error) -> bool {

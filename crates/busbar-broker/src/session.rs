@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use busbar_core::frame::{self, FrameError};
 use busbar_core::{
-    CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, Message, Welcome, validate_pattern, validate_topic,
+    ByteString, Call, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, Message, Request, Welcome,
+    validate_pattern, validate_topic,
 };
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -83,12 +84,21 @@ impl Outbox {
     /// Queues a message without waiting. A full queue makes the connection a slow consumer: it is
     /// closed with `SlowConsumer` rather than allowed to slow the publisher or grow without bound.
     pub(crate) fn deliver(&self, sid: u64, msg: &Arc<Message>) -> bool {
+        self.push(Outbound::Msg { sid, msg: msg.clone() })
+    }
+
+    /// Queues any frame without waiting, with the same slow-consumer rule as [`Outbox::deliver`].
+    pub(crate) fn deliver_frame(&self, frame: Frame) -> bool {
+        self.push(Outbound::Frame(frame))
+    }
+
+    fn push(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
-        match tx.try_send(Outbound::Msg { sid, msg: msg.clone() }) {
+        match tx.try_send(out) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 if !self.control.kill.is_cancelled() {
-                    warn!(sid, "slow consumer: outbound queue full, closing connection");
+                    warn!("slow consumer: outbound queue full, closing connection");
                     self.control.fail(error(
                         ErrorCode::SlowConsumer,
                         0,
@@ -134,9 +144,9 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
 
     let registered = match handshake(&mut reader, &outbox, id, &shared).await {
-        Some(name) => {
-            info!(name = %name, "client connected");
-            shared.router_mut().add_connection(id);
+        Some((name, service)) => {
+            info!(name = %name, service = service.as_deref(), "client connected");
+            shared.router_mut().add_connection(id, service);
             read_loop(&mut reader, &outbox, id, &shared).await;
             true
         }
@@ -144,6 +154,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     };
     if registered {
         shared.router_mut().remove_connection(id);
+        shared.requests().remove_connection(id);
     }
     drop(outbox);
     // The writer ends once every sender is gone (flushing what is queued) or the connection was
@@ -157,9 +168,19 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
 
 type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
 
-/// Waits for HELLO and answers WELCOME. Returns the client's name, or None when the connection
-/// must close (the reason has been queued).
-async fn handshake(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) -> Option<String> {
+/// The HELLO property that registers a service name for direct addressing.
+pub(crate) const SERVICE_PROPERTY: &str = "service";
+/// The reserved header that addresses a PUB or REQUEST to a service by name.
+pub(crate) const TO_HEADER: &str = ":to";
+
+/// Waits for HELLO and answers WELCOME. Returns the client's name and service name, or None when
+/// the connection must close (the reason has been queued).
+async fn handshake(
+    reader: &mut Reader,
+    outbox: &Outbox,
+    id: u32,
+    shared: &Shared,
+) -> Option<(String, Option<ByteString>)> {
     let first = tokio::select! {
         r = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => r,
         () = shared.shutdown.cancelled() => {
@@ -197,7 +218,8 @@ async fn handshake(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
         server_version: env!("CARGO_PKG_VERSION").into(),
         properties: Default::default(),
     };
-    outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await.then(|| hello.name.to_string())
+    let service = hello.properties.get(SERVICE_PROPERTY).filter(|s| !s.is_empty()).map(ByteString::from);
+    outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await.then(|| (hello.name.to_string(), service))
 }
 
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) {
@@ -243,9 +265,25 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
                 return Ok(());
             }
             message.source = id;
+            let Some(only) = destination(&message, shared) else {
+                debug!(topic = %message.topic, "direct message to an unknown service dropped");
+                shared.stats.undeliverable.inc();
+                return Ok(());
+            };
             let message = Arc::new(message);
-            let delivered = shared.router().route(&message);
+            let delivered = shared.router().route(&message, only);
             shared.stats.deliveries.add(delivered as u64);
+        }
+        Frame::Request(request) => request_in(request, outbox, id, shared).await,
+        Frame::Reply(reply) => {
+            let requester = reply.message.destination;
+            if requester == 0 {
+                let e =
+                    error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
+                outbox.send(Outbound::Frame(Frame::Error(e))).await;
+            } else if !shared.requests().reply(requester, id, reply) {
+                shared.stats.late_replies.inc();
+            }
         }
         Frame::Sub(sub) => {
             let fail = |code, text: String| Outbound::Frame(Frame::Error(error(code, sub.sid, text)));
@@ -260,8 +298,9 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
             }
             let group = sub.group.map(|g| (g.name, g.policy));
             let limit = shared.config.max_subscriptions;
+            let pattern = sub.pattern.clone();
             let result =
-                shared.router_mut().subscribe(id, sub.sid, sub.pattern.clone(), group, outbox.clone(), limit);
+                shared.router_mut().subscribe(id, sub.sid, pattern, group, sub.kind, outbox.clone(), limit);
             if let Err(e) = result {
                 let text = format!("subscription {} to {:?} refused: {e:?}", sub.sid, &*sub.pattern);
                 outbox.send(fail(e.code(), text)).await;
@@ -279,7 +318,7 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
         Frame::Pong => {}
         Frame::Error(e) => debug!(code = %e.code, message = %e.message, "client reported an error"),
         Frame::Hello(_) => return Err(error(ErrorCode::HandshakeRequired, 0, "HELLO sent twice")),
-        other @ (Frame::Welcome(_) | Frame::Msg { .. }) => {
+        other @ (Frame::Welcome(_) | Frame::Msg { .. } | Frame::Call(_)) => {
             return Err(error(
                 ErrorCode::UnexpectedFrame,
                 0,
@@ -288,6 +327,65 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
         }
     }
     Ok(())
+}
+
+/// Where a direct message goes: `Some(None)` for everyone, `Some(Some(conn))` for one connection,
+/// `None` when it names a service that is not connected.
+fn destination(message: &Message, shared: &Shared) -> Option<Option<u32>> {
+    if message.destination != 0 {
+        return Some(Some(message.destination));
+    }
+    match message.headers.get(TO_HEADER) {
+        None => Some(None),
+        Some(name) => shared.router().resolve_service(name).map(Some),
+    }
+}
+
+/// Routes a request to its responders, or answers at once when there are none.
+async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared) {
+    let Request { id: req_id, all, timeout_ms, mut message } = request;
+    shared.stats.requests.inc();
+    let fail = |code, text: &str, topic: ByteString| {
+        Outbound::Frame(crate::requests::error_reply(req_id, code, 0, topic, text))
+    };
+    if let Err(e) = validate_topic(&message.topic) {
+        let text = format!("invalid topic {:?}: {e}", &*message.topic);
+        outbox.send(fail(ErrorCode::InvalidTopic, &text, message.topic.clone())).await;
+        return;
+    }
+    message.source = id;
+    let only = destination(&message, shared);
+    let targets = match only {
+        Some(only) => shared.router().select_responders(&message.topic, message.key, only, all),
+        None => Vec::new(),
+    };
+    if targets.is_empty() {
+        shared.stats.no_responders.inc();
+        let text = format!("no responders for {:?}", &*message.topic);
+        outbox.send(fail(ErrorCode::NoResponders, &text, message.topic.clone())).await;
+        return;
+    }
+    let responders = targets.iter().map(|t| t.conn).collect();
+    let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+    let limit = shared.config.max_requests;
+    let topic = message.topic.clone();
+    // Registered before the CALLs go out, so that no reply can arrive first.
+    if shared
+        .requests()
+        .insert(id, req_id, outbox.clone(), topic.clone(), responders, timeout, limit)
+        .is_err()
+    {
+        let text = format!("more than {limit} requests in flight");
+        outbox.send(fail(ErrorCode::TooManyRequests, &text, topic)).await;
+        return;
+    }
+    for t in targets {
+        let call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
+        if !t.outbox.deliver_frame(Frame::Call(call)) {
+            // The responder is going away; its cleanup fails this request with ResponderLost.
+            debug!(responder = t.conn, "request not delivered");
+        }
+    }
 }
 
 /// Owns the write half: batches queued frames into one buffer per write.

@@ -117,6 +117,8 @@ pub enum ErrorCode {
     DuplicateSubscription,
     /// 108: a frame the receiving side never accepts (a client sending MSG, say). Closed.
     UnexpectedFrame,
+    /// 109: a REPLY that is malformed for its purpose (no requester named). Stays open.
+    InvalidReply,
     /// 200: the connection did not read its messages fast enough. The connection is closed.
     SlowConsumer,
     /// 201: the broker is at its connection limit. The connection is closed.
@@ -125,6 +127,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// 203: no HELLO within the handshake timeout. The connection is closed.
     HandshakeTimeout,
+    /// 204: the connection has too many requests in flight. The request fails.
+    TooManyRequests,
     /// 300: authentication failed. The connection is closed.
     AuthenticationFailed,
     /// 301: not allowed to publish or subscribe there. The connection stays open.
@@ -135,6 +139,8 @@ pub enum ErrorCode {
     Timeout,
     /// 402: the handler of a request or command failed.
     HandlerError,
+    /// 403: the responder disconnected before it replied.
+    ResponderLost,
     /// 500: the broker is shutting down; reconnect elsewhere. The connection is closed.
     ShuttingDown,
     /// 501: an internal broker error.
@@ -156,15 +162,18 @@ impl ErrorCode {
             Self::UnknownSubscription => 106,
             Self::DuplicateSubscription => 107,
             Self::UnexpectedFrame => 108,
+            Self::InvalidReply => 109,
             Self::SlowConsumer => 200,
             Self::TooManyConnections => 201,
             Self::TooManySubscriptions => 202,
             Self::HandshakeTimeout => 203,
+            Self::TooManyRequests => 204,
             Self::AuthenticationFailed => 300,
             Self::PermissionDenied => 301,
             Self::NoResponders => 400,
             Self::Timeout => 401,
             Self::HandlerError => 402,
+            Self::ResponderLost => 403,
             Self::ShuttingDown => 500,
             Self::Internal => 501,
             Self::Other(code) => code,
@@ -183,15 +192,18 @@ impl ErrorCode {
             106 => Self::UnknownSubscription,
             107 => Self::DuplicateSubscription,
             108 => Self::UnexpectedFrame,
+            109 => Self::InvalidReply,
             200 => Self::SlowConsumer,
             201 => Self::TooManyConnections,
             202 => Self::TooManySubscriptions,
             203 => Self::HandshakeTimeout,
+            204 => Self::TooManyRequests,
             300 => Self::AuthenticationFailed,
             301 => Self::PermissionDenied,
             400 => Self::NoResponders,
             401 => Self::Timeout,
             402 => Self::HandlerError,
+            403 => Self::ResponderLost,
             500 => Self::ShuttingDown,
             501 => Self::Internal,
             other => Self::Other(other),
@@ -319,12 +331,14 @@ impl Message {
         }
     }
 
-    /// Size of the PUB or MSG frame carrying this message, as the length prefix counts it (the
-    /// number to compare with a maximum frame size).
+    /// An upper bound of the size of any data frame carrying this message, as the length prefix
+    /// counts it (the number to compare with a maximum frame size); exact but for the 0–12 bytes of
+    /// command-specific fields.
     pub fn frame_size(&self) -> usize {
         HEADER_LEN
             + if self.key.is_some() { 8 } else { 0 }
             + if self.envelope.is_some() { ENVELOPE_LEN } else { 0 }
+            + 12 // the largest fixed fields of a data frame (CALL's); PUB and MSG have none
             + 2
             + self.topic.len()
             + 2
@@ -359,6 +373,16 @@ pub struct Welcome {
     pub properties: Headers,
 }
 
+/// What a subscription receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SubKind {
+    /// 0: published events, as MSG frames.
+    #[default]
+    Events,
+    /// 1: requests and commands, as CALL frames; this subscription answers them with REPLY.
+    Requests,
+}
+
 /// Subscribe to a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sub {
@@ -368,6 +392,48 @@ pub struct Sub {
     pub pattern: ByteString,
     /// Optional group membership.
     pub group: Option<Group>,
+    /// Events or requests.
+    pub kind: SubKind,
+}
+
+/// A request, client → broker: to one responder, or (scatter-gather) to all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Request id chosen by the requester, unique among its requests in flight (correlation field).
+    pub id: u64,
+    /// True for scatter-gather: every responder gets it (signal E bit set).
+    pub all: bool,
+    /// How long the requester waits, in milliseconds; the broker forgets the request after that.
+    pub timeout_ms: u32,
+    /// The request; `destination` non-zero restricts responders to that service id.
+    pub message: Message,
+}
+
+/// A request delivered to a responder, broker → client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The requester's request id (correlation field); echo it in the REPLY.
+    pub id: u64,
+    /// The responder subscription it matched.
+    pub sid: u64,
+    /// The requester's timeout, in milliseconds.
+    pub timeout_ms: u32,
+    /// The request; `source` is the requester's service id: the REPLY's destination.
+    pub message: Message,
+}
+
+/// A reply, responder → broker → requester.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The request id it answers (correlation field).
+    pub id: u64,
+    /// `None` for success; otherwise why the request failed (the payload then holds the text).
+    pub error: Option<ErrorCode>,
+    /// Broker → requester: how many more replies to expect for this request (scatter-gather).
+    pub remaining: u32,
+    /// The reply. Responder → broker: `destination` is the requester. Broker → requester: `source`
+    /// is the responder.
+    pub message: Message,
 }
 
 /// An error, in either direction.
@@ -410,6 +476,12 @@ pub enum Frame {
         /// The message.
         message: Message,
     },
+    /// Client → broker: a request or command.
+    Request(Request),
+    /// Broker → responder: a request to answer.
+    Call(Call),
+    /// Either way: the answer to a request.
+    Reply(Reply),
 }
 
 /// Command codes: the signal byte without the K and V flags.
@@ -424,6 +496,10 @@ mod cmd {
     pub(super) const ERROR: u8 = C | 0x7;
     pub(super) const PUB: u8 = E | 0x1;
     pub(super) const MSG: u8 = E | 0x2;
+    pub(super) const REQUEST: u8 = 0x3;
+    pub(super) const REQUEST_ALL: u8 = E | 0x3;
+    pub(super) const REPLY: u8 = 0x4;
+    pub(super) const CALL: u8 = 0x5;
 }
 
 impl Frame {
@@ -439,7 +515,34 @@ impl Frame {
             Frame::Error(_) => "ERROR",
             Frame::Pub(_) => "PUB",
             Frame::Msg { .. } => "MSG",
+            Frame::Request(_) => "REQUEST",
+            Frame::Call(_) => "CALL",
+            Frame::Reply(_) => "REPLY",
         }
+    }
+
+    /// The message a data frame carries; `None` for control frames.
+    pub fn message(&self) -> Option<&Message> {
+        match self {
+            Frame::Pub(m)
+            | Frame::Msg { message: m, .. }
+            | Frame::Request(Request { message: m, .. })
+            | Frame::Call(Call { message: m, .. })
+            | Frame::Reply(Reply { message: m, .. }) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn with_message(mut self, message: Message) -> Self {
+        match &mut self {
+            Frame::Pub(m)
+            | Frame::Msg { message: m, .. }
+            | Frame::Request(Request { message: m, .. })
+            | Frame::Call(Call { message: m, .. })
+            | Frame::Reply(Reply { message: m, .. }) => *m = message,
+            _ => {}
+        }
+        self
     }
 
     /// Appends the encoded frame to `dst`. Fails, writing nothing, when a text field is too long
@@ -485,6 +588,10 @@ impl Frame {
                         dst.put_u8(g.policy.to_u8());
                     }
                 }
+                dst.put_u8(match s.kind {
+                    SubKind::Events => 0,
+                    SubKind::Requests => 1,
+                });
             }
             Frame::Unsub { sid } => header(dst, cmd::UNSUB, 0, 0, *sid),
             Frame::Error(e) => {
@@ -492,8 +599,20 @@ impl Frame {
                 dst.put_u16(e.code.as_u16());
                 put_str(dst, &e.message, "message")?;
             }
-            Frame::Pub(m) => encode_message(dst, cmd::PUB, 0, m)?,
-            Frame::Msg { sid, message } => encode_message(dst, cmd::MSG, *sid, message)?,
+            Frame::Pub(m) => encode_message(dst, cmd::PUB, 0, m, |_| {})?,
+            Frame::Msg { sid, message } => encode_message(dst, cmd::MSG, *sid, message, |_| {})?,
+            Frame::Request(r) => {
+                let command = if r.all { cmd::REQUEST_ALL } else { cmd::REQUEST };
+                encode_message(dst, command, r.id, &r.message, |d| d.put_u32(r.timeout_ms))?
+            }
+            Frame::Call(c) => encode_message(dst, cmd::CALL, c.id, &c.message, |d| {
+                d.put_u64(c.sid);
+                d.put_u32(c.timeout_ms);
+            })?,
+            Frame::Reply(r) => encode_message(dst, cmd::REPLY, r.id, &r.message, |d| {
+                d.put_u16(r.error.map_or(0, ErrorCode::as_u16));
+                d.put_u32(r.remaining);
+            })?,
         }
         Ok(())
     }
@@ -507,7 +626,7 @@ pub fn encode_msg(
     message: &Message,
     max_frame_size: usize,
 ) -> Result<(), FrameError> {
-    finish(dst, max_frame_size, |dst| encode_message(dst, cmd::MSG, sid, message))
+    finish(dst, max_frame_size, |dst| encode_message(dst, cmd::MSG, sid, message, |_| {}))
 }
 
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
@@ -542,7 +661,15 @@ fn finish(
     result
 }
 
-fn encode_message(dst: &mut BytesMut, command: u8, corr: u64, m: &Message) -> Result<(), FrameError> {
+/// Writes a data frame: header, [key], the command's fixed fields (`fixed`), [envelope], topic,
+/// headers, payload.
+fn encode_message(
+    dst: &mut BytesMut,
+    command: u8,
+    corr: u64,
+    m: &Message,
+    fixed: impl FnOnce(&mut BytesMut),
+) -> Result<(), FrameError> {
     let mut signal = command;
     if m.key.is_some() {
         signal |= SIGNAL_KEY;
@@ -555,6 +682,7 @@ fn encode_message(dst: &mut BytesMut, command: u8, corr: u64, m: &Message) -> Re
     if let Some(key) = m.key {
         dst.put_u64(key);
     }
+    fixed(dst);
     if let Some(e) = &m.envelope {
         dst.put_u128(e.id);
         dst.put_u128(e.tx);
@@ -646,8 +774,38 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
     let command = signal & !(SIGNAL_KEY | SIGNAL_ENVELOPE);
     let flags = signal & (SIGNAL_KEY | SIGNAL_ENVELOPE);
     let frame = match command {
-        cmd::PUB | cmd::MSG => {
+        cmd::PUB | cmd::MSG | cmd::REQUEST | cmd::REQUEST_ALL | cmd::CALL | cmd::REPLY => {
             let key = if flags & SIGNAL_KEY != 0 { Some(get_u64(&mut b, "balance key")?) } else { None };
+            let frame = match command {
+                cmd::REQUEST | cmd::REQUEST_ALL => {
+                    let timeout_ms = get_u32(&mut b, "timeout_ms")?;
+                    let all = command == cmd::REQUEST_ALL;
+                    Frame::Request(Request {
+                        id: corr,
+                        all,
+                        timeout_ms,
+                        message: Message::new("", Bytes::new()),
+                    })
+                }
+                cmd::CALL => {
+                    let sid = get_u64(&mut b, "sid")?;
+                    let timeout_ms = get_u32(&mut b, "timeout_ms")?;
+                    Frame::Call(Call { id: corr, sid, timeout_ms, message: Message::new("", Bytes::new()) })
+                }
+                cmd::REPLY => {
+                    let status = get_u16(&mut b, "status")?;
+                    let remaining = get_u32(&mut b, "remaining")?;
+                    let error = (status != 0).then(|| ErrorCode::from_u16(status));
+                    Frame::Reply(Reply {
+                        id: corr,
+                        error,
+                        remaining,
+                        message: Message::new("", Bytes::new()),
+                    })
+                }
+                cmd::PUB => Frame::Pub(Message::new("", Bytes::new())),
+                _ => Frame::Msg { sid: corr, message: Message::new("", Bytes::new()) },
+            };
             let envelope = if flags & SIGNAL_ENVELOPE != 0 {
                 need(&b, ENVELOPE_LEN, "envelope")?;
                 Some(Envelope { id: b.get_u128(), tx: b.get_u128(), timestamp_ns: b.get_u64() })
@@ -657,11 +815,7 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
             let topic = get_str(&mut b, "topic")?;
             let headers = get_headers(&mut b, "headers")?;
             let message = Message { source, destination, key, envelope, topic, headers, payload: b };
-            return Ok(if command == cmd::PUB {
-                Frame::Pub(message)
-            } else {
-                Frame::Msg { sid: corr, message }
-            });
+            return Ok(frame.with_message(message));
         }
         _ if flags != 0 && command & SIGNAL_CONTROL != 0 => return Err(FrameError::BadFlags(flags)),
         cmd::HELLO => {
@@ -707,7 +861,13 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
                     return Err(FrameError::InvalidValue { field: "policy", value });
                 }
             };
-            Frame::Sub(Sub { sid: corr, pattern, group })
+            need(&b, 1, "kind")?;
+            let kind = match b.get_u8() {
+                0 => SubKind::Events,
+                1 => SubKind::Requests,
+                v => return Err(FrameError::InvalidValue { field: "kind", value: v.into() }),
+            };
+            Frame::Sub(Sub { sid: corr, pattern, group, kind })
         }
         cmd::UNSUB => Frame::Unsub { sid: corr },
         cmd::ERROR => {

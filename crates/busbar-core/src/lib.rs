@@ -7,6 +7,7 @@
 //! |-----------|---------------|
 //! | [`topic`] | topic and pattern rules ([`validate_topic`], [`validate_pattern`]) and the reference matcher |
 //! | [`trie`]  | [`SubscriptionTrie`]: topic → matching subscriptions, cost independent of non-matching ones |
+//! | [`id`]    | [`IdGenerator`] (pluggable), the default ULID-style generator, id text form |
 //! | [`frame`] | the native wire protocol: [`Frame`] and its types, [`frame::check`], [`frame::decode`], [`Frame::encode`], and [`FrameCodec`] for `tokio_util::codec` |
 //!
 //! The byte layout is specified in `docs/PROTOCOL.md`, whose golden vectors are checked by this
@@ -27,13 +28,15 @@
 //! ```
 
 pub mod frame;
+pub mod id;
 pub mod topic;
 pub mod trie;
 
 pub use bytestring::ByteString;
 pub use frame::{
-    CodecError, Envelope, ErrorCode, ErrorFrame, Frame, FrameCodec, FrameError, Group, GroupPolicy, Headers,
-    Hello, Message, Sub, Welcome,
+    Call, CodecError, Envelope, ErrorCode, ErrorFrame, Frame, FrameCodec, FrameError, Group, GroupPolicy,
+    Headers, Hello, Message, Reply, Request, Sub, SubKind, Welcome,
 };
+pub use id::{IdGenerator, SequentialGenerator, UlidGenerator};
 pub use topic::{TopicError, validate_pattern, validate_topic};
 pub use trie::SubscriptionTrie;

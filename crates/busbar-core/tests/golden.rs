@@ -14,6 +14,11 @@ fn golden_frames() -> Vec<(&'static str, Frame)> {
     full.headers.insert("k", "v");
     let mut delivered = Message::new("event.email.new", "hi");
     delivered.source = 7;
+    let mut call = Message::new("user.get", "42");
+    call.source = 7;
+    let mut reply = Message::new("user.get", "ann");
+    reply.destination = 7;
+    let no_one = Message::new("user.get", "no responders");
     vec![
         (
             "hello",
@@ -35,13 +40,14 @@ fn golden_frames() -> Vec<(&'static str, Frame)> {
         ),
         ("ping", Frame::Ping),
         ("pong", Frame::Pong),
-        ("sub", Frame::Sub(Sub { sid: 1, pattern: "event.>".into(), group: None })),
+        ("sub", Frame::Sub(Sub { sid: 1, pattern: "event.>".into(), group: None, kind: SubKind::Events })),
         (
             "sub-group",
             Frame::Sub(Sub {
                 sid: 2,
                 pattern: "jobs.*".into(),
                 group: Some(Group { name: "workers".into(), policy: GroupPolicy::RoundRobin }),
+                kind: SubKind::Requests,
             }),
         ),
         ("unsub", Frame::Unsub { sid: 1 }),
@@ -52,6 +58,26 @@ fn golden_frames() -> Vec<(&'static str, Frame)> {
         ("pub", Frame::Pub(Message::new("event.email.new", r#"{"subject":"hi"}"#))),
         ("pub-full", Frame::Pub(full)),
         ("msg", Frame::Msg { sid: 1, message: delivered }),
+        (
+            "request",
+            Frame::Request(Request {
+                id: 9,
+                all: false,
+                timeout_ms: 5000,
+                message: Message::new("user.get", "42"),
+            }),
+        ),
+        ("call", Frame::Call(Call { id: 9, sid: 2, timeout_ms: 5000, message: call })),
+        ("reply", Frame::Reply(Reply { id: 9, error: None, remaining: 0, message: reply })),
+        (
+            "reply-error",
+            Frame::Reply(Reply {
+                id: 9,
+                error: Some(ErrorCode::NoResponders),
+                remaining: 0,
+                message: no_one,
+            }),
+        ),
     ]
 }
 

@@ -76,17 +76,25 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         ),
         Just(Frame::Ping),
         Just(Frame::Pong),
-        (any::<u64>(), pattern(), group).prop_map(|(sid, pattern, group)| Frame::Sub(Sub {
-            sid,
-            pattern: pattern.into(),
-            group
-        })),
+        (any::<u64>(), pattern(), group, any::<bool>()).prop_map(|(sid, pattern, group, requests)| {
+            let kind = if requests { SubKind::Requests } else { SubKind::Events };
+            Frame::Sub(Sub { sid, pattern: pattern.into(), group, kind })
+        }),
         any::<u64>().prop_map(|sid| Frame::Unsub { sid }),
         (any::<u16>(), any::<u64>(), text(40)).prop_map(|(code, correlation, message)| {
             Frame::Error(ErrorFrame { code: ErrorCode::from_u16(code), correlation, message })
         }),
         message().prop_map(Frame::Pub),
         (any::<u64>(), message()).prop_map(|(sid, message)| Frame::Msg { sid, message }),
+        (any::<u64>(), any::<bool>(), any::<u32>(), message()).prop_map(|(id, all, timeout_ms, message)| {
+            Frame::Request(Request { id, all, timeout_ms, message })
+        }),
+        (any::<u64>(), any::<u64>(), any::<u32>(), message())
+            .prop_map(|(id, sid, timeout_ms, message)| Frame::Call(Call { id, sid, timeout_ms, message })),
+        (any::<u64>(), any::<u16>(), any::<u32>(), message()).prop_map(|(id, status, remaining, message)| {
+            let error = (status != 0).then(|| ErrorCode::from_u16(status));
+            Frame::Reply(Reply { id, error, remaining, message })
+        }),
     ]
 }
 
@@ -106,8 +114,9 @@ proptest! {
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
         let len = buf.len();
-        if let Frame::Pub(m) | Frame::Msg { message: m, .. } = &f {
-            prop_assert_eq!(m.frame_size() + frame::LEN_PREFIX, len);
+        if let Some(m) = f.message() {
+            let fixed = match &f { Frame::Request(_) => 4, Frame::Call(_) => 12, Frame::Reply(_) => 6, _ => 0 };
+            prop_assert_eq!(m.frame_size() - 12 + fixed + frame::LEN_PREFIX, len);
         }
         prop_assert_eq!(frame::check(&buf, DEFAULT_MAX_FRAME_SIZE), Ok(Some(len)));
         let back = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();

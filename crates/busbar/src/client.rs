@@ -2,17 +2,18 @@
 //! socket.
 //!
 //! ```text
-//!  Client (clone) ──┐  bounded mpsc of Command          ┌──► Subscription streams (bounded mpsc)
-//!  Client (clone) ──┼──────────────────► connection task ┤
+//!  Client (clone) ──┐  bounded mpsc of Command          ┌──► Subscription / Requests streams (bounded)
+//!  Client (clone) ──┼──────────────────► connection task ┼──► pending requests (oneshot / bounded mpsc)
 //!  Subscription ────┘  (unsubscribe on drop)             └──► socket (FramedRead / FramedWrite)
 //! ```
 //!
 //! The connection task is the only code that touches the socket: it writes the frames that
 //! commands ask for (batching whatever is queued before each flush), reads frames, and hands
-//! messages to subscriptions.
+//! messages, requests and replies to whoever waits for them.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,21 +21,24 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use busbar_core::{
-    ByteString, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, Sub, Welcome, validate_pattern,
-    validate_topic,
+    ByteString, Envelope, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub,
+    SubKind, UlidGenerator, Welcome, validate_pattern, validate_topic,
 };
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
+use crate::context::{current_transaction, in_transaction};
 use crate::error::{Error, Result};
 use crate::message::{Message, Outgoing};
+use crate::request::Request;
 
 /// Whether the client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,12 +58,16 @@ pub struct ClientOptions {
     pub addr: String,
     /// Client name, shown in the broker's logs and monitoring.
     pub name: String,
+    /// Service name to register, so that others can address this client by name.
+    pub service: Option<String>,
     /// Time allowed for TCP connect plus handshake.
     pub connect_timeout: Duration,
-    /// Messages buffered per subscription before new ones are dropped (and counted).
+    /// Messages (or requests) buffered per subscription before new ones are dropped and counted.
     pub subscription_capacity: usize,
     /// Commands buffered between the handles and the connection task.
     pub command_capacity: usize,
+    /// Makes message ids; the default is time-sortable and monotonic (ULID-style).
+    pub id_generator: Arc<dyn IdGenerator>,
 }
 
 impl ClientOptions {
@@ -68,9 +76,11 @@ impl ClientOptions {
         Self {
             addr: addr.into(),
             name: "busbar-client".into(),
+            service: None,
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
             command_capacity: 1024,
+            id_generator: Arc::new(UlidGenerator::new()),
         }
     }
 
@@ -79,24 +89,90 @@ impl ClientOptions {
         self.name = name.into();
         self
     }
+
+    /// Registers a service name at connect, for direct addressing by name.
+    pub fn service(mut self, service: impl Into<String>) -> Self {
+        self.service = Some(service.into());
+        self
+    }
+
+    /// Uses another id generator.
+    pub fn id_generator(mut self, ids: Arc<dyn IdGenerator>) -> Self {
+        self.id_generator = ids;
+        self
+    }
+}
+
+/// What to subscribe to: a pattern, optionally as a member of a load-balanced group.
+///
+/// `&str` and `String` convert into it, so `client.subscribe("a.>")` works;
+/// `Pattern::new("jobs.*").group("workers", GroupPolicy::RoundRobin)` joins a group.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    pattern: ByteString,
+    group: Option<Group>,
+}
+
+impl Pattern {
+    /// A plain pattern.
+    pub fn new(pattern: impl Into<ByteString>) -> Self {
+        Self { pattern: pattern.into(), group: None }
+    }
+
+    /// Joins group `name`: each message (or request) goes to one member, chosen by `policy`.
+    pub fn group(mut self, name: impl Into<ByteString>, policy: GroupPolicy) -> Self {
+        self.group = Some(Group { name: name.into(), policy });
+        self
+    }
+}
+
+impl From<&str> for Pattern {
+    fn from(p: &str) -> Self {
+        Self::new(p)
+    }
+}
+
+impl From<String> for Pattern {
+    fn from(p: String) -> Self {
+        Self::new(p)
+    }
+}
+
+impl From<ByteString> for Pattern {
+    fn from(p: ByteString) -> Self {
+        Self::new(p)
+    }
 }
 
 /// What handles ask the connection task to do.
 #[derive(Debug)]
-enum Command {
+pub(crate) enum Command {
     Publish(busbar_core::Message),
-    Subscribe { sub: Sub, deliver: SubSink, done: oneshot::Sender<Result<()>> },
+    Subscribe { sub: Sub, sink: Sink, done: oneshot::Sender<Result<()>> },
     Unsubscribe { sid: u64 },
+    Request { request: busbar_core::Request, sink: ReplySink },
+    CancelRequest { id: u64 },
+    Reply(Reply),
     Flush { done: oneshot::Sender<Result<()>> },
     Close { done: oneshot::Sender<()> },
 }
 
-/// Where the connection task puts a subscription's messages.
+/// Where the connection task puts a subscription's messages or requests.
 #[derive(Debug)]
-struct SubSink {
-    tx: mpsc::Sender<Message>,
-    dropped: Arc<AtomicU64>,
+pub(crate) enum Sink {
+    Events { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
+    Requests { tx: mpsc::Sender<Request>, dropped: Arc<AtomicU64> },
 }
+
+/// Where the connection task puts the replies to one request.
+#[derive(Debug)]
+pub(crate) enum ReplySink {
+    One(oneshot::Sender<Reply>),
+    All(mpsc::Sender<Reply>),
+}
+
+/// Most replies a scatter-gather request buffers before further ones are dropped.
+const GATHER_CAPACITY: usize = 1024;
 
 /// A handle to a connection. Clone it freely: all clones share the one connection.
 #[derive(Debug, Clone)]
@@ -104,8 +180,9 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
     welcome: Arc<Welcome>,
-    next_sid: Arc<AtomicU64>,
+    next_id: Arc<AtomicU64>,
     subscription_capacity: usize,
+    ids: Arc<dyn IdGenerator>,
 }
 
 impl Client {
@@ -125,7 +202,10 @@ impl Client {
             let (rd, wr) = stream.into_split();
             let mut reader = FramedRead::new(rd, FrameCodec::default());
             let mut writer = FramedWrite::new(wr, FrameCodec::default());
-            let hello = Hello { name: options.name.clone().into(), properties: Default::default() };
+            let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
+            if let Some(service) = &options.service {
+                hello.properties.insert("service", service.clone());
+            }
             writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
             match reader.next().await {
                 Some(Ok(Frame::Welcome(w))) => Ok((reader, writer, w)),
@@ -149,8 +229,11 @@ impl Client {
             reader,
             writer,
             commands: rx,
+            handle: commands.downgrade(),
+            ids: options.id_generator.clone(),
             status: status_tx,
             subs: HashMap::new(),
+            requests: HashMap::new(),
             pongs: VecDeque::new(),
         };
         tokio::spawn(task.run());
@@ -158,8 +241,9 @@ impl Client {
             commands,
             status,
             welcome: Arc::new(welcome),
-            next_sid: Arc::new(AtomicU64::new(1)),
+            next_id: Arc::new(AtomicU64::new(1)),
             subscription_capacity: options.subscription_capacity.max(1),
+            ids: options.id_generator,
         })
     }
 
@@ -187,23 +271,35 @@ impl Client {
         self.commands.send(command).await.map_err(|_| Error::Closed)
     }
 
-    /// Publishes `payload` to `topic`. Returns once the frame is queued for the socket; use
-    /// [`Client::flush`] to wait until the broker has handled it.
-    pub async fn publish(&self, topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Result<()> {
-        self.publish_message(Outgoing::new(topic, payload)).await
-    }
-
-    /// Publishes a message with headers, balance key or envelope.
-    pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
-        let message = message.0;
+    /// Checks an outgoing message and fills in its envelope: a new id, the transaction (explicit,
+    /// else the one being handled on this task, else a new one), the time.
+    fn prepare(&self, message: Outgoing) -> Result<busbar_core::Message> {
+        let Outgoing(mut message, tx) = message;
         validate_topic(&message.topic)
             .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
+        if message.envelope.is_none() {
+            let id = self.ids.next_id();
+            let tx = tx.or_else(current_transaction).unwrap_or(id);
+            message.envelope = Some(Envelope { id, tx, timestamp_ns: busbar_core::id::now_ns() });
+        }
         // Refuse a frame the broker would refuse, here, with a clear error, instead of having
         // the broker close the connection.
         let size = message.frame_size();
         if size > self.max_frame_size() {
             return Err(busbar_core::FrameError::TooLarge { size, max: self.max_frame_size() }.into());
         }
+        Ok(message)
+    }
+
+    /// Publishes `payload` to `topic`. Returns once the frame is queued for the socket; use
+    /// [`Client::flush`] to wait until the broker has handled it.
+    pub async fn publish(&self, topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Result<()> {
+        self.publish_message(Outgoing::new(topic, payload)).await
+    }
+
+    /// Publishes a message with headers, balance key, destination or transaction.
+    pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
+        let message = self.prepare(message)?;
         self.command(Command::Publish(message)).await
     }
 
@@ -213,8 +309,7 @@ impl Client {
         topic: impl Into<ByteString>,
         value: &T,
     ) -> Result<()> {
-        let bytes = serde_json::to_vec(value).map_err(|e| Error::Codec(e.to_string()))?;
-        self.publish(topic, bytes).await
+        self.publish(topic, to_json(value)?).await
     }
 
     /// Publishes `value` serialised as MessagePack.
@@ -227,10 +322,29 @@ impl Client {
         self.publish(topic, bytes).await
     }
 
-    /// Subscribes to `pattern` (`*` and `>` wildcards allowed). Returns once the broker has
-    /// confirmed the subscription, so messages published after this returns are received.
-    pub async fn subscribe(&self, pattern: impl Into<ByteString>) -> Result<Subscription> {
-        self.subscribe_inner(pattern.into(), None).await
+    async fn subscribe_kind(&self, pattern: Pattern, kind: SubKind, sink: Sink) -> Result<u64> {
+        let Pattern { pattern, group } = pattern;
+        validate_pattern(&pattern)
+            .map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
+        let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, confirmed) = oneshot::channel();
+        let sub = Sub { sid, pattern, group, kind };
+        self.command(Command::Subscribe { sub, sink, done }).await?;
+        confirmed.await.map_err(|_| Error::Closed)??;
+        Ok(sid)
+    }
+
+    /// Subscribes to events matching a pattern (`*` and `>` wildcards allowed; see [`Pattern`]
+    /// for groups). Returns once the broker has confirmed the subscription, so messages published
+    /// after this returns are received.
+    pub async fn subscribe(&self, pattern: impl Into<Pattern>) -> Result<Subscription> {
+        let pattern = pattern.into();
+        let name = pattern.pattern.clone();
+        let (tx, rx) = mpsc::channel(self.subscription_capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sink = Sink::Events { tx, dropped: dropped.clone() };
+        let sid = self.subscribe_kind(pattern, SubKind::Events, sink).await?;
+        Ok(Subscription { sid, pattern: name, rx, dropped, commands: self.commands.clone(), active: true })
     }
 
     /// Subscribes as a member of `group`: each message matching the group goes to one member,
@@ -241,28 +355,16 @@ impl Client {
         group: impl Into<ByteString>,
         policy: GroupPolicy,
     ) -> Result<Subscription> {
-        self.subscribe_inner(pattern.into(), Some(Group { name: group.into(), policy })).await
+        self.subscribe(Pattern::new(pattern).group(group, policy)).await
     }
 
-    async fn subscribe_inner(&self, pattern: ByteString, group: Option<Group>) -> Result<Subscription> {
-        validate_pattern(&pattern)
-            .map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
-        let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.subscription_capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let (done, confirmed) = oneshot::channel();
-        let sub = Sub { sid, pattern: pattern.clone(), group };
-        self.command(Command::Subscribe { sub, deliver: SubSink { tx, dropped: dropped.clone() }, done })
-            .await?;
-        confirmed.await.map_err(|_| Error::Closed)??;
-        Ok(Subscription { sid, pattern, rx, dropped, commands: self.commands.clone(), active: true })
-    }
-
-    /// Subscribes and runs `handler` on every message in a task of its own. Dropping or
+    /// Subscribes and runs `handler` on every message in a task of its own. The handler runs in
+    /// the message's transaction: what it publishes inherits its transaction id. A handler that
+    /// panics is reported and the next message is handled. Dropping or
     /// [`HandlerTask::stop`]ping the returned handle unsubscribes.
     pub async fn subscribe_with<F, Fut>(
         &self,
-        pattern: impl Into<ByteString>,
+        pattern: impl Into<Pattern>,
         mut handler: F,
     ) -> Result<HandlerTask>
     where
@@ -273,10 +375,177 @@ impl Client {
         let sid = sub.sid;
         let task = tokio::spawn(async move {
             while let Some(message) = sub.next().await {
-                handler(message).await;
+                let tx = message.envelope().map(|e| e.tx);
+                let topic = message.topic().to_string();
+                let run = AssertUnwindSafe(in_transaction(tx, handler(message))).catch_unwind();
+                if run.await.is_err() {
+                    error!(%topic, "subscription handler panicked; continuing with the next message");
+                }
             }
         });
         Ok(HandlerTask { sid, task })
+    }
+
+    /// Serves requests (queries and commands) matching a pattern: a stream of [`Request`]s, each
+    /// to be answered with [`Request::reply`] or [`Request::fail`].
+    pub async fn requests(&self, pattern: impl Into<Pattern>) -> Result<Requests> {
+        let pattern = pattern.into();
+        let (tx, rx) = mpsc::channel(self.subscription_capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sink = Sink::Requests { tx, dropped: dropped.clone() };
+        let sid = self.subscribe_kind(pattern, SubKind::Requests, sink).await?;
+        Ok(Requests { sid, rx, dropped, commands: self.commands.clone(), active: true })
+    }
+
+    /// Answers requests matching a pattern with `handler`: `Ok(bytes)` replies, `Err(e)` sends an
+    /// error reply with `e`'s text. Runs in the request's transaction; a panic becomes an error
+    /// reply. Stops (and unsubscribes) when the returned handle is stopped or dropped.
+    pub async fn respond<F, Fut, R, E>(
+        &self,
+        pattern: impl Into<Pattern>,
+        mut handler: F,
+    ) -> Result<HandlerTask>
+    where
+        F: FnMut(Message) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: Into<Bytes> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let mut requests = self.requests(pattern).await?;
+        let sid = requests.sid;
+        let task = tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let tx = request.message().envelope().map(|e| e.tx);
+                let run =
+                    AssertUnwindSafe(in_transaction(tx, handler(request.message().clone()))).catch_unwind();
+                let sent = match run.await {
+                    Ok(Ok(reply)) => request.reply(reply).await,
+                    Ok(Err(e)) => request.fail(e).await,
+                    Err(_) => {
+                        error!(topic = request.topic(), "request handler panicked");
+                        request.fail("the handler panicked").await
+                    }
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(HandlerTask { sid, task })
+    }
+
+    /// Handles commands matching a pattern: `Ok(())` acknowledges, `Err(e)` fails the sender's
+    /// [`Client::send_command`] with `e`'s text. Within a group, each command reaches one handler.
+    pub async fn handle_commands<F, Fut, E>(
+        &self,
+        pattern: impl Into<Pattern>,
+        mut handler: F,
+    ) -> Result<HandlerTask>
+    where
+        F: FnMut(Message) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        self.respond(pattern, move |m| {
+            let run = handler(m);
+            async move { run.await.map(|()| Bytes::new()) }
+        })
+        .await
+    }
+
+    fn new_request(&self, message: Outgoing, timeout: Duration, all: bool) -> Result<busbar_core::Request> {
+        let message = self.prepare(message)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        Ok(busbar_core::Request { id, all, timeout_ms, message })
+    }
+
+    /// Sends a request to one responder and waits for its reply. Fails at once with
+    /// [`Error::NoResponders`] when nobody serves the topic, with [`Error::Timeout`] after
+    /// `timeout`, with [`Error::Handler`] when the handler failed.
+    pub async fn request(
+        &self,
+        topic: impl Into<ByteString>,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        self.request_message(Outgoing::new(topic, payload), timeout).await
+    }
+
+    /// [`Client::request`] with headers, a balance key or a destination.
+    pub async fn request_message(&self, message: Outgoing, timeout: Duration) -> Result<Message> {
+        let request = self.new_request(message, timeout, false)?;
+        let id = request.id;
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Request { request, sink: ReplySink::One(tx) }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply_result(reply),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => {
+                let _ = self.commands.try_send(Command::CancelRequest { id });
+                Err(Error::Timeout)
+            }
+        }
+    }
+
+    /// A typed query: sends `query` as JSON, decodes the JSON reply.
+    pub async fn query<Q: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        topic: impl Into<ByteString>,
+        query: &Q,
+        timeout: Duration,
+    ) -> Result<R> {
+        self.request(topic, to_json(query)?, timeout).await?.json()
+    }
+
+    /// Sends a command (as JSON) to exactly one handler and waits until it has been handled:
+    /// `Ok(())` when the handler accepted it. Same failures as [`Client::request`].
+    pub async fn send_command<C: Serialize + ?Sized>(
+        &self,
+        topic: impl Into<ByteString>,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.request(topic, to_json(command)?, timeout).await.map(drop)
+    }
+
+    /// Scatter-gather: sends the request to every responder and collects their answers until all
+    /// have answered, `expected` answers have arrived, or `timeout` passes. Each answer is a
+    /// reply or the error its responder returned. [`Error::NoResponders`] when nobody serves the
+    /// topic.
+    pub async fn request_all(
+        &self,
+        topic: impl Into<ByteString>,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+        expected: Option<usize>,
+    ) -> Result<Vec<Result<Message>>> {
+        let request = self.new_request(Outgoing::new(topic, payload), timeout, true)?;
+        let id = request.id;
+        let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
+        self.command(Command::Request { request, sink: ReplySink::All(tx) }).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut answers = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    let last = reply.remaining == 0;
+                    match reply_result(reply) {
+                        Err(Error::NoResponders { topic }) if answers.is_empty() && last => {
+                            return Err(Error::NoResponders { topic });
+                        }
+                        answer => answers.push(answer),
+                    }
+                    if last || expected.is_some_and(|n| answers.len() >= n) {
+                        break;
+                    }
+                }
+                Ok(None) if answers.is_empty() => return Err(Error::Closed),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = self.commands.try_send(Command::CancelRequest { id });
+        Ok(answers)
     }
 
     /// Waits until the broker has handled every frame this client sent before (a PING/PONG round
@@ -288,13 +557,28 @@ impl Client {
     }
 
     /// Flushes what is queued and closes the connection, for this handle and all its clones.
-    /// Subscriptions end.
+    /// Subscriptions end; requests in flight fail with [`Error::Closed`].
     pub async fn disconnect(&self) -> Result<()> {
         let (done, closed) = oneshot::channel();
         if self.commands.send(Command::Close { done }).await.is_ok() {
             let _ = closed.await;
         }
         Ok(())
+    }
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Codec(e.to_string()))
+}
+
+/// A reply as the requester sees it.
+fn reply_result(reply: Reply) -> Result<Message> {
+    let text = || String::from_utf8_lossy(&reply.message.payload).into_owned();
+    match reply.error {
+        None => Ok(Message { sid: 0, inner: reply.message }),
+        Some(ErrorCode::NoResponders) => Err(Error::NoResponders { topic: reply.message.topic.to_string() }),
+        Some(ErrorCode::HandlerError) => Err(Error::Handler(text())),
+        Some(code) => Err(Error::Server { code, message: text() }),
     }
 }
 
@@ -337,10 +621,22 @@ impl Subscription {
 
     /// Stops the subscription at the broker. Messages already buffered can still be read.
     pub async fn unsubscribe(&mut self) -> Result<()> {
-        if std::mem::replace(&mut self.active, false) {
-            self.commands.send(Command::Unsubscribe { sid: self.sid }).await.map_err(|_| Error::Closed)?;
-        }
-        Ok(())
+        unsubscribe(&self.commands, self.sid, &mut self.active).await
+    }
+}
+
+async fn unsubscribe(commands: &mpsc::Sender<Command>, sid: u64, active: &mut bool) -> Result<()> {
+    if std::mem::replace(active, false) {
+        commands.send(Command::Unsubscribe { sid }).await.map_err(|_| Error::Closed)?;
+    }
+    Ok(())
+}
+
+fn unsubscribe_on_drop(commands: &mpsc::Sender<Command>, sid: u64, active: bool) {
+    if active {
+        // Best effort; if the queue is full, the connection task unsubscribes by itself the
+        // next time a message for this subscription finds its receiver gone.
+        let _ = commands.try_send(Command::Unsubscribe { sid });
     }
 }
 
@@ -354,15 +650,58 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if self.active {
-            // Best effort; if the queue is full, the connection task unsubscribes by itself the
-            // next time a message for this subscription finds its receiver gone.
-            let _ = self.commands.try_send(Command::Unsubscribe { sid: self.sid });
-        }
+        unsubscribe_on_drop(&self.commands, self.sid, self.active);
     }
 }
 
-/// A handler started by [`Client::subscribe_with`].
+/// A stream of requests to answer, from [`Client::requests`]. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Requests {
+    sid: u64,
+    rx: mpsc::Receiver<Request>,
+    dropped: Arc<AtomicU64>,
+    commands: mpsc::Sender<Command>,
+    active: bool,
+}
+
+impl Requests {
+    /// The subscription id.
+    pub fn id(&self) -> u64 {
+        self.sid
+    }
+
+    /// The next request; `None` once the subscription or the connection has ended.
+    pub async fn next(&mut self) -> Option<Request> {
+        self.rx.recv().await
+    }
+
+    /// How many requests were dropped because the buffer was full (their requesters time out).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving at the broker. Requests already buffered can still be answered.
+    pub async fn unsubscribe(&mut self) -> Result<()> {
+        unsubscribe(&self.commands, self.sid, &mut self.active).await
+    }
+}
+
+impl Stream for Requests {
+    type Item = Request;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        unsubscribe_on_drop(&self.commands, self.sid, self.active);
+    }
+}
+
+/// A handler started by [`Client::subscribe_with`], [`Client::respond`] or
+/// [`Client::handle_commands`].
 #[derive(Debug)]
 pub struct HandlerTask {
     sid: u64,
@@ -406,8 +745,12 @@ struct ConnectionTask {
     reader: FramedRead<OwnedReadHalf, FrameCodec>,
     writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
     commands: mpsc::Receiver<Command>,
+    /// For the requests handed to responders (weak, so that the task ends with the last handle).
+    handle: mpsc::WeakSender<Command>,
+    ids: Arc<dyn IdGenerator>,
     status: watch::Sender<Status>,
-    subs: HashMap<u64, SubSink>,
+    subs: HashMap<u64, Sink>,
+    requests: HashMap<u64, ReplySink>,
     pongs: VecDeque<PongWaiter>,
 }
 
@@ -444,7 +787,8 @@ impl ConnectionTask {
                 }
             }
         }
-        // Dropping `subs` ends every subscription stream.
+        // Dropping `subs` ends every subscription stream; dropping `requests` fails every request
+        // in flight with `Error::Closed`.
     }
 
     /// Writes `first` and whatever else is queued, then flushes once. Ok(false) means close.
@@ -453,7 +797,7 @@ impl ConnectionTask {
         let mut count = 0;
         while let Some(command) = next.take() {
             if !self.apply(command).await? {
-                let _ = self.writer.close().await;
+                let _ = SinkExt::<Frame>::close(&mut self.writer).await;
                 return Ok(false);
             }
             count += 1;
@@ -461,7 +805,7 @@ impl ConnectionTask {
                 next = self.commands.try_recv().ok();
             }
         }
-        self.writer.flush().await.map_err(codec_error)?;
+        SinkExt::<Frame>::flush(&mut self.writer).await.map_err(codec_error)?;
         Ok(true)
     }
 
@@ -469,9 +813,9 @@ impl ConnectionTask {
     async fn apply(&mut self, command: Command) -> Result<bool> {
         match command {
             Command::Publish(message) => self.feed(Frame::Pub(message)).await?,
-            Command::Subscribe { sub, deliver, done } => {
+            Command::Subscribe { sub, sink, done } => {
                 let sid = sub.sid;
-                self.subs.insert(sid, deliver);
+                self.subs.insert(sid, sink);
                 self.feed(Frame::Sub(sub)).await?;
                 self.feed(Frame::Ping).await?;
                 self.pongs.push_back(PongWaiter::Subscribe { sid, done, error: None });
@@ -481,12 +825,20 @@ impl ConnectionTask {
                     self.feed(Frame::Unsub { sid }).await?;
                 }
             }
+            Command::Request { request, sink } => {
+                self.requests.insert(request.id, sink);
+                self.feed(Frame::Request(request)).await?;
+            }
+            Command::CancelRequest { id } => {
+                self.requests.remove(&id);
+            }
+            Command::Reply(reply) => self.feed(Frame::Reply(reply)).await?,
             Command::Flush { done } => {
                 self.feed(Frame::Ping).await?;
                 self.pongs.push_back(PongWaiter::Flush(done));
             }
             Command::Close { done } => {
-                let _ = self.writer.flush().await;
+                let _ = SinkExt::<Frame>::flush(&mut self.writer).await;
                 let _ = done.send(());
                 return Ok(false);
             }
@@ -509,20 +861,50 @@ impl ConnectionTask {
     async fn on_frame(&mut self, frame: Frame) -> Result<()> {
         match frame {
             Frame::Msg { sid, message } => {
-                let Some(sink) = self.subs.get(&sid) else { return Ok(()) };
-                match sink.tx.try_send(Message { sid, inner: message }) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let n = sink.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n.is_power_of_two() {
-                            warn!(sid, dropped = n, "subscription buffer full: dropping messages");
+                let Some(Sink::Events { tx, dropped }) = self.subs.get(&sid) else { return Ok(()) };
+                let gone = offer(tx, dropped, sid, Message { sid, inner: message });
+                if gone {
+                    self.forget_subscription(sid).await?;
+                }
+            }
+            Frame::Call(call) => {
+                let Some(Sink::Requests { tx, dropped }) = self.subs.get(&call.sid) else { return Ok(()) };
+                let Some(commands) = self.handle.upgrade() else { return Ok(()) };
+                let request = Request {
+                    id: call.id,
+                    message: Message { sid: call.sid, inner: call.message },
+                    commands,
+                    ids: self.ids.clone(),
+                    answered: false,
+                };
+                if offer(tx, dropped, call.sid, request) {
+                    self.forget_subscription(call.sid).await?;
+                }
+            }
+            Frame::Reply(reply) => {
+                let id = reply.id;
+                match self.requests.get(&id) {
+                    Some(ReplySink::One(_)) => {
+                        if let Some(ReplySink::One(tx)) = self.requests.remove(&id) {
+                            let _ = tx.send(reply);
                         }
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        // The Subscription was dropped without its UNSUB getting through.
-                        self.subs.remove(&sid);
-                        self.writer.send(Frame::Unsub { sid }).await.map_err(codec_error)?;
+                    Some(ReplySink::All(tx)) => {
+                        let last = reply.remaining == 0;
+                        match tx.try_send(reply) {
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                warn!(id, "gather buffer full: reply dropped")
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                self.requests.remove(&id);
+                            }
+                            Ok(()) if last => {
+                                self.requests.remove(&id);
+                            }
+                            Ok(()) => {}
+                        }
                     }
+                    None => debug!(id, "reply to a request no longer waited for"),
                 }
             }
             Frame::Ping => self.writer.send(Frame::Pong).await.map_err(codec_error)?,
@@ -558,6 +940,28 @@ impl ConnectionTask {
             other => debug!(frame = other.name(), "ignoring unexpected frame"),
         }
         Ok(())
+    }
+
+    /// The subscription's receiver was dropped without its UNSUB getting through: send it now.
+    async fn forget_subscription(&mut self, sid: u64) -> Result<()> {
+        self.subs.remove(&sid);
+        self.writer.send(Frame::Unsub { sid }).await.map_err(codec_error)
+    }
+}
+
+/// Hands `item` to a subscription's buffer without waiting. A full buffer drops it and counts
+/// (logged at each power of two). Returns true when the receiver is gone.
+fn offer<T>(tx: &mpsc::Sender<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
+    match tx.try_send(item) {
+        Ok(()) => false,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(sid, dropped = n, "subscription buffer full: dropping");
+            }
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => true,
     }
 }
 

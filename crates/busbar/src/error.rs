@@ -38,6 +38,15 @@ pub enum Error {
     /// Serialising or deserialising a typed payload failed.
     #[error("payload codec: {0}")]
     Codec(String),
+    /// Nobody serves the request's topic (answered at once by the broker, not after a timeout).
+    #[error("no responders for {topic:?}")]
+    NoResponders {
+        /// The request's topic.
+        topic: String,
+    },
+    /// The responder's handler failed; its text.
+    #[error("handler failed: {0}")]
+    Handler(String),
     /// The connection is closed (by `disconnect`, by the broker, or lost).
     #[error("connection closed")]
     Closed,
@@ -54,6 +63,8 @@ impl Error {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Server { code, .. } => Some(*code),
+            Error::NoResponders { .. } => Some(ErrorCode::NoResponders),
+            Error::Handler(_) => Some(ErrorCode::HandlerError),
             _ => None,
         }
     }

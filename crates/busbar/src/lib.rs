@@ -16,7 +16,9 @@
 //!
 //! | module    | what it holds |
 //! |-----------|---------------|
-//! | `client`  | [`Client`] (cheap clone handle), [`ClientOptions`], [`Status`], [`Subscription`] (a `Stream`), [`HandlerTask`], and the private connection task that owns the socket |
+//! | `client`  | [`Client`] (cheap clone handle): publish, subscribe, request/reply, commands, scatter-gather; [`ClientOptions`], [`Pattern`], [`Status`], [`Subscription`] and [`Requests`] (streams), [`HandlerTask`], and the private connection task that owns the socket |
+//! | `request` | [`Request`]: a request or command to answer, with `reply`/`fail` (answered with an error if dropped) |
+//! | `context` | the transaction a handler runs in, inherited by what it sends ([`current_transaction`]) |
 //! | `message` | [`Message`] as received (with `json`/`msgpack` decoding), [`Outgoing`] for headers and balance keys |
 //! | `error`   | [`Error`], one enum for every failure, with [`Error::code`] for broker refusals |
 //!
@@ -24,13 +26,17 @@
 //! immediate [`Error::InvalidTopic`], not a round trip.
 
 mod client;
+mod context;
 mod error;
 mod message;
+mod request;
 
-pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers};
-pub use client::{Client, ClientOptions, HandlerTask, Status, Subscription};
+pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
+pub use client::{Client, ClientOptions, HandlerTask, Pattern, Requests, Status, Subscription};
+pub use context::current_transaction;
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};
+pub use request::Request;
 
 /// The README's Rust examples, compiled by `cargo test` so that they stay true.
 #[cfg(doctest)]

@@ -38,9 +38,21 @@ impl Message {
     pub fn key(&self) -> Option<u64> {
         self.inner.key
     }
-    /// Envelope metadata, when the publisher sent it.
+    /// Envelope metadata, when the publisher sent it (busbar clients always do).
     pub fn envelope(&self) -> Option<&Envelope> {
         self.inner.envelope.as_ref()
+    }
+    /// The message id (0 when the publisher sent no envelope).
+    pub fn id(&self) -> u128 {
+        self.inner.envelope.map_or(0, |e| e.id)
+    }
+    /// The transaction id (0 when the publisher sent no envelope).
+    pub fn transaction(&self) -> u128 {
+        self.inner.envelope.map_or(0, |e| e.tx)
+    }
+    /// When the event occurred, nanoseconds since the Unix epoch (0 when unknown).
+    pub fn timestamp_ns(&self) -> u64 {
+        self.inner.envelope.map_or(0, |e| e.timestamp_ns)
     }
     /// Id of the subscription it arrived on.
     pub fn subscription_id(&self) -> u64 {
@@ -62,12 +74,12 @@ impl Message {
 
 /// A message to publish with more than topic and payload: headers, a balance key, an envelope.
 #[derive(Debug, Clone)]
-pub struct Outgoing(pub(crate) busbar_core::Message);
+pub struct Outgoing(pub(crate) busbar_core::Message, pub(crate) Option<u128>);
 
 impl Outgoing {
     /// A message to `topic` with `payload`.
     pub fn new(topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Self {
-        Self(busbar_core::Message::new(topic, payload))
+        Self(busbar_core::Message::new(topic, payload), None)
     }
     /// Adds a header.
     pub fn header(mut self, key: impl Into<ByteString>, value: impl Into<ByteString>) -> Self {
@@ -79,9 +91,33 @@ impl Outgoing {
         self.0.key = Some(key);
         self
     }
-    /// Sets the envelope metadata.
+    /// Sets the envelope metadata yourself (normally the client fills it in).
     pub fn envelope(mut self, envelope: Envelope) -> Self {
         self.0.envelope = Some(envelope);
         self
     }
+    /// Sends it to one service only, by the id the broker assigned it (direct addressing).
+    pub fn to(mut self, service_id: u32) -> Self {
+        self.0.destination = service_id;
+        self
+    }
+    /// Sends it to one service only, by the name it registered at connect.
+    pub fn to_service(mut self, name: &str) -> Self {
+        self.0.headers.insert(TO_HEADER, name);
+        self
+    }
+    /// Puts it in transaction `tx` (by default: the transaction of the message being handled, or a
+    /// new one).
+    pub fn transaction(mut self, tx: u128) -> Self {
+        self.1 = Some(tx);
+        self
+    }
+    /// Puts it in the transaction of `cause`.
+    pub fn caused_by(self, cause: &Message) -> Self {
+        let tx = cause.transaction();
+        if tx == 0 { self } else { self.transaction(tx) }
+    }
 }
+
+/// The reserved header naming the service a message is addressed to.
+pub(crate) const TO_HEADER: &str = ":to";

@@ -125,7 +125,7 @@ async fn a_disconnected_client_is_cleaned_up() {
     .await;
     // A connection that simply vanishes (no goodbye) is cleaned up the same way.
     let mut raw = Raw::hello(&broker).await;
-    raw.send(Frame::Sub(Sub { sid: 1, pattern: "x".into(), group: None })).await;
+    raw.send(Frame::Sub(Sub { sid: 1, pattern: "x".into(), group: None, kind: Default::default() })).await;
     raw.send(Frame::Ping).await;
     assert_eq!(raw.read().await, Some(Frame::Pong));
     assert_eq!(broker.stats().subscriptions, 1);
@@ -215,13 +215,14 @@ async fn protocol_violations_have_specific_codes() {
     let mut raw = Raw::hello(&broker).await;
     raw.send(Frame::Pub(Message::new("a..b", ""))).await;
     assert_eq!(raw.expect_error().await.code, ErrorCode::InvalidTopic);
-    raw.send(Frame::Sub(Sub { sid: 7, pattern: "a.>.b".into(), group: None })).await;
+    raw.send(Frame::Sub(Sub { sid: 7, pattern: "a.>.b".into(), group: None, kind: Default::default() }))
+        .await;
     let e = raw.expect_error().await;
     assert_eq!((e.code, e.correlation), (ErrorCode::InvalidPattern, 7));
     raw.send(Frame::Unsub { sid: 99 }).await;
     assert_eq!(raw.expect_error().await.code, ErrorCode::UnknownSubscription);
-    raw.send(Frame::Sub(Sub { sid: 1, pattern: "a".into(), group: None })).await;
-    raw.send(Frame::Sub(Sub { sid: 1, pattern: "b".into(), group: None })).await;
+    raw.send(Frame::Sub(Sub { sid: 1, pattern: "a".into(), group: None, kind: Default::default() })).await;
+    raw.send(Frame::Sub(Sub { sid: 1, pattern: "b".into(), group: None, kind: Default::default() })).await;
     assert_eq!(raw.expect_error().await.code, ErrorCode::DuplicateSubscription);
     raw.send(Frame::Ping).await;
     assert_eq!(raw.read().await, Some(Frame::Pong));
