@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use busbar_core::group::Balancer;
 use busbar_core::{ByteString, ErrorCode, GroupPolicy, Message, SubKind, SubscriptionTrie};
 
 use crate::session::Outbox;
@@ -34,7 +34,7 @@ impl PartialEq for SubRef {
 pub(crate) struct GroupState {
     name: ByteString,
     policy: GroupPolicy,
-    next: AtomicU64,
+    balancer: Balancer,
 }
 
 /// What a connection holds, for cleanup and monitoring.
@@ -88,7 +88,7 @@ pub(crate) struct Router {
     /// Service name → connections registered under it, oldest first.
     services: HashMap<ByteString, Vec<u32>>,
     /// Round-robin position for responders that are in no group.
-    next_responder: AtomicU64,
+    ungrouped: Balancer,
 }
 
 impl Router {
@@ -150,7 +150,8 @@ impl Router {
                     Some(state.clone())
                 }
                 Entry::Vacant(e) => {
-                    let state = Arc::new(GroupState { name, policy, next: AtomicU64::new(0) });
+                    let state =
+                        Arc::new(GroupState { name, policy, balancer: Balancer::with_seed(rand::random()) });
                     e.insert((state.clone(), 1));
                     Some(state)
                 }
@@ -222,13 +223,7 @@ impl Router {
             grouped.chunk_by(|a, b| a.group.as_ref().map(|g| &g.name) == b.group.as_ref().map(|g| &g.name))
         {
             let Some(state) = members[0].group.as_ref() else { continue };
-            let chosen = match state.policy {
-                GroupPolicy::Random => rand::random_range(0..members.len()),
-                GroupPolicy::RoundRobin => {
-                    (state.next.fetch_add(1, Ordering::Relaxed) % members.len() as u64) as usize
-                }
-                GroupPolicy::Hash => Self::rendezvous(msg.key.unwrap_or(0), members),
-            };
+            let chosen = state.balancer.pick(state.policy, msg.key, members.len(), |i| member_id(members[i]));
             let m = members[chosen];
             delivered += usize::from(m.outbox.deliver(m.sid, msg));
         }
@@ -260,34 +255,18 @@ impl Router {
         if all {
             return candidates.into_iter().map(target).collect();
         }
-        let group = candidates.iter().find_map(|s| s.group.as_ref());
-        let n = candidates.len();
-        let chosen = match group.map(|g| (g.policy, &g.next)) {
-            Some((GroupPolicy::Random, _)) => rand::random_range(0..n),
-            Some((GroupPolicy::Hash, _)) => Self::rendezvous(key.unwrap_or(0), &candidates),
-            Some((GroupPolicy::RoundRobin, next)) => {
-                (next.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
-            }
-            None => (self.next_responder.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
+        let (balancer, policy) = match candidates.iter().find_map(|s| s.group.as_ref()) {
+            Some(g) => (&g.balancer, g.policy),
+            None => (&self.ungrouped, GroupPolicy::RoundRobin),
         };
+        let chosen = balancer.pick(policy, key, candidates.len(), |i| member_id(candidates[i]));
         vec![target(candidates[chosen])]
-    }
-
-    /// Rendezvous (highest random weight) hashing: each member scores `hash(key, member)`, the
-    /// highest wins. Adding a member moves only the keys it now wins, about 1/(n+1) of them.
-    fn rendezvous(key: u64, members: &[&SubRef]) -> usize {
-        let score = |m: &SubRef| mix(key ^ mix((u64::from(m.conn) << 32) ^ m.sid));
-        (0..members.len()).max_by_key(|&i| score(members[i])).unwrap_or(0)
     }
 }
 
-/// splitmix64's finaliser: a fixed, well-spread 64-bit mix, the same on every broker and run.
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// A stable identity of a member, for the hash policy.
+fn member_id(s: &SubRef) -> u64 {
+    (u64::from(s.conn) << 32) ^ s.sid
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! |-----------|---------------|
 //! | [`topic`] | topic and pattern rules ([`validate_topic`], [`validate_pattern`]) and the reference matcher |
 //! | [`trie`]  | [`SubscriptionTrie`]: topic → matching subscriptions, cost independent of non-matching ones |
+//! | [`group`] | [`group::Balancer`]: which group member gets a message (random, round-robin, rendezvous hash) |
 //! | [`id`]    | [`IdGenerator`] (pluggable), the default ULID-style generator, id text form |
 //! | [`frame`] | the native wire protocol: [`Frame`] and its types, [`frame::check`], [`frame::decode`], [`Frame::encode`], and [`FrameCodec`] for `tokio_util::codec` |
 //!
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod frame;
+pub mod group;
 pub mod id;
 pub mod topic;
 pub mod trie;
