@@ -2,7 +2,7 @@
 //! `cargo run -p busbar --example embedded`.
 #![allow(clippy::print_stdout)]
 
-use busbar::{Client, GroupPolicy};
+use busbar::{Client, EventBus, GroupPolicy};
 use busbar_broker::{Broker, Config};
 use serde::{Deserialize, Serialize};
 

@@ -12,33 +12,26 @@
 //! messages, requests and replies to whoever waits for them.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use busbar_core::{
-    ByteString, Envelope, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub,
-    SubKind, UlidGenerator, Welcome, validate_pattern, validate_topic,
+    ByteString, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub,
+    SubKind, UlidGenerator, Welcome, validate_pattern,
 };
 use bytes::Bytes;
-use futures_core::Stream;
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
-use crate::context::{current_transaction, in_transaction};
 use crate::error::{Error, Result};
 use crate::message::{Message, Outgoing};
-use crate::request::Request;
+use crate::request::{ReplyTo, Request, reply_result};
+use crate::subscription::{Requests, Subscription, Unsubscriber};
 
 /// Whether the client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +116,14 @@ impl Pattern {
     pub fn group(mut self, name: impl Into<ByteString>, policy: GroupPolicy) -> Self {
         self.group = Some(Group { name: name.into(), policy });
         self
+    }
+
+    pub(crate) fn pattern_str(&self) -> &str {
+        &self.pattern
+    }
+
+    pub(crate) fn group_spec(&self) -> Option<&Group> {
+        self.group.as_ref()
     }
 }
 
@@ -271,24 +272,8 @@ impl Client {
         self.commands.send(command).await.map_err(|_| Error::Closed)
     }
 
-    /// Checks an outgoing message and fills in its envelope: a new id, the transaction (explicit,
-    /// else the one being handled on this task, else a new one), the time.
     fn prepare(&self, message: Outgoing) -> Result<busbar_core::Message> {
-        let Outgoing(mut message, tx) = message;
-        validate_topic(&message.topic)
-            .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
-        if message.envelope.is_none() {
-            let id = self.ids.next_id();
-            let tx = tx.or_else(current_transaction).unwrap_or(id);
-            message.envelope = Some(Envelope { id, tx, timestamp_ns: busbar_core::id::now_ns() });
-        }
-        // Refuse a frame the broker would refuse, here, with a clear error, instead of having
-        // the broker close the connection.
-        let size = message.frame_size();
-        if size > self.max_frame_size() {
-            return Err(busbar_core::FrameError::TooLarge { size, max: self.max_frame_size() }.into());
-        }
-        Ok(message)
+        message.prepare(self.ids.as_ref(), self.max_frame_size())
     }
 
     /// Publishes `payload` to `topic`. Returns once the frame is queued for the socket; use
@@ -303,35 +288,22 @@ impl Client {
         self.command(Command::Publish(message)).await
     }
 
-    /// Publishes `value` serialised as JSON.
-    pub async fn publish_json<T: Serialize + ?Sized>(
-        &self,
-        topic: impl Into<ByteString>,
-        value: &T,
-    ) -> Result<()> {
-        self.publish(topic, to_json(value)?).await
-    }
-
-    /// Publishes `value` serialised as MessagePack.
-    pub async fn publish_msgpack<T: Serialize + ?Sized>(
-        &self,
-        topic: impl Into<ByteString>,
-        value: &T,
-    ) -> Result<()> {
-        let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Codec(e.to_string()))?;
-        self.publish(topic, bytes).await
-    }
-
     async fn subscribe_kind(&self, pattern: Pattern, kind: SubKind, sink: Sink) -> Result<u64> {
         let Pattern { pattern, group } = pattern;
-        validate_pattern(&pattern)
-            .map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
+        validate_pattern(&pattern).map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
         let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, confirmed) = oneshot::channel();
         let sub = Sub { sid, pattern, group, kind };
         self.command(Command::Subscribe { sub, sink, done }).await?;
         confirmed.await.map_err(|_| Error::Closed)??;
         Ok(sid)
+    }
+
+    fn new_request(&self, message: Outgoing, timeout: Duration, all: bool) -> Result<busbar_core::Request> {
+        let message = self.prepare(message)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        Ok(busbar_core::Request { id, all, timeout_ms, message })
     }
 
     /// Subscribes to events matching a pattern (`*` and `>` wildcards allowed; see [`Pattern`]
@@ -344,7 +316,7 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Events { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Events, sink).await?;
-        Ok(Subscription { sid, pattern: name, rx, dropped, commands: self.commands.clone(), active: true })
+        Ok(Subscription::new(sid, name, rx, dropped, Unsubscriber::Remote(self.commands.clone())))
     }
 
     /// Subscribes as a member of `group`: each message matching the group goes to one member,
@@ -358,34 +330,6 @@ impl Client {
         self.subscribe(Pattern::new(pattern).group(group, policy)).await
     }
 
-    /// Subscribes and runs `handler` on every message in a task of its own. The handler runs in
-    /// the message's transaction: what it publishes inherits its transaction id. A handler that
-    /// panics is reported and the next message is handled. Dropping or
-    /// [`HandlerTask::stop`]ping the returned handle unsubscribes.
-    pub async fn subscribe_with<F, Fut>(
-        &self,
-        pattern: impl Into<Pattern>,
-        mut handler: F,
-    ) -> Result<HandlerTask>
-    where
-        F: FnMut(Message) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let mut sub = self.subscribe(pattern).await?;
-        let sid = sub.sid;
-        let task = tokio::spawn(async move {
-            while let Some(message) = sub.next().await {
-                let tx = message.envelope().map(|e| e.tx);
-                let topic = message.topic().to_string();
-                let run = AssertUnwindSafe(in_transaction(tx, handler(message))).catch_unwind();
-                if run.await.is_err() {
-                    error!(%topic, "subscription handler panicked; continuing with the next message");
-                }
-            }
-        });
-        Ok(HandlerTask { sid, task })
-    }
-
     /// Serves requests (queries and commands) matching a pattern: a stream of [`Request`]s, each
     /// to be answered with [`Request::reply`] or [`Request::fail`].
     pub async fn requests(&self, pattern: impl Into<Pattern>) -> Result<Requests> {
@@ -394,82 +338,7 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Requests { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Requests, sink).await?;
-        Ok(Requests { sid, rx, dropped, commands: self.commands.clone(), active: true })
-    }
-
-    /// Answers requests matching a pattern with `handler`: `Ok(bytes)` replies, `Err(e)` sends an
-    /// error reply with `e`'s text. Runs in the request's transaction; a panic becomes an error
-    /// reply. Stops (and unsubscribes) when the returned handle is stopped or dropped.
-    pub async fn respond<F, Fut, R, E>(
-        &self,
-        pattern: impl Into<Pattern>,
-        mut handler: F,
-    ) -> Result<HandlerTask>
-    where
-        F: FnMut(Message) -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
-        R: Into<Bytes> + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
-    {
-        let mut requests = self.requests(pattern).await?;
-        let sid = requests.sid;
-        let task = tokio::spawn(async move {
-            while let Some(request) = requests.next().await {
-                let tx = request.message().envelope().map(|e| e.tx);
-                let run =
-                    AssertUnwindSafe(in_transaction(tx, handler(request.message().clone()))).catch_unwind();
-                let sent = match run.await {
-                    Ok(Ok(reply)) => request.reply(reply).await,
-                    Ok(Err(e)) => request.fail(e).await,
-                    Err(_) => {
-                        error!(topic = request.topic(), "request handler panicked");
-                        request.fail("the handler panicked").await
-                    }
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(HandlerTask { sid, task })
-    }
-
-    /// Handles commands matching a pattern: `Ok(())` acknowledges, `Err(e)` fails the sender's
-    /// [`Client::send_command`] with `e`'s text. Within a group, each command reaches one handler.
-    pub async fn handle_commands<F, Fut, E>(
-        &self,
-        pattern: impl Into<Pattern>,
-        mut handler: F,
-    ) -> Result<HandlerTask>
-    where
-        F: FnMut(Message) -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
-    {
-        self.respond(pattern, move |m| {
-            let run = handler(m);
-            async move { run.await.map(|()| Bytes::new()) }
-        })
-        .await
-    }
-
-    fn new_request(&self, message: Outgoing, timeout: Duration, all: bool) -> Result<busbar_core::Request> {
-        let message = self.prepare(message)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        Ok(busbar_core::Request { id, all, timeout_ms, message })
-    }
-
-    /// Sends a request to one responder and waits for its reply. Fails at once with
-    /// [`Error::NoResponders`] when nobody serves the topic, with [`Error::Timeout`] after
-    /// `timeout`, with [`Error::Handler`] when the handler failed.
-    pub async fn request(
-        &self,
-        topic: impl Into<ByteString>,
-        payload: impl Into<Bytes>,
-        timeout: Duration,
-    ) -> Result<Message> {
-        self.request_message(Outgoing::new(topic, payload), timeout).await
+        Ok(Requests::new(sid, rx, dropped, Unsubscriber::Remote(self.commands.clone())))
     }
 
     /// [`Client::request`] with headers, a balance key or a destination.
@@ -488,39 +357,17 @@ impl Client {
         }
     }
 
-    /// A typed query: sends `query` as JSON, decodes the JSON reply.
-    pub async fn query<Q: Serialize + ?Sized, R: DeserializeOwned>(
-        &self,
-        topic: impl Into<ByteString>,
-        query: &Q,
-        timeout: Duration,
-    ) -> Result<R> {
-        self.request(topic, to_json(query)?, timeout).await?.json()
-    }
-
-    /// Sends a command (as JSON) to exactly one handler and waits until it has been handled:
-    /// `Ok(())` when the handler accepted it. Same failures as [`Client::request`].
-    pub async fn send_command<C: Serialize + ?Sized>(
-        &self,
-        topic: impl Into<ByteString>,
-        command: &C,
-        timeout: Duration,
-    ) -> Result<()> {
-        self.request(topic, to_json(command)?, timeout).await.map(drop)
-    }
-
     /// Scatter-gather: sends the request to every responder and collects their answers until all
     /// have answered, `expected` answers have arrived, or `timeout` passes. Each answer is a
     /// reply or the error its responder returned. [`Error::NoResponders`] when nobody serves the
     /// topic.
-    pub async fn request_all(
+    pub async fn request_all_message(
         &self,
-        topic: impl Into<ByteString>,
-        payload: impl Into<Bytes>,
+        message: Outgoing,
         timeout: Duration,
         expected: Option<usize>,
     ) -> Result<Vec<Result<Message>>> {
-        let request = self.new_request(Outgoing::new(topic, payload), timeout, true)?;
+        let request = self.new_request(message, timeout, true)?;
         let id = request.id;
         let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
         self.command(Command::Request { request, sink: ReplySink::All(tx) }).await?;
@@ -564,165 +411,6 @@ impl Client {
             let _ = closed.await;
         }
         Ok(())
-    }
-}
-
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Codec(e.to_string()))
-}
-
-/// A reply as the requester sees it.
-fn reply_result(reply: Reply) -> Result<Message> {
-    let text = || String::from_utf8_lossy(&reply.message.payload).into_owned();
-    match reply.error {
-        None => Ok(Message { sid: 0, inner: reply.message }),
-        Some(ErrorCode::NoResponders) => Err(Error::NoResponders { topic: reply.message.topic.to_string() }),
-        Some(ErrorCode::HandlerError) => Err(Error::Handler(text())),
-        Some(code) => Err(Error::Server { code, message: text() }),
-    }
-}
-
-/// A stream of the messages matching one subscription. Dropping it unsubscribes.
-#[derive(Debug)]
-pub struct Subscription {
-    sid: u64,
-    pattern: ByteString,
-    rx: mpsc::Receiver<Message>,
-    dropped: Arc<AtomicU64>,
-    commands: mpsc::Sender<Command>,
-    active: bool,
-}
-
-impl Subscription {
-    /// The subscription id (unique within its connection).
-    pub fn id(&self) -> u64 {
-        self.sid
-    }
-
-    /// The pattern subscribed to.
-    pub fn pattern(&self) -> &str {
-        &self.pattern
-    }
-
-    /// The next message; `None` once the subscription or the connection has ended.
-    pub async fn next(&mut self) -> Option<Message> {
-        self.rx.recv().await
-    }
-
-    /// The next message if one is already buffered, without waiting.
-    pub fn try_next(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
-    }
-
-    /// How many messages were dropped because this subscription's buffer was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Stops the subscription at the broker. Messages already buffered can still be read.
-    pub async fn unsubscribe(&mut self) -> Result<()> {
-        unsubscribe(&self.commands, self.sid, &mut self.active).await
-    }
-}
-
-async fn unsubscribe(commands: &mpsc::Sender<Command>, sid: u64, active: &mut bool) -> Result<()> {
-    if std::mem::replace(active, false) {
-        commands.send(Command::Unsubscribe { sid }).await.map_err(|_| Error::Closed)?;
-    }
-    Ok(())
-}
-
-fn unsubscribe_on_drop(commands: &mpsc::Sender<Command>, sid: u64, active: bool) {
-    if active {
-        // Best effort; if the queue is full, the connection task unsubscribes by itself the
-        // next time a message for this subscription finds its receiver gone.
-        let _ = commands.try_send(Command::Unsubscribe { sid });
-    }
-}
-
-impl Stream for Subscription {
-    type Item = Message;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        unsubscribe_on_drop(&self.commands, self.sid, self.active);
-    }
-}
-
-/// A stream of requests to answer, from [`Client::requests`]. Dropping it unsubscribes.
-#[derive(Debug)]
-pub struct Requests {
-    sid: u64,
-    rx: mpsc::Receiver<Request>,
-    dropped: Arc<AtomicU64>,
-    commands: mpsc::Sender<Command>,
-    active: bool,
-}
-
-impl Requests {
-    /// The subscription id.
-    pub fn id(&self) -> u64 {
-        self.sid
-    }
-
-    /// The next request; `None` once the subscription or the connection has ended.
-    pub async fn next(&mut self) -> Option<Request> {
-        self.rx.recv().await
-    }
-
-    /// How many requests were dropped because the buffer was full (their requesters time out).
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Stops serving at the broker. Requests already buffered can still be answered.
-    pub async fn unsubscribe(&mut self) -> Result<()> {
-        unsubscribe(&self.commands, self.sid, &mut self.active).await
-    }
-}
-
-impl Stream for Requests {
-    type Item = Request;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Requests {
-    fn drop(&mut self) {
-        unsubscribe_on_drop(&self.commands, self.sid, self.active);
-    }
-}
-
-/// A handler started by [`Client::subscribe_with`], [`Client::respond`] or
-/// [`Client::handle_commands`].
-#[derive(Debug)]
-pub struct HandlerTask {
-    sid: u64,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl HandlerTask {
-    /// The subscription id.
-    pub fn id(&self) -> u64 {
-        self.sid
-    }
-
-    /// Stops the handler (after the message it is handling, if any) and unsubscribes.
-    pub fn stop(self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for HandlerTask {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -870,13 +558,8 @@ impl ConnectionTask {
             Frame::Call(call) => {
                 let Some(Sink::Requests { tx, dropped }) = self.subs.get(&call.sid) else { return Ok(()) };
                 let Some(commands) = self.handle.upgrade() else { return Ok(()) };
-                let request = Request {
-                    id: call.id,
-                    message: Message { sid: call.sid, inner: call.message },
-                    commands,
-                    ids: self.ids.clone(),
-                    answered: false,
-                };
+                let message = Message { sid: call.sid, inner: call.message };
+                let request = Request::new(call.id, message, ReplyTo::Remote(commands), self.ids.clone());
                 if offer(tx, dropped, call.sid, request) {
                     self.forget_subscription(call.sid).await?;
                 }

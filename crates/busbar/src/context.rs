@@ -19,3 +19,11 @@ pub(crate) async fn in_transaction<F: Future>(tx: Option<u128>, f: F) -> F::Outp
         None => f.await,
     }
 }
+
+/// Runs the synchronous `f` with `tx` as the current transaction (none: runs it as is).
+pub(crate) fn in_transaction_sync<R>(tx: Option<u128>, f: impl FnOnce() -> R) -> R {
+    match tx {
+        Some(tx) => CURRENT_TX.sync_scope(tx, f),
+        None => f(),
+    }
+}

@@ -32,6 +32,20 @@ pub enum Error {
         /// Which rule it breaks.
         source: TopicError,
     },
+    /// In-process bus in strict mode: the topic was never registered.
+    #[error("topic {topic:?} is not registered on this strict bus")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// A regular expression that does not compile.
+    #[error("invalid regex {regex:?}: {reason}")]
+    InvalidRegex {
+        /// The expression.
+        regex: String,
+        /// The compiler's message.
+        reason: String,
+    },
     /// A frame that cannot be sent (too large for the broker's limit, say); nothing was sent.
     #[error("cannot encode frame: {0}")]
     Frame(#[from] FrameError),

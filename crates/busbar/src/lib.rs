@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> busbar::Result<()> {
-//! use busbar::Client;
+//! use busbar::{Client, EventBus};
 //! let client = Client::connect("127.0.0.1:4900").await?;
 //! let mut sub = client.subscribe("event.>").await?;
 //! client.publish_json("event.email.new", &serde_json::json!({"subject": "hi"})).await?;
@@ -20,19 +20,30 @@
 //! | `request` | [`Request`]: a request or command to answer, with `reply`/`fail` (answered with an error if dropped) |
 //! | `context` | the transaction a handler runs in, inherited by what it sends ([`current_transaction`]) |
 //! | `message` | [`Message`] as received (with `json`/`msgpack` decoding), [`Outgoing`] for headers and balance keys |
+//! | `bus`     | [`EventBus`], the one API of both transports; [`AnyBus`] and [`BusConfig`] to choose by configuration |
+//! | [`local`] | the in-process bus: sync handlers run inline (wildcards or regex), streams, requests, strict topics |
+//! | `subscription` | [`Subscription`], [`Requests`], [`HandlerTask`]: handles shared by both transports |
 //! | `error`   | [`Error`], one enum for every failure, with [`Error::code`] for broker refusals |
+//!
+//! The same application code runs on the in-process bus ([`local::Bus`]): write it against the
+//! [`EventBus`] trait, or hold an [`AnyBus`] built from a [`BusConfig`].
 //!
 //! Topics and patterns are checked on the client before anything is sent, so a bad topic is an
 //! immediate [`Error::InvalidTopic`], not a round trip.
 
+mod bus;
 mod client;
 mod context;
 mod error;
+pub mod local;
 mod message;
 mod request;
+mod subscription;
 
 pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
-pub use client::{Client, ClientOptions, HandlerTask, Pattern, Requests, Status, Subscription};
+pub use bus::{AnyBus, BusConfig, EventBus};
+pub use client::{Client, ClientOptions, Pattern, Status};
+pub use subscription::{HandlerTask, Requests, Subscription};
 pub use context::current_transaction;
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};

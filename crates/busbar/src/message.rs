@@ -1,9 +1,10 @@
 //! Messages as the application sees them.
 
-use busbar_core::{ByteString, Envelope, Headers};
+use busbar_core::{ByteString, Envelope, Headers, IdGenerator, validate_topic};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+use crate::context::current_transaction;
 use crate::error::{Error, Result};
 
 /// A message received on a subscription.
@@ -117,6 +118,33 @@ impl Outgoing {
         let tx = cause.transaction();
         if tx == 0 { self } else { self.transaction(tx) }
     }
+}
+
+impl Outgoing {
+    /// Checks the topic and fills in the envelope: a new id, the transaction (explicit, else the
+    /// one being handled on this task, else a new one), the time. Refuses a message whose frame
+    /// would exceed `max_frame_size`, so the caller gets a clear error instead of a closed
+    /// connection.
+    pub(crate) fn prepare(self, ids: &dyn IdGenerator, max_frame_size: usize) -> Result<busbar_core::Message> {
+        let Outgoing(mut message, tx) = self;
+        validate_topic(&message.topic)
+            .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
+        if message.envelope.is_none() {
+            let id = ids.next_id();
+            let tx = tx.or_else(current_transaction).unwrap_or(id);
+            message.envelope = Some(Envelope { id, tx, timestamp_ns: busbar_core::id::now_ns() });
+        }
+        let size = message.frame_size();
+        if size > max_frame_size {
+            return Err(busbar_core::FrameError::TooLarge { size, max: max_frame_size }.into());
+        }
+        Ok(message)
+    }
+}
+
+/// Serialises a typed payload as JSON.
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Codec(e.to_string()))
 }
 
 /// The reserved header naming the service a message is addressed to.

@@ -6,7 +6,7 @@ use busbar_core::{Envelope, ErrorCode, IdGenerator, Reply};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::client::Command;
 use crate::error::{Error, Result};
@@ -17,14 +17,52 @@ use crate::message::Message;
 /// waits for its timeout because a handler forgot.
 #[derive(Debug)]
 pub struct Request {
-    pub(crate) id: u64,
-    pub(crate) message: Message,
-    pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) ids: Arc<dyn IdGenerator>,
-    pub(crate) answered: bool,
+    id: u64,
+    message: Message,
+    reply_to: ReplyTo,
+    ids: Arc<dyn IdGenerator>,
+    answered: bool,
+}
+
+/// Where a reply goes.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// Over the network, through the connection task.
+    Remote(mpsc::Sender<Command>),
+    /// In process, straight to the waiting requester.
+    One(Option<oneshot::Sender<Reply>>),
+    /// In process, to a scatter-gather collector.
+    All(mpsc::Sender<Reply>),
+}
+
+impl ReplyTo {
+    async fn send(&mut self, reply: Reply) -> Result<()> {
+        match self {
+            ReplyTo::Remote(commands) => commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed),
+            ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
+            ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
+        }
+    }
+
+    fn send_now(&mut self, reply: Reply) {
+        let _ = match self {
+            ReplyTo::Remote(commands) => commands.try_send(Command::Reply(reply)).is_ok(),
+            ReplyTo::All(tx) => tx.try_send(reply).is_ok(),
+            ReplyTo::One(tx) => tx.take().is_some_and(|tx| tx.send(reply).is_ok()),
+        };
+    }
 }
 
 impl Request {
+    /// Marks it answered without sending anything (it was never delivered).
+    pub(crate) fn disarm(&mut self) {
+        self.answered = true;
+    }
+
+    pub(crate) fn new(id: u64, message: Message, reply_to: ReplyTo, ids: Arc<dyn IdGenerator>) -> Self {
+        Self { id, message, reply_to, ids, answered: false }
+    }
+
     /// The request as a message: topic, payload, headers, envelope, and `source()`, the
     /// requester's service id.
     pub fn message(&self) -> &Message {
@@ -49,7 +87,7 @@ impl Request {
     /// Answers with `payload`.
     pub async fn reply(mut self, payload: impl Into<Bytes>) -> Result<()> {
         let reply = self.build(None, payload.into());
-        self.commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed)
+        self.reply_to.send(reply).await
     }
 
     /// Answers with `value` as JSON.
@@ -61,7 +99,7 @@ impl Request {
     /// Answers with an error: the requester's call fails with [`Error::Handler`] and this text.
     pub async fn fail(mut self, reason: impl std::fmt::Display) -> Result<()> {
         let reply = self.build(Some(ErrorCode::HandlerError), reason.to_string().into());
-        self.commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed)
+        self.reply_to.send(reply).await
     }
 
     fn build(&mut self, error: Option<ErrorCode>, payload: Bytes) -> Reply {
@@ -81,7 +119,18 @@ impl Drop for Request {
         if !self.answered {
             let reply = self.build(Some(ErrorCode::HandlerError), "request dropped without a reply".into());
             // Best effort: when the queue is full the requester times out instead.
-            let _ = self.commands.try_send(Command::Reply(reply));
+            self.reply_to.send_now(reply);
         }
+    }
+}
+
+/// A reply as the requester sees it: the message, or the error its status names.
+pub(crate) fn reply_result(reply: Reply) -> Result<Message> {
+    let text = || String::from_utf8_lossy(&reply.message.payload).into_owned();
+    match reply.error {
+        None => Ok(Message { sid: 0, inner: reply.message }),
+        Some(ErrorCode::NoResponders) => Err(Error::NoResponders { topic: reply.message.topic.to_string() }),
+        Some(ErrorCode::HandlerError) => Err(Error::Handler(text())),
+        Some(code) => Err(Error::Server { code, message: text() }),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar::core::SequentialGenerator;
-use busbar::{Client, ClientOptions, Error, ErrorCode, GroupPolicy, Outgoing, Pattern};
+use busbar::{Client, ClientOptions, Error, ErrorCode, EventBus, GroupPolicy, Outgoing, Pattern};
 use bytes::Bytes;
 use common::*;
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use busbar::{Client, ClientOptions, Error, ErrorCode, Status};
+use busbar::{Client, ClientOptions, Error, ErrorCode, EventBus, Status};
 use busbar_core::{Frame, Message, Sub};
 use common::*;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,661 @@
+//! The in-process bus: the same events, commands and queries as the network client, with no
+//! network and no broker.
+//!
+//! ```
+//! # fn main() -> busbar::Result<()> {
+//! use busbar::local::Bus;
+//! let bus = Bus::new();
+//! let _h = bus.on("order.*", |m| println!("{} {:?}", m.topic(), m.payload_str()))?;
+//! let _r = bus.on_regex(r"^order\.(created|paid)$", |m| -> Result<(), String> {
+//!     if m.payload().is_empty() { Err("empty order".into()) } else { Ok(()) }
+//! })?;
+//! let delivery = bus.publish("order.created", "42")?;
+//! assert_eq!(delivery.delivered, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! # How it works
+//!
+//! Subscriptions live in an immutable [`Table`] behind an [`ArcSwap`]: emitting loads the current
+//! table without a lock and walks the same [`SubscriptionTrie`] the broker uses (plus the regex
+//! handlers); subscribing copies the table, changes the copy and swaps it in. So a handler may
+//! subscribe, unsubscribe or publish while it runs, and emitters never wait for each other.
+//!
+//! Synchronous handlers ([`Bus::on`]) run inside `emit`, on the emitter's thread: a pre-built
+//! message delivered to one of them allocates nothing. Each runs under `catch_unwind`: one that
+//! panics or returns an error is reported in the returned [`Delivery`] (and logged) and the
+//! others still run. Streams ([`Bus::subscribe`]) and async handlers
+//! ([`crate::EventBus::subscribe_with`]) receive through a bounded buffer; a full buffer drops
+//! and counts, never blocks the emitter.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use busbar_core::group::Balancer;
+use busbar_core::{
+    ByteString, GroupPolicy, IdGenerator, SubscriptionTrie, UlidGenerator, validate_pattern, validate_topic,
+};
+use bytes::Bytes;
+use regex::Regex;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::client::Pattern;
+use crate::context::in_transaction_sync;
+use crate::error::{Error, Result};
+use crate::message::{Message, Outgoing};
+use crate::request::{ReplyTo, Request, reply_result};
+use crate::subscription::{Requests, Subscription, Unsubscriber};
+
+/// How the in-process bus behaves.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// Makes message ids.
+    pub id_generator: Arc<dyn IdGenerator>,
+    /// When true, publishing to a topic not registered with [`Bus::register_topics`] is an error.
+    pub strict: bool,
+    /// Messages (or requests) buffered per stream subscription before new ones are dropped.
+    pub subscription_capacity: usize,
+    /// The source id stamped on messages published through this bus.
+    pub source: u32,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        Self {
+            id_generator: Arc::new(UlidGenerator::new()),
+            strict: false,
+            subscription_capacity: 65_536,
+            source: 0,
+        }
+    }
+}
+
+impl BusOptions {
+    /// Strict topic registration on or off.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Uses another id generator.
+    pub fn id_generator(mut self, ids: Arc<dyn IdGenerator>) -> Self {
+        self.id_generator = ids;
+        self
+    }
+}
+
+/// What happened to one published message.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Handlers and streams it reached.
+    pub delivered: usize,
+    /// Handlers that failed or panicked, and streams whose buffer was full.
+    pub failures: Vec<HandlerFailure>,
+}
+
+/// A handler that did not handle a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerFailure {
+    /// Its subscription id.
+    pub subscription: u64,
+    /// What went wrong: the handler's error text, the panic message, or "buffer full".
+    pub error: String,
+    /// True when the handler panicked.
+    pub panicked: bool,
+}
+
+/// What a synchronous handler may return: `()` or `Result<(), E: Display>`.
+pub trait HandlerOutcome {
+    /// `Err(text)` when the handler failed.
+    fn into_outcome(self) -> std::result::Result<(), String>;
+}
+
+impl HandlerOutcome for () {
+    fn into_outcome(self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Display> HandlerOutcome for std::result::Result<(), E> {
+    fn into_outcome(self) -> std::result::Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+type SyncFn = dyn Fn(&Message) -> std::result::Result<(), String> + Send + Sync;
+
+enum Sink {
+    Sync(Box<SyncFn>),
+    Stream { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
+}
+
+#[derive(Clone)]
+struct GroupRef {
+    name: ByteString,
+    policy: GroupPolicy,
+    balancer: Arc<Balancer>,
+}
+
+struct Handler {
+    sid: u64,
+    group: Option<GroupRef>,
+    regex: Option<Regex>,
+    sink: Sink,
+}
+
+struct Responder {
+    sid: u64,
+    group: Option<GroupRef>,
+    tx: mpsc::Sender<Request>,
+    dropped: Arc<AtomicU64>,
+}
+
+// The trie finds entries to remove by equality; a subscription id identifies one.
+impl PartialEq for Handler {
+    fn eq(&self, other: &Self) -> bool {
+        self.sid == other.sid
+    }
+}
+
+impl PartialEq for Responder {
+    fn eq(&self, other: &Self) -> bool {
+        self.sid == other.sid
+    }
+}
+
+/// Where a subscription is stored, to remove it.
+#[derive(Clone)]
+enum Slot {
+    Event(ByteString),
+    Regex,
+    Responder(ByteString),
+}
+
+/// One immutable generation of the bus's subscriptions.
+#[derive(Clone, Default)]
+struct Table {
+    events: SubscriptionTrie<Arc<Handler>>,
+    regexes: Vec<Arc<Handler>>,
+    responders: SubscriptionTrie<Arc<Responder>>,
+    slots: HashMap<u64, (Slot, Option<ByteString>)>,
+    groups: HashMap<ByteString, (GroupRef, usize)>,
+    topics: HashSet<Box<str>>,
+}
+
+impl Table {
+    fn group(&mut self, pattern: &Pattern) -> Result<Option<GroupRef>> {
+        let Some(group) = pattern.group_spec() else { return Ok(None) };
+        let (name, policy) = (group.name.clone(), group.policy);
+        let entry = self.groups.entry(name.clone()).or_insert_with(|| {
+            let balancer = Arc::new(Balancer::with_seed(busbar_core::id::now_ns()));
+            (GroupRef { name, policy, balancer }, 0)
+        });
+        if entry.0.policy != policy {
+            return Err(Error::Server {
+                code: busbar_core::ErrorCode::InvalidPattern,
+                message: format!("group {:?} uses {:?}, not {policy:?}", &*entry.0.name, entry.0.policy),
+            });
+        }
+        entry.1 += 1;
+        Ok(Some(entry.0.clone()))
+    }
+
+    fn remove(&mut self, sid: u64) {
+        let Some((slot, group)) = self.slots.remove(&sid) else { return };
+        match slot {
+            Slot::Event(pattern) => {
+                let probe = Arc::new(Handler { sid, group: None, regex: None, sink: Sink::Sync(Box::new(|_| Ok(()))) });
+                self.events.remove(&pattern, &probe);
+            }
+            Slot::Regex => self.regexes.retain(|h| h.sid != sid),
+            Slot::Responder(pattern) => {
+                let (tx, _) = mpsc::channel(1);
+                let probe = Arc::new(Responder { sid, group: None, tx, dropped: Arc::default() });
+                self.responders.remove(&pattern, &probe);
+            }
+        }
+        if let Some(name) = group
+            && let Some(entry) = self.groups.get_mut(&name)
+        {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.groups.remove(&name);
+            }
+        }
+    }
+}
+
+struct Inner {
+    table: ArcSwap<Table>,
+    /// Serialises writers (copy, change, swap); readers never take it.
+    writer: Mutex<()>,
+    options: BusOptions,
+    next_id: AtomicU64,
+    ungrouped: Balancer,
+}
+
+/// The in-process bus. Clone it freely: clones share the subscriptions.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.inner.table.load();
+        f.debug_struct("Bus")
+            .field("subscriptions", &table.slots.len())
+            .field("strict", &self.inner.options.strict)
+            .finish()
+    }
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A synchronous handler registered with [`Bus::on`] or [`Bus::on_regex`]; dropping it
+/// unsubscribes (unless [`Registration::detach`]ed).
+#[must_use = "dropping a Registration unsubscribes its handler"]
+pub struct Registration {
+    sid: u64,
+    bus: Weak<Inner>,
+    detached: bool,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration").field("sid", &self.sid).finish()
+    }
+}
+
+impl Registration {
+    /// The subscription id.
+    pub fn id(&self) -> u64 {
+        self.sid
+    }
+
+    /// Keeps the handler for the bus's whole life.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if !self.detached
+            && let Some(inner) = self.bus.upgrade()
+        {
+            Bus { inner }.unsubscribe(self.sid);
+        }
+    }
+}
+
+impl Bus {
+    /// A bus with default options.
+    pub fn new() -> Self {
+        Self::with_options(BusOptions::default())
+    }
+
+    /// A bus with `options`.
+    pub fn with_options(options: BusOptions) -> Self {
+        let inner = Inner {
+            table: ArcSwap::from_pointee(Table::default()),
+            writer: Mutex::new(()),
+            options,
+            next_id: AtomicU64::new(1),
+            ungrouped: Balancer::default(),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// A strict bus: publishing to a topic that was not registered is an error.
+    pub fn strict() -> Self {
+        Self::with_options(BusOptions::default().strict(true))
+    }
+
+    fn update<R>(&self, change: impl FnOnce(&mut Table) -> Result<R>) -> Result<R> {
+        let _writer = self.inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = Table::clone(&self.inner.table.load());
+        let result = change(&mut table)?;
+        self.inner.table.store(Arc::new(table));
+        Ok(result)
+    }
+
+    fn next_sid(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn unsubscribe(&self, sid: u64) {
+        let _ = self.update(|t| {
+            t.remove(sid);
+            Ok(())
+        });
+    }
+
+    fn unsubscriber(&self) -> Unsubscriber {
+        let weak = Arc::downgrade(&self.inner);
+        Unsubscriber::Local(Arc::new(move |sid| {
+            if let Some(inner) = weak.upgrade() {
+                Bus { inner }.unsubscribe(sid);
+            }
+        }))
+    }
+
+    /// Registers topics that may be published to (only checked in strict mode).
+    pub fn register_topics<I, S>(&self, topics: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let topics: Vec<Box<str>> = topics
+            .into_iter()
+            .map(|t| {
+                let t = t.as_ref();
+                validate_topic(t).map_err(|source| Error::InvalidTopic { topic: t.to_string(), source })?;
+                Ok(t.into())
+            })
+            .collect::<Result<_>>()?;
+        self.update(|table| {
+            table.topics.extend(topics);
+            Ok(())
+        })
+    }
+
+    /// How many subscriptions (handlers, streams, responders) the bus holds.
+    pub fn subscription_count(&self) -> usize {
+        self.inner.table.load().slots.len()
+    }
+
+    fn add_event(&self, pattern: Pattern, regex: Option<Regex>, sink: Sink) -> Result<u64> {
+        if regex.is_none() {
+            let p = pattern.pattern_str();
+            validate_pattern(p).map_err(|source| Error::InvalidTopic { topic: p.to_string(), source })?;
+        }
+        let sid = self.next_sid();
+        self.update(|t| {
+            let group = t.group(&pattern)?;
+            let group_name = group.as_ref().map(|g| g.name.clone());
+            let is_regex = regex.is_some();
+            let handler = Arc::new(Handler { sid, group, regex, sink });
+            if is_regex {
+                t.regexes.push(handler);
+                t.slots.insert(sid, (Slot::Regex, group_name));
+            } else {
+                t.events.insert(pattern.pattern_str(), handler);
+                t.slots.insert(sid, (Slot::Event(pattern.pattern_str().into()), group_name));
+            }
+            Ok(sid)
+        })
+    }
+
+    fn registration(&self, sid: u64) -> Registration {
+        Registration { sid, bus: Arc::downgrade(&self.inner), detached: false }
+    }
+
+    /// Runs `handler` synchronously, inside `publish`/`emit`, for every message matching
+    /// `pattern` (wildcards `*` and `>`; see [`Pattern`] for groups). It may return `()` or a
+    /// `Result`; errors and panics are reported in the [`Delivery`], never stop other handlers.
+    pub fn on<F, O>(&self, pattern: impl Into<Pattern>, handler: F) -> Result<Registration>
+    where
+        F: Fn(&Message) -> O + Send + Sync + 'static,
+        O: HandlerOutcome,
+    {
+        let sink = Sink::Sync(Box::new(move |m| handler(m).into_outcome()));
+        let sid = self.add_event(pattern.into(), None, sink)?;
+        Ok(self.registration(sid))
+    }
+
+    /// Like [`Bus::on`], for topics matching a regular expression (compiled once; an invalid one
+    /// is an error).
+    pub fn on_regex<F, O>(&self, regex: &str, handler: F) -> Result<Registration>
+    where
+        F: Fn(&Message) -> O + Send + Sync + 'static,
+        O: HandlerOutcome,
+    {
+        let regex = compile(regex)?;
+        let sink = Sink::Sync(Box::new(move |m| handler(m).into_outcome()));
+        let sid = self.add_event(Pattern::new(regex.as_str()), Some(regex), sink)?;
+        Ok(self.registration(sid))
+    }
+
+    fn stream(&self, pattern: Pattern, regex: Option<Regex>) -> Result<Subscription> {
+        let name = ByteString::from(pattern.pattern_str());
+        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sid = self.add_event(pattern, regex, Sink::Stream { tx, dropped: dropped.clone() })?;
+        Ok(Subscription::new(sid, name, rx, dropped, self.unsubscriber()))
+    }
+
+    /// A stream of the messages matching `pattern`. Unsubscribes when dropped.
+    pub fn subscribe(&self, pattern: impl Into<Pattern>) -> Result<Subscription> {
+        self.stream(pattern.into(), None)
+    }
+
+    /// A stream of the messages whose topic matches a regular expression.
+    pub fn subscribe_regex(&self, regex: &str) -> Result<Subscription> {
+        let regex = compile(regex)?;
+        self.stream(Pattern::new(regex.as_str()), Some(regex))
+    }
+
+    /// A stream of the requests and commands matching `pattern`, to answer.
+    pub fn requests(&self, pattern: impl Into<Pattern>) -> Result<Requests> {
+        let pattern = pattern.into();
+        let p = pattern.pattern_str();
+        validate_pattern(p).map_err(|source| Error::InvalidTopic { topic: p.to_string(), source })?;
+        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sid = self.next_sid();
+        self.update(|t| {
+            let group = t.group(&pattern)?;
+            let group_name = group.as_ref().map(|g| g.name.clone());
+            let responder = Arc::new(Responder { sid, group, tx, dropped: dropped.clone() });
+            t.responders.insert(pattern.pattern_str(), responder);
+            t.slots.insert(sid, (Slot::Responder(pattern.pattern_str().into()), group_name));
+            Ok(())
+        })?;
+        Ok(Requests::new(sid, rx, dropped, self.unsubscriber()))
+    }
+
+    fn prepare(&self, message: Outgoing) -> Result<Message> {
+        let mut inner = message.prepare(self.inner.options.id_generator.as_ref(), usize::MAX)?;
+        inner.source = self.inner.options.source;
+        Ok(Message { sid: 0, inner })
+    }
+
+    /// Publishes `payload` to `topic`, delivering to every matching handler before it returns.
+    pub fn publish(&self, topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Result<Delivery> {
+        self.publish_message(Outgoing::new(topic, payload))
+    }
+
+    /// Publishes a message with headers, key or transaction; its envelope is filled in.
+    pub fn publish_message(&self, message: Outgoing) -> Result<Delivery> {
+        let message = self.prepare(message)?;
+        self.emit(&message)
+    }
+
+    /// Delivers an already built message (see [`Bus::message`]) to every matching handler and
+    /// stream, and to one member of every matching group. Allocates nothing for plain synchronous
+    /// handlers. Handler failures are in the returned [`Delivery`].
+    pub fn emit(&self, message: &Message) -> Result<Delivery> {
+        let table = self.inner.table.load();
+        let topic = message.topic();
+        if self.inner.options.strict && !table.topics.contains(topic) {
+            return Err(Error::UnknownTopic { topic: topic.to_string() });
+        }
+        let mut delivery = Delivery::default();
+        let mut grouped: Vec<&Arc<Handler>> = Vec::new();
+        let visit = |h: &'_ Arc<Handler>, delivery: &mut Delivery| {
+            if h.group.is_none() {
+                deliver(h, message, delivery);
+                false
+            } else {
+                true
+            }
+        };
+        table.events.for_each_match(topic, |h| {
+            if visit(h, &mut delivery) {
+                grouped.push(h);
+            }
+        });
+        for h in table.regexes.iter().filter(|h| h.regex.as_ref().is_some_and(|r| r.is_match(topic))) {
+            if visit(h, &mut delivery) {
+                grouped.push(h);
+            }
+        }
+        if !grouped.is_empty() {
+            let name = |h: &Arc<Handler>| h.group.as_ref().map(|g| g.name.clone());
+            grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
+            for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
+                let Some(g) = &members[0].group else { continue };
+                let chosen = g.balancer.pick(g.policy, message.key(), members.len(), |i| members[i].sid);
+                deliver(members[chosen], message, &mut delivery);
+            }
+        }
+        Ok(delivery)
+    }
+
+    /// Builds a message with its envelope (for [`Bus::emit`], which can then deliver it any
+    /// number of times without allocating).
+    pub fn message(&self, topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Result<Message> {
+        self.prepare(Outgoing::new(topic, payload))
+    }
+
+    fn responders_for(&self, message: &Message, all: bool) -> Result<Vec<Arc<Responder>>> {
+        let table = self.inner.table.load();
+        let mut candidates: Vec<&Arc<Responder>> = Vec::new();
+        table.responders.for_each_match(message.topic(), |r| candidates.push(r));
+        if candidates.is_empty() {
+            return Err(Error::NoResponders { topic: message.topic().to_string() });
+        }
+        candidates.sort_unstable_by_key(|r| r.sid);
+        candidates.dedup_by_key(|r| r.sid);
+        if all {
+            return Ok(candidates.into_iter().cloned().collect());
+        }
+        let (balancer, policy) = match candidates.iter().find_map(|r| r.group.as_ref()) {
+            Some(g) => (&*g.balancer, g.policy),
+            None => (&self.inner.ungrouped, GroupPolicy::RoundRobin),
+        };
+        let chosen = balancer.pick(policy, message.key(), candidates.len(), |i| candidates[i].sid);
+        Ok(vec![candidates[chosen].clone()])
+    }
+
+    fn hand_over(&self, responder: &Responder, message: &Message, reply_to: ReplyTo) -> Result<()> {
+        let mut delivered = message.clone();
+        delivered.sid = responder.sid;
+        let request = Request::new(self.next_sid(), delivered, reply_to, self.inner.options.id_generator.clone());
+        match responder.tx.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(mut request)) => {
+                request.disarm();
+                responder.dropped.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Server {
+                    code: busbar_core::ErrorCode::TooManyRequests,
+                    message: "the responder's request buffer is full".into(),
+                })
+            }
+            Err(mpsc::error::TrySendError::Closed(mut request)) => {
+                request.disarm();
+                Err(Error::NoResponders { topic: message.topic().to_string() })
+            }
+        }
+    }
+
+    /// Sends a request to one responder and waits for its reply (see
+    /// [`crate::EventBus::request`]).
+    pub async fn request_message(&self, message: Outgoing, timeout: Duration) -> Result<Message> {
+        let message = self.prepare(message)?;
+        let responder = self.responders_for(&message, false)?.remove(0);
+        let (tx, rx) = oneshot::channel();
+        self.hand_over(&responder, &message, ReplyTo::One(Some(tx)))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply_result(reply),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Scatter-gather (see [`crate::EventBus::request_all_message`]).
+    pub async fn request_all_message(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+        expected: Option<usize>,
+    ) -> Result<Vec<Result<Message>>> {
+        let message = self.prepare(message)?;
+        let responders = self.responders_for(&message, true)?;
+        let (tx, mut rx) = mpsc::channel(responders.len());
+        let mut asked = 0;
+        for r in &responders {
+            if self.hand_over(r, &message, ReplyTo::All(tx.clone())).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let want = expected.map_or(asked, |n| n.min(asked));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut answers = Vec::new();
+        while answers.len() < want {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => answers.push(reply_result(reply)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(answers)
+    }
+}
+
+fn compile(regex: &str) -> Result<Regex> {
+    Regex::new(regex).map_err(|e| Error::InvalidRegex { regex: regex.to_string(), reason: e.to_string() })
+}
+
+/// Hands `message` to one handler, recording the outcome.
+fn deliver(h: &Handler, message: &Message, delivery: &mut Delivery) {
+    let failure = match &h.sink {
+        Sink::Sync(f) => {
+            let tx = message.envelope().map(|e| e.tx);
+            match catch_unwind(AssertUnwindSafe(|| in_transaction_sync(tx, || f(message)))) {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some((error, false)),
+                Err(panic) => Some((panic_text(&*panic), true)),
+            }
+        }
+        Sink::Stream { tx, dropped } => {
+            let mut copy = message.clone();
+            copy.sid = h.sid;
+            match tx.try_send(copy) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    Some(("buffer full".to_string(), false))
+                }
+                // The stream is being dropped; its unsubscription is on its way.
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    };
+    match failure {
+        None => delivery.delivered += 1,
+        Some((error, panicked)) => {
+            warn!(subscription = h.sid, topic = message.topic(), %error, panicked, "handler failed");
+            delivery.failures.push(HandlerFailure { subscription: h.sid, error, panicked });
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".into());
+    format!("panicked: {text}")
+}

@@ -1,0 +1,263 @@
+//! Subscription handles shared by the network client and the in-process bus: streams of
+//! messages and of requests, handler tasks, and the way each unsubscribes.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use busbar_core::ByteString;
+use bytes::Bytes;
+use futures_core::Stream;
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tracing::error;
+
+use crate::client::Command;
+use crate::context::in_transaction;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::request::Request;
+
+/// How a subscription handle ends its subscription.
+pub(crate) enum Unsubscriber {
+    /// Through the connection task.
+    Remote(mpsc::Sender<Command>),
+    /// Directly in the in-process bus.
+    Local(Arc<dyn Fn(u64) + Send + Sync>),
+}
+
+impl std::fmt::Debug for Unsubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unsubscriber::Remote(_) => "Remote",
+            Unsubscriber::Local(_) => "Local",
+        })
+    }
+}
+
+impl Unsubscriber {
+    async fn unsubscribe(&self, sid: u64, active: &mut bool) -> Result<()> {
+        if std::mem::replace(active, false) {
+            match self {
+                Unsubscriber::Remote(commands) => {
+                    commands.send(Command::Unsubscribe { sid }).await.map_err(|_| Error::Closed)?
+                }
+                Unsubscriber::Local(unsubscribe) => unsubscribe(sid),
+            }
+        }
+        Ok(())
+    }
+
+    fn unsubscribe_now(&self, sid: u64) {
+        match self {
+            // Best effort; if the queue is full, the connection task unsubscribes by itself the
+            // next time a message for this subscription finds its receiver gone.
+            Unsubscriber::Remote(commands) => {
+                let _ = commands.try_send(Command::Unsubscribe { sid });
+            }
+            Unsubscriber::Local(unsubscribe) => unsubscribe(sid),
+        }
+    }
+}
+
+/// A stream of the messages matching one subscription. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    sid: u64,
+    pattern: ByteString,
+    rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+    unsub: Unsubscriber,
+    active: bool,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        sid: u64,
+        pattern: ByteString,
+        rx: mpsc::Receiver<Message>,
+        dropped: Arc<AtomicU64>,
+        unsub: Unsubscriber,
+    ) -> Self {
+        Self { sid, pattern, rx, dropped, unsub, active: true }
+    }
+
+    /// The subscription id (unique within its connection).
+    pub fn id(&self) -> u64 {
+        self.sid
+    }
+
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// The next message; `None` once the subscription or the connection has ended.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is already buffered, without waiting.
+    pub fn try_next(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// How many messages were dropped because this subscription's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops the subscription at the broker. Messages already buffered can still be read.
+    pub async fn unsubscribe(&mut self) -> Result<()> {
+        self.unsub.unsubscribe(self.sid, &mut self.active).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.active {
+            self.unsub.unsubscribe_now(self.sid);
+        }
+    }
+}
+
+/// A stream of requests to answer, from [`Client::requests`]. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Requests {
+    sid: u64,
+    rx: mpsc::Receiver<Request>,
+    dropped: Arc<AtomicU64>,
+    unsub: Unsubscriber,
+    active: bool,
+}
+
+impl Requests {
+    pub(crate) fn new(sid: u64, rx: mpsc::Receiver<Request>, dropped: Arc<AtomicU64>, unsub: Unsubscriber) -> Self {
+        Self { sid, rx, dropped, unsub, active: true }
+    }
+
+    /// The subscription id.
+    pub fn id(&self) -> u64 {
+        self.sid
+    }
+
+    /// The next request; `None` once the subscription or the connection has ended.
+    pub async fn next(&mut self) -> Option<Request> {
+        self.rx.recv().await
+    }
+
+    /// How many requests were dropped because the buffer was full (their requesters time out).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving at the broker. Requests already buffered can still be answered.
+    pub async fn unsubscribe(&mut self) -> Result<()> {
+        self.unsub.unsubscribe(self.sid, &mut self.active).await
+    }
+}
+
+impl Stream for Requests {
+    type Item = Request;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        if self.active {
+            self.unsub.unsubscribe_now(self.sid);
+        }
+    }
+}
+
+/// A handler started by [`Client::subscribe_with`], [`Client::respond`] or
+/// [`Client::handle_commands`].
+#[derive(Debug)]
+pub struct HandlerTask {
+    sid: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HandlerTask {
+    /// The subscription id.
+    pub fn id(&self) -> u64 {
+        self.sid
+    }
+
+    /// Stops the handler (after the message it is handling, if any) and unsubscribes.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for HandlerTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+
+/// Runs `handler` on every message of `sub` in a task of its own, each in its message's
+/// transaction; a panicking handler is reported and the next message handled.
+pub(crate) fn spawn_handler<F, Fut>(mut sub: Subscription, mut handler: F) -> HandlerTask
+where
+    F: FnMut(Message) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sid = sub.sid;
+    let task = tokio::spawn(async move {
+        while let Some(message) = sub.next().await {
+            let tx = message.envelope().map(|e| e.tx);
+            let topic = message.topic().to_string();
+            let run = AssertUnwindSafe(in_transaction(tx, handler(message))).catch_unwind();
+            if run.await.is_err() {
+                error!(%topic, "subscription handler panicked; continuing with the next message");
+            }
+        }
+    });
+    HandlerTask { sid, task }
+}
+
+/// Answers every request of `requests` with `handler`: `Ok` replies, `Err` and panics send error
+/// replies. Each runs in its request's transaction.
+pub(crate) fn spawn_responder<F, Fut, R, E>(mut requests: Requests, mut handler: F) -> HandlerTask
+where
+    F: FnMut(Message) -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+    R: Into<Bytes> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let sid = requests.sid;
+    let task = tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let tx = request.message().envelope().map(|e| e.tx);
+            let run = AssertUnwindSafe(in_transaction(tx, handler(request.message().clone()))).catch_unwind();
+            let sent = match run.await {
+                Ok(Ok(reply)) => request.reply(reply).await,
+                Ok(Err(e)) => request.fail(e).await,
+                Err(_) => {
+                    error!(topic = request.topic(), "request handler panicked");
+                    request.fail("the handler panicked").await
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+    });
+    HandlerTask { sid, task }
+}
