@@ -25,13 +25,20 @@ pub trait EventBus: Send + Sync + 'static {
     fn publish_message(&self, message: Outgoing) -> impl Future<Output = Result<()>> + Send;
 
     /// Subscribes to events matching a pattern: a stream of messages. Unsubscribes when dropped.
-    fn subscribe(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Subscription>> + Send;
+    fn subscribe(
+        &self,
+        pattern: impl Into<Pattern> + Send,
+    ) -> impl Future<Output = Result<Subscription>> + Send;
 
     /// Serves requests and commands matching a pattern: a stream of [`crate::Request`]s.
     fn requests(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Requests>> + Send;
 
     /// Sends a request to one responder and waits for the reply.
-    fn request_message(&self, message: Outgoing, timeout: Duration) -> impl Future<Output = Result<Message>> + Send;
+    fn request_message(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message>> + Send;
 
     /// Sends a request to every responder; collects their answers until all have answered,
     /// `expected` have, or `timeout` passes.
@@ -175,13 +182,20 @@ impl EventBus for Client {
     fn publish_message(&self, message: Outgoing) -> impl Future<Output = Result<()>> + Send {
         Client::publish_message(self, message)
     }
-    fn subscribe(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Subscription>> + Send {
+    fn subscribe(
+        &self,
+        pattern: impl Into<Pattern> + Send,
+    ) -> impl Future<Output = Result<Subscription>> + Send {
         Client::subscribe(self, pattern)
     }
     fn requests(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Requests>> + Send {
         Client::requests(self, pattern)
     }
-    fn request_message(&self, message: Outgoing, timeout: Duration) -> impl Future<Output = Result<Message>> + Send {
+    fn request_message(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message>> + Send {
         Client::request_message(self, message, timeout)
     }
     fn request_all_message(
@@ -202,7 +216,10 @@ impl EventBus for Bus {
         let result = Bus::publish_message(self, message).map(drop);
         async move { result }
     }
-    fn subscribe(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Subscription>> + Send {
+    fn subscribe(
+        &self,
+        pattern: impl Into<Pattern> + Send,
+    ) -> impl Future<Output = Result<Subscription>> + Send {
         let result = Bus::subscribe(self, pattern);
         async move { result }
     }
@@ -210,7 +227,11 @@ impl EventBus for Bus {
         let result = Bus::requests(self, pattern);
         async move { result }
     }
-    fn request_message(&self, message: Outgoing, timeout: Duration) -> impl Future<Output = Result<Message>> + Send {
+    fn request_message(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message>> + Send {
         Bus::request_message(self, message, timeout)
     }
     fn request_all_message(
@@ -271,7 +292,10 @@ impl EventBus for AnyBus {
     fn publish_message(&self, message: Outgoing) -> impl Future<Output = Result<()>> + Send {
         delegate!(self, b => EventBus::publish_message(b, message))
     }
-    fn subscribe(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Subscription>> + Send {
+    fn subscribe(
+        &self,
+        pattern: impl Into<Pattern> + Send,
+    ) -> impl Future<Output = Result<Subscription>> + Send {
         let pattern = pattern.into();
         delegate!(self, b => EventBus::subscribe(b, pattern))
     }
@@ -279,7 +303,11 @@ impl EventBus for AnyBus {
         let pattern = pattern.into();
         delegate!(self, b => EventBus::requests(b, pattern))
     }
-    fn request_message(&self, message: Outgoing, timeout: Duration) -> impl Future<Output = Result<Message>> + Send {
+    fn request_message(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message>> + Send {
         delegate!(self, b => EventBus::request_message(b, message, timeout))
     }
     fn request_all_message(

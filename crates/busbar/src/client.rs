@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use busbar_core::{
-    ByteString, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub,
-    SubKind, UlidGenerator, Welcome, validate_pattern,
+    ByteString, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub, SubKind,
+    UlidGenerator, Welcome, validate_pattern,
 };
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -290,7 +290,8 @@ impl Client {
 
     async fn subscribe_kind(&self, pattern: Pattern, kind: SubKind, sink: Sink) -> Result<u64> {
         let Pattern { pattern, group } = pattern;
-        validate_pattern(&pattern).map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
+        validate_pattern(&pattern)
+            .map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
         let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, confirmed) = oneshot::channel();
         let sub = Sub { sid, pattern, group, kind };

@@ -40,14 +40,14 @@ mod message;
 mod request;
 mod subscription;
 
-pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
 pub use bus::{AnyBus, BusConfig, EventBus};
+pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
 pub use client::{Client, ClientOptions, Pattern, Status};
-pub use subscription::{HandlerTask, Requests, Subscription};
 pub use context::current_transaction;
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};
 pub use request::Request;
+pub use subscription::{HandlerTask, Requests, Subscription};
 
 /// The README's Rust examples, compiled by `cargo test` so that they stay true.
 #[cfg(doctest)]

@@ -209,7 +209,12 @@ impl Table {
         let Some((slot, group)) = self.slots.remove(&sid) else { return };
         match slot {
             Slot::Event(pattern) => {
-                let probe = Arc::new(Handler { sid, group: None, regex: None, sink: Sink::Sync(Box::new(|_| Ok(()))) });
+                let probe = Arc::new(Handler {
+                    sid,
+                    group: None,
+                    regex: None,
+                    sink: Sink::Sync(Box::new(|_| Ok(()))),
+                });
                 self.events.remove(&pattern, &probe);
             }
             Slot::Regex => self.regexes.retain(|h| h.sid != sid),
@@ -551,7 +556,8 @@ impl Bus {
     fn hand_over(&self, responder: &Responder, message: &Message, reply_to: ReplyTo) -> Result<()> {
         let mut delivered = message.clone();
         delivered.sid = responder.sid;
-        let request = Request::new(self.next_sid(), delivered, reply_to, self.inner.options.id_generator.clone());
+        let request =
+            Request::new(self.next_sid(), delivered, reply_to, self.inner.options.id_generator.clone());
         match responder.tx.try_send(request) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(mut request)) => {

@@ -125,7 +125,11 @@ impl Outgoing {
     /// one being handled on this task, else a new one), the time. Refuses a message whose frame
     /// would exceed `max_frame_size`, so the caller gets a clear error instead of a closed
     /// connection.
-    pub(crate) fn prepare(self, ids: &dyn IdGenerator, max_frame_size: usize) -> Result<busbar_core::Message> {
+    pub(crate) fn prepare(
+        self,
+        ids: &dyn IdGenerator,
+        max_frame_size: usize,
+    ) -> Result<busbar_core::Message> {
         let Outgoing(mut message, tx) = self;
         validate_topic(&message.topic)
             .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;

@@ -38,7 +38,9 @@ pub(crate) enum ReplyTo {
 impl ReplyTo {
     async fn send(&mut self, reply: Reply) -> Result<()> {
         match self {
-            ReplyTo::Remote(commands) => commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed),
+            ReplyTo::Remote(commands) => {
+                commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed)
+            }
             ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
             ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
         }

@@ -143,7 +143,12 @@ pub struct Requests {
 }
 
 impl Requests {
-    pub(crate) fn new(sid: u64, rx: mpsc::Receiver<Request>, dropped: Arc<AtomicU64>, unsub: Unsubscriber) -> Self {
+    pub(crate) fn new(
+        sid: u64,
+        rx: mpsc::Receiver<Request>,
+        dropped: Arc<AtomicU64>,
+        unsub: Unsubscriber,
+    ) -> Self {
         Self { sid, rx, dropped, unsub, active: true }
     }
 
@@ -209,7 +214,6 @@ impl Drop for HandlerTask {
         self.task.abort();
     }
 }
-
 
 /// Runs `handler` on every message of `sub` in a task of its own, each in its message's
 /// transaction; a panicking handler is reported and the next message handled.

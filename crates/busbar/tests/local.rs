@@ -1,0 +1,256 @@
+//! The in-process bus on its own: handlers, regex, strict topics, isolation, requests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use busbar::local::{Bus, BusOptions, Delivery};
+use busbar::{Error, EventBus, GroupPolicy, Outgoing, Pattern};
+use bytes::Bytes;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn recorder() -> (Arc<Mutex<Vec<String>>>, impl Fn(&busbar::Message) + Send + Sync + Clone + 'static) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    (seen, move |m: &busbar::Message| s.lock().unwrap().push(m.topic().to_string()))
+}
+
+#[test]
+fn wildcard_and_regex_handlers() {
+    let bus = Bus::new();
+    let (star, on_star) = recorder();
+    let (rest, on_rest) = recorder();
+    let (re, on_re) = recorder();
+    let _a = bus.on("order.*", on_star).unwrap();
+    let _b = bus.on("order.>", on_rest).unwrap();
+    let _c = bus.on_regex(r"^order\.(created|paid)$", on_re).unwrap();
+    for topic in ["order.created", "order.paid", "order.item.added", "order", "invoice.created"] {
+        bus.publish(topic, "x").unwrap();
+    }
+    assert_eq!(*star.lock().unwrap(), ["order.created", "order.paid"]);
+    assert_eq!(*rest.lock().unwrap(), ["order.created", "order.paid", "order.item.added"]);
+    assert_eq!(*re.lock().unwrap(), ["order.created", "order.paid"]);
+}
+
+#[test]
+fn invalid_regex_and_patterns_are_errors_not_ignored() {
+    let bus = Bus::new();
+    match bus.on_regex("order.(created", |_| ()) {
+        Err(Error::InvalidRegex { regex, reason }) => {
+            assert_eq!(regex, "order.(created");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(bus.on("a.>.b", |_| ()), Err(Error::InvalidTopic { .. })));
+    assert!(matches!(bus.publish("a.*", ""), Err(Error::InvalidTopic { .. })));
+    assert_eq!(bus.subscription_count(), 0);
+}
+
+#[test]
+fn strict_registration_refuses_unknown_topics() {
+    let bus = Bus::strict();
+    bus.register_topics(["order.created", "order.paid"]).unwrap();
+    let (seen, record) = recorder();
+    let _h = bus.on(">", record).unwrap();
+    bus.publish("order.created", "").unwrap();
+    match bus.publish("order.cancelled", "") {
+        Err(Error::UnknownTopic { topic }) => assert_eq!(topic, "order.cancelled"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*seen.lock().unwrap(), ["order.created"]);
+    assert!(matches!(bus.register_topics(["bad..topic"]), Err(Error::InvalidTopic { .. })));
+}
+
+#[test]
+fn a_failing_or_panicking_handler_is_reported_and_never_skips_the_others() {
+    let bus = Bus::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut regs = Vec::new();
+    for i in 0..5 {
+        let calls = calls.clone();
+        regs.push(
+            bus.on("job.run", move |_m| -> Result<(), String> {
+                calls.fetch_add(1, Ordering::Relaxed);
+                match i {
+                    1 => panic!("handler {i} has a bug"),
+                    3 => Err(format!("handler {i} refused")),
+                    _ => Ok(()),
+                }
+            })
+            .unwrap(),
+        );
+    }
+    let Delivery { delivered, failures } = bus.publish("job.run", "").unwrap();
+    assert_eq!(calls.load(Ordering::Relaxed), 5, "every handler ran");
+    assert_eq!(delivered, 3);
+    assert_eq!(failures.len(), 2);
+    let panicked = failures.iter().find(|f| f.panicked).unwrap();
+    assert_eq!(panicked.subscription, regs[1].id());
+    assert!(panicked.error.contains("handler 1 has a bug"), "{}", panicked.error);
+    let refused = failures.iter().find(|f| !f.panicked).unwrap();
+    assert_eq!((refused.subscription, refused.error.as_str()), (regs[3].id(), "handler 3 refused"));
+    // And the bus still works afterwards.
+    assert_eq!(bus.publish("job.run", "").unwrap().delivered, 3);
+}
+
+#[test]
+fn handlers_may_publish_and_subscribe_while_they_run() {
+    let bus = Bus::new();
+    let (seen, record) = recorder();
+    let _sink = bus.on("step.>", record).unwrap();
+    let b = bus.clone();
+    let later = Arc::new(Mutex::new(Vec::new()));
+    let l = later.clone();
+    let _chain = bus
+        .on("step.one", move |m| {
+            // Re-entrant publish, and a new subscription, from inside a handler.
+            b.publish("step.two", m.payload().clone()).unwrap();
+            l.lock().unwrap().push(b.on("step.three", |_| ()).unwrap());
+        })
+        .unwrap();
+    bus.publish("step.one", "go").unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["step.one", "step.two"]);
+    assert_eq!(bus.subscription_count(), 3);
+    later.lock().unwrap().clear();
+    assert_eq!(bus.subscription_count(), 2, "dropping a Registration unsubscribes");
+}
+
+#[test]
+fn registrations_unsubscribe_on_drop_unless_detached() {
+    let bus = Bus::new();
+    let (seen, record) = recorder();
+    let r = bus.on("a", record.clone()).unwrap();
+    bus.on("b", record).unwrap().detach();
+    bus.publish("a", "").unwrap();
+    drop(r);
+    bus.publish("a", "").unwrap();
+    bus.publish("b", "").unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["a", "b"]);
+}
+
+#[test]
+fn sync_handlers_pass_their_transaction_on() {
+    let bus = Bus::new();
+    let b = bus.clone();
+    let _h = bus
+        .on("order.created", move |_| {
+            b.publish("invoice.created", "").unwrap();
+        })
+        .unwrap();
+    let tx = Arc::new(Mutex::new(Vec::new()));
+    let t = tx.clone();
+    let _w = bus
+        .on(">", move |m| t.lock().unwrap().push((m.topic().to_string(), m.id(), m.transaction())))
+        .unwrap();
+    bus.publish("order.created", "").unwrap();
+    let seen = tx.lock().unwrap();
+    let order = seen.iter().find(|(t, ..)| t == "order.created").unwrap();
+    let invoice = seen.iter().find(|(t, ..)| t == "invoice.created").unwrap();
+    assert_eq!(order.2, order.1, "a new transaction starts with the message's own id");
+    assert_eq!(invoice.2, order.2, "the invoice inherits the order's transaction");
+    assert_ne!(invoice.1, order.1);
+}
+
+#[test]
+fn groups_balance_sync_handlers() {
+    let bus = Bus::new();
+    let counts: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+    let mut regs = Vec::new();
+    for i in 0..3 {
+        let counts = counts.clone();
+        let pattern = Pattern::new("work").group("workers", GroupPolicy::RoundRobin);
+        regs.push(
+            bus.on(pattern, move |_| {
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap(),
+        );
+    }
+    let (seen, record) = recorder();
+    let _plain = bus.on("work", record).unwrap();
+    for _ in 0..300 {
+        assert_eq!(bus.publish("work", "").unwrap().delivered, 2, "one group member plus the plain handler");
+    }
+    let spread: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    assert_eq!(spread, [100, 100, 100]);
+    assert_eq!(seen.lock().unwrap().len(), 300);
+    let other = Pattern::new("work").group("workers", GroupPolicy::Hash);
+    assert!(bus.on(other, |_| ()).is_err(), "a group keeps one policy");
+}
+
+#[test]
+fn a_full_stream_buffer_drops_and_counts() {
+    let bus = Bus::with_options(BusOptions { subscription_capacity: 2, ..BusOptions::default() });
+    let sub = bus.subscribe("t").unwrap();
+    for _ in 0..5 {
+        bus.publish("t", "").unwrap();
+    }
+    assert_eq!(sub.dropped(), 3);
+    let d = bus.publish("t", "").unwrap();
+    assert_eq!(d.failures[0].error, "buffer full");
+}
+
+#[tokio::test]
+async fn commands_and_queries_work_in_process() {
+    let bus = Bus::new();
+    let _adder = bus
+        .respond("math.add", |m| async move {
+            let (a, b): (i64, i64) = m.json().map_err(|e| e.to_string())?;
+            Ok::<_, String>(serde_json::to_vec(&(a + b)).unwrap())
+        })
+        .await
+        .unwrap();
+    let sum: i64 = bus.query("math.add", &(2, 40), LONG).await.unwrap();
+    assert_eq!(sum, 42);
+
+    let shipped = Arc::new(AtomicUsize::new(0));
+    let s = shipped.clone();
+    let _shipper = bus
+        .handle_commands("cmd.ship", move |m| {
+            let s = s.clone();
+            async move {
+                if m.payload().as_ref() == b"0" {
+                    return Err("no such order");
+                }
+                s.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.send_command("cmd.ship", &7, LONG).await.unwrap();
+    assert_eq!(shipped.load(Ordering::Relaxed), 1);
+    assert!(
+        matches!(bus.send_command("cmd.ship", &0, LONG).await, Err(Error::Handler(t)) if t == "no such order")
+    );
+    assert!(matches!(bus.request("nobody", "", LONG).await, Err(Error::NoResponders { .. })));
+
+    let mut held = bus.requests("slow").unwrap();
+    let b = bus.clone();
+    let pending = tokio::spawn(async move { b.request("slow", "", Duration::from_millis(100)).await });
+    let request = held.next().await.unwrap();
+    assert!(matches!(pending.await.unwrap(), Err(Error::Timeout)));
+    drop(request);
+}
+
+#[tokio::test]
+async fn scatter_gather_in_process() {
+    let bus = Bus::new();
+    let mut handlers = Vec::new();
+    for i in 0..3 {
+        handlers.push(
+            bus.respond("census", move |_| async move { Ok::<_, String>(Bytes::from(vec![i])) })
+                .await
+                .unwrap(),
+        );
+    }
+    let answers = bus.request_all("census", "", LONG, None).await.unwrap();
+    let mut got: Vec<u8> = answers.into_iter().map(|a| a.unwrap().payload()[0]).collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2]);
+    assert_eq!(bus.request_all("census", "", LONG, Some(1)).await.unwrap().len(), 1);
+    let reply = bus.request_message(Outgoing::new("census", "").transaction(9), LONG).await.unwrap();
+    assert_eq!(reply.transaction(), 9);
+}

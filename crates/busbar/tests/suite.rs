@@ -1,0 +1,141 @@
+//! One behaviour suite, two transports: every test body is written once against `EventBus` and
+//! run on the in-process bus and on the network client (through `AnyBus`, as an application that
+//! chooses by configuration would).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use busbar::local::BusOptions;
+use busbar::{AnyBus, BusConfig, ClientOptions, Error, EventBus, GroupPolicy, Outgoing, Pattern};
+use busbar_broker::Broker;
+use bytes::Bytes;
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn next(sub: &mut busbar::Subscription) -> busbar::Message {
+    tokio::time::timeout(common::PATIENCE, sub.next()).await.expect("a message in time").expect("stream open")
+}
+
+async fn pub_sub_with_wildcards(bus: &impl EventBus) {
+    let mut star = bus.subscribe("shop.*.created").await.unwrap();
+    let mut rest = bus.subscribe("shop.>").await.unwrap();
+    bus.publish("shop.order.created", "1").await.unwrap();
+    bus.publish("shop.order.paid", "2").await.unwrap();
+    bus.publish("other.order.created", "3").await.unwrap();
+    assert_eq!(next(&mut star).await.payload_str(), Some("1"));
+    assert_eq!(next(&mut rest).await.payload_str(), Some("1"));
+    assert_eq!(next(&mut rest).await.payload_str(), Some("2"));
+    bus.flush().await.unwrap();
+    assert!(star.try_next().is_none() && rest.try_next().is_none());
+}
+
+async fn handler_runs_and_propagates_the_transaction(bus: &(impl EventBus + Clone)) {
+    let mut invoices = bus.subscribe("inv.created").await.unwrap();
+    let b = bus.clone();
+    let _h = bus
+        .subscribe_with("ord.created", move |_| {
+            let b = b.clone();
+            async move { b.publish("inv.created", "").await.unwrap() }
+        })
+        .await
+        .unwrap();
+    bus.publish_message(Outgoing::new("ord.created", "").transaction(1234)).await.unwrap();
+    let invoice = next(&mut invoices).await;
+    assert_eq!(invoice.transaction(), 1234);
+    assert_ne!(invoice.id(), 1234);
+}
+
+async fn queries_and_errors(bus: &impl EventBus) {
+    let _echo = bus.respond("echo", |m| async move { Ok::<_, String>(m.payload().clone()) }).await.unwrap();
+    let _fail = bus.respond("fail", |_| async { Err::<Bytes, _>("nope") }).await.unwrap();
+    let reply = bus.request_message(Outgoing::new("echo", "hi").transaction(55), LONG).await.unwrap();
+    assert_eq!((reply.payload_str(), reply.transaction()), (Some("hi"), 55));
+    assert!(matches!(bus.request("fail", "", LONG).await, Err(Error::Handler(t)) if t == "nope"));
+    let quick = tokio::time::timeout(common::PATIENCE, bus.request("nobody", "", LONG)).await.unwrap();
+    assert!(matches!(quick, Err(Error::NoResponders { .. })));
+    let mut silent = bus.requests("silent").await.unwrap();
+    let timed_out = bus.request("silent", "", Duration::from_millis(100));
+    let (answer, held) = tokio::join!(timed_out, silent.next());
+    assert!(matches!(answer, Err(Error::Timeout)));
+    drop(held);
+}
+
+async fn commands_reach_one_handler(bus: &impl EventBus) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let mut handlers = Vec::new();
+    for _ in 0..3 {
+        let h = handled.clone();
+        let pattern = Pattern::new("cmd.do").group("doers", GroupPolicy::RoundRobin);
+        handlers.push(
+            bus.handle_commands(pattern, move |_| {
+                h.fetch_add(1, Ordering::Relaxed);
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    for i in 0..9 {
+        bus.send_command("cmd.do", &i, LONG).await.unwrap();
+    }
+    assert_eq!(handled.load(Ordering::Relaxed), 9, "each command handled exactly once before the ack");
+}
+
+async fn scatter_gather(bus: &impl EventBus) {
+    let mut handlers = Vec::new();
+    for i in 0..3u8 {
+        handlers.push(bus.respond("poll", move |_| async move { Ok::<_, String>(vec![i]) }).await.unwrap());
+    }
+    let answers = bus.request_all("poll", "", LONG, None).await.unwrap();
+    let mut got: Vec<u8> = answers.into_iter().map(|a| a.unwrap().payload()[0]).collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2]);
+    assert!(matches!(bus.request_all("nobody.polls", "", LONG, None).await, Err(Error::NoResponders { .. })));
+}
+
+async fn groups_round_robin(bus: &impl EventBus) {
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members
+            .push(bus.subscribe(Pattern::new("rr.work").group("w", GroupPolicy::RoundRobin)).await.unwrap());
+    }
+    for _ in 0..30 {
+        bus.publish("rr.work", "").await.unwrap();
+    }
+    bus.flush().await.unwrap();
+    for m in &mut members {
+        for _ in 0..10 {
+            next(m).await;
+        }
+    }
+    bus.flush().await.unwrap();
+    assert!(members.iter_mut().all(|m| m.try_next().is_none()), "10 each, no more");
+}
+
+async fn whole_suite(bus: AnyBus) {
+    pub_sub_with_wildcards(&bus).await;
+    handler_runs_and_propagates_the_transaction(&bus).await;
+    queries_and_errors(&bus).await;
+    commands_reach_one_handler(&bus).await;
+    scatter_gather(&bus).await;
+    groups_round_robin(&bus).await;
+}
+
+#[tokio::test]
+async fn suite_on_the_in_process_bus() {
+    let bus = AnyBus::new(BusConfig::Local(BusOptions::default())).await.unwrap();
+    assert!(matches!(bus, AnyBus::Local(_)));
+    whole_suite(bus).await;
+}
+
+#[tokio::test]
+async fn suite_over_a_broker() {
+    let broker = Broker::start(common::config()).await.unwrap();
+    let bus =
+        AnyBus::new(BusConfig::Remote(ClientOptions::new(broker.local_addr().to_string()))).await.unwrap();
+    assert!(matches!(bus, AnyBus::Remote(_)));
+    whole_suite(bus).await;
+}
