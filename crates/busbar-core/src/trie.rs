@@ -5,8 +5,15 @@
 //! `>` here. Matching a topic of `k` tokens visits at most the nodes on the paths that can still
 //! match, so its cost grows with `k` and with the number of *matching* subscriptions, never with the
 //! number of subscriptions to other topics.
+//!
+//! Patterns without wildcards skip the tree: they sit in one hash map keyed by the whole pattern,
+//! so the common case, an exact topic, costs one lookup.
 
 use std::collections::HashMap;
+
+/// Token → child. foldhash, seeded per map, is several times faster than SipHash on short
+/// tokens and still randomised, so clients cannot choose topics that collide.
+type Children<V> = HashMap<Box<str>, Node<V>, foldhash::fast::RandomState>;
 
 /// A set of `(pattern, value)` pairs that can be searched by topic.
 ///
@@ -14,13 +21,16 @@ use std::collections::HashMap;
 /// pattern may hold many values, and the same value may be stored under several patterns.
 #[derive(Debug, Clone)]
 pub struct SubscriptionTrie<V> {
+    /// Patterns without wildcards, by their full text: one hash lookup per topic (the fast path).
+    exact: HashMap<Box<str>, Vec<V>, foldhash::fast::RandomState>,
+    /// Patterns with `*` or `>`, token by token.
     root: Node<V>,
     len: usize,
 }
 
 #[derive(Debug, Clone)]
 struct Node<V> {
-    literal: HashMap<Box<str>, Node<V>>,
+    literal: Children<V>,
     star: Option<Box<Node<V>>>,
     /// Patterns that end at this node.
     here: Vec<V>,
@@ -30,7 +40,7 @@ struct Node<V> {
 
 impl<V> Default for Node<V> {
     fn default() -> Self {
-        Self { literal: HashMap::new(), star: None, here: Vec::new(), rest: Vec::new() }
+        Self { literal: Children::default(), star: None, here: Vec::new(), rest: Vec::new() }
     }
 }
 
@@ -42,7 +52,7 @@ impl<V> Node<V> {
 
 impl<V> Default for SubscriptionTrie<V> {
     fn default() -> Self {
-        Self { root: Node::default(), len: 0 }
+        Self { exact: HashMap::default(), root: Node::default(), len: 0 }
     }
 }
 
@@ -64,6 +74,11 @@ impl<V: PartialEq> SubscriptionTrie<V> {
 
     /// Stores `value` under `pattern`.
     pub fn insert(&mut self, pattern: &str, value: V) {
+        if !crate::topic::is_wildcard(pattern) {
+            self.exact.entry(pattern.into()).or_default().push(value);
+            self.len += 1;
+            return;
+        }
         let mut node = &mut self.root;
         let mut tokens = pattern.split('.').peekable();
         while let Some(token) = tokens.next() {
@@ -84,6 +99,15 @@ impl<V: PartialEq> SubscriptionTrie<V> {
 
     /// Removes one `value` stored under `pattern`, pruning nodes left empty. Returns it if found.
     pub fn remove(&mut self, pattern: &str, value: &V) -> Option<V> {
+        if !crate::topic::is_wildcard(pattern) {
+            let list = self.exact.get_mut(pattern)?;
+            let removed = list.swap_remove(list.iter().position(|v| v == value)?);
+            if list.is_empty() {
+                self.exact.remove(pattern);
+            }
+            self.len -= 1;
+            return Some(removed);
+        }
         let tokens: Vec<&str> = pattern.split('.').collect();
         let removed = Self::remove_in(&mut self.root, &tokens, value);
         if removed.is_some() {
@@ -120,7 +144,12 @@ impl<V: PartialEq> SubscriptionTrie<V> {
     ///
     /// A value stored under several matching patterns is visited once per pattern.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a V)) {
-        Self::visit(&self.root, topic.split('.'), &mut f);
+        if let Some(values) = self.exact.get(topic) {
+            values.iter().for_each(&mut f);
+        }
+        if !self.root.is_empty() {
+            Self::visit(&self.root, topic.split('.'), &mut f);
+        }
     }
 
     /// Every value whose pattern matches `topic`, in no particular order.
@@ -194,5 +223,6 @@ mod tests {
         assert_eq!(t.remove("a.>", &3), Some(3));
         assert!(t.is_empty());
         assert!(t.root.is_empty(), "all nodes pruned: {:?}", t.root);
+        assert!(t.exact.is_empty());
     }
 }

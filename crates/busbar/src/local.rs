@@ -24,7 +24,8 @@
 //! Synchronous handlers ([`Bus::on`]) run inside `emit`, on the emitter's thread: a pre-built
 //! message delivered to one of them allocates nothing. Each runs under `catch_unwind`: one that
 //! panics or returns an error is reported in the returned [`Delivery`] (and logged) and the
-//! others still run. Streams ([`Bus::subscribe`]) and async handlers
+//! others still run. The handlers of one message run in no promised order; a handler that
+//! publishes delivers that message at once (depth first). Streams ([`Bus::subscribe`]) and async handlers
 //! ([`crate::EventBus::subscribe_with`]) receive through a bounded buffer; a full buffer drops
 //! and counts, never blocks the emitter.
 
@@ -495,36 +496,9 @@ impl Bus {
         if self.inner.options.strict && !table.topics.contains(topic) {
             return Err(Error::UnknownTopic { topic: topic.to_string() });
         }
-        let mut delivery = Delivery::default();
-        let mut grouped: Vec<&Arc<Handler>> = Vec::new();
-        let visit = |h: &'_ Arc<Handler>, delivery: &mut Delivery| {
-            if h.group.is_none() {
-                deliver(h, message, delivery);
-                false
-            } else {
-                true
-            }
-        };
-        table.events.for_each_match(topic, |h| {
-            if visit(h, &mut delivery) {
-                grouped.push(h);
-            }
-        });
-        for h in table.regexes.iter().filter(|h| h.regex.as_ref().is_some_and(|r| r.is_match(topic))) {
-            if visit(h, &mut delivery) {
-                grouped.push(h);
-            }
-        }
-        if !grouped.is_empty() {
-            let name = |h: &Arc<Handler>| h.group.as_ref().map(|g| g.name.clone());
-            grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
-            for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
-                let Some(g) = &members[0].group else { continue };
-                let chosen = g.balancer.pick(g.policy, message.key(), members.len(), |i| members[i].sid);
-                deliver(members[chosen], message, &mut delivery);
-            }
-        }
-        Ok(delivery)
+        // Handlers run in the message's transaction: set once for all of them.
+        let tx = message.envelope().map(|e| e.tx);
+        Ok(in_transaction_sync(tx, || deliver_all(&table, message)))
     }
 
     /// Builds a message with its envelope (for [`Bus::emit`], which can then deliver it any
@@ -619,42 +593,62 @@ impl Bus {
     }
 }
 
+/// Delivers to every matching plain handler, and to one member of every matching group.
+fn deliver_all<'t>(table: &'t Table, message: &Message) -> Delivery {
+    let topic = message.topic();
+    let mut delivery = Delivery::default();
+    let mut grouped: Vec<&'t Arc<Handler>> = Vec::new();
+    let mut visit = |h: &'t Arc<Handler>| match h.group {
+        None => deliver(h, message, &mut delivery),
+        Some(_) => grouped.push(h),
+    };
+    table.events.for_each_match(topic, &mut visit);
+    table.regexes.iter().filter(|h| h.regex.as_ref().is_some_and(|r| r.is_match(topic))).for_each(&mut visit);
+    if !grouped.is_empty() {
+        let name = |h: &Arc<Handler>| h.group.as_ref().map(|g| g.name.clone());
+        grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
+        for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
+            let Some(g) = &members[0].group else { continue };
+            let chosen = g.balancer.pick(g.policy, message.key(), members.len(), |i| members[i].sid);
+            deliver(members[chosen], message, &mut delivery);
+        }
+    }
+    delivery
+}
+
 fn compile(regex: &str) -> Result<Regex> {
     Regex::new(regex).map_err(|e| Error::InvalidRegex { regex: regex.to_string(), reason: e.to_string() })
 }
 
 /// Hands `message` to one handler, recording the outcome.
+#[inline]
 fn deliver(h: &Handler, message: &Message, delivery: &mut Delivery) {
-    let failure = match &h.sink {
-        Sink::Sync(f) => {
-            let tx = message.envelope().map(|e| e.tx);
-            match catch_unwind(AssertUnwindSafe(|| in_transaction_sync(tx, || f(message)))) {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some((error, false)),
-                Err(panic) => Some((panic_text(&*panic), true)),
-            }
-        }
+    match &h.sink {
+        Sink::Sync(f) => match catch_unwind(AssertUnwindSafe(|| f(message))) {
+            Ok(Ok(())) => delivery.delivered += 1,
+            Ok(Err(error)) => failed(h, message, delivery, error, false),
+            Err(panic) => failed(h, message, delivery, panic_text(&*panic), true),
+        },
         Sink::Stream { tx, dropped } => {
             let mut copy = message.clone();
             copy.sid = h.sid;
             match tx.try_send(copy) {
-                Ok(()) => None,
+                Ok(()) => delivery.delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     dropped.fetch_add(1, Ordering::Relaxed);
-                    Some(("buffer full".to_string(), false))
+                    failed(h, message, delivery, "buffer full".into(), false);
                 }
                 // The stream is being dropped; its unsubscription is on its way.
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-    };
-    match failure {
-        None => delivery.delivered += 1,
-        Some((error, panicked)) => {
-            warn!(subscription = h.sid, topic = message.topic(), %error, panicked, "handler failed");
-            delivery.failures.push(HandlerFailure { subscription: h.sid, error, panicked });
-        }
     }
+}
+
+#[cold]
+fn failed(h: &Handler, message: &Message, delivery: &mut Delivery, error: String, panicked: bool) {
+    warn!(subscription = h.sid, topic = message.topic(), %error, panicked, "handler failed");
+    delivery.failures.push(HandlerFailure { subscription: h.sid, error, panicked });
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
