@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use busbar::{Client, ClientOptions, GroupPolicy, Message, Outgoing};
+use busbar::{Client, ClientOptions, GroupPolicy, Message, Outgoing, Pattern};
 use busbar_broker::Config;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -29,6 +29,63 @@ enum Command {
     /// Subscribe to a pattern and print what arrives.
     #[command(name = "sub")]
     Subscribe(SubArgs),
+    /// Send a request (a query or a command) and print the reply.
+    Request(RequestArgs),
+    /// Answer requests on a pattern with fixed data, or with the output of a command.
+    Reply(ReplyArgs),
+}
+
+#[derive(Debug, Args)]
+struct RequestArgs {
+    /// Topic of the request, e.g. user.get
+    topic: String,
+    /// Payload of the request.
+    #[arg(default_value = "")]
+    data: String,
+    /// How long to wait for the reply, e.g. 500ms, 5s, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Ask every responder (scatter-gather) and print each answer.
+    #[arg(long)]
+    all: bool,
+    /// Header to add, as key=value (repeatable).
+    #[arg(long = "header", short = 'H', value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("answer").required(true).args(["data", "exec"])))]
+struct ReplyArgs {
+    /// Pattern of the requests to answer, e.g. 'user.*'
+    pattern: String,
+    /// Fixed payload to answer every request with.
+    data: Option<String>,
+    /// Instead of fixed data: run this shell command per request, with the request payload on
+    /// stdin; its stdout is the reply, a non-zero exit an error reply (with its stderr).
+    #[arg(long)]
+    exec: Option<String>,
+    /// Join this group, so that each request reaches one member.
+    #[arg(long)]
+    group: Option<String>,
+    /// Exit after answering this many requests.
+    #[arg(long)]
+    count: Option<u64>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 =
+        number.parse().map_err(|_| format!("expected a duration like 500ms, 5s or 1m, got {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("unknown unit {unit:?} in {s:?}: use ms, s or m")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +181,8 @@ fn main() -> Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Publish(args) => publish(args).await,
             Command::Subscribe(args) => subscribe(args).await,
+            Command::Request(args) => request(args).await,
+            Command::Reply(args) => reply(args).await,
         }
     })
 }
@@ -226,6 +285,95 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
     Ok(())
+}
+
+async fn request(args: RequestArgs) -> Result<()> {
+    let client = connect(&args.connect, "busbar-cli request").await?;
+    let mut message = Outgoing::new(args.topic.clone(), args.data.clone().into_bytes());
+    for (k, v) in &args.headers {
+        message = message.header(k.clone(), v.clone());
+    }
+    let answers = if args.all {
+        client.request_all_message(message, args.timeout, None).await
+    } else {
+        client.request_message(message, args.timeout).await.map(|m| vec![Ok(m)])
+    };
+    let answers = answers.with_context(|| format!("request to {} failed", args.topic))?;
+    let mut failed = 0;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(m) => print_message(i as u64 + 1, m, false)?,
+            Err(e) => {
+                failed += 1;
+                eprintln!("[#{}] error: {e}", i + 1);
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    if failed == answers.len() && failed > 0 {
+        bail!("every responder failed");
+    }
+    Ok(())
+}
+
+async fn reply(args: ReplyArgs) -> Result<()> {
+    let client = connect(&args.connect, "busbar-cli reply").await?;
+    let mut pattern = Pattern::new(args.pattern.clone());
+    if let Some(group) = &args.group {
+        pattern = pattern.group(group.clone(), GroupPolicy::RoundRobin);
+    }
+    let mut requests = client.requests(pattern).await?;
+    eprintln!("answering requests on {} at {}", args.pattern, args.connect.server);
+    let mut answered = 0u64;
+    loop {
+        let request = tokio::select! {
+            r = requests.next() => r,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(request) = request else { bail!("connection to the broker closed") };
+        let topic = request.topic().to_string();
+        let result = match (&args.exec, &args.data) {
+            (Some(command), _) => run_command(command, request.payload()).await,
+            (None, data) => Ok(data.clone().unwrap_or_default().into_bytes()),
+        };
+        match result {
+            Ok(reply) => request.reply(reply).await?,
+            Err(e) => request.fail(&e).await?,
+        }
+        answered += 1;
+        eprintln!("answered request #{answered} on {topic}");
+        if args.count.is_some_and(|n| answered >= n) {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+    Ok(())
+}
+
+/// Runs `command` in a shell with `input` on stdin: its stdout, or an error with its stderr.
+async fn run_command(command: &str, input: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    use tokio::io::AsyncWriteExt;
+    use tokio::process::Command as Process;
+    let mut child = Process::new("sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input).await;
+    }
+    let out = child.wait_with_output().await.map_err(|e| format!("{command:?} failed: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "{command:?} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 fn print_message(n: u64, m: &Message, raw: bool) -> Result<()> {

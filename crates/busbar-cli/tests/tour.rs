@@ -119,3 +119,45 @@ fn invalid_topic_is_refused_before_sending() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid topic"), "{err}");
 }
+
+/// Runs `busbar reply` in the background and waits until it answers.
+fn start_replier(addr: &str, args: &[&str]) -> Reap {
+    let mut child = Command::new(BIN)
+        .arg("reply")
+        .args(args)
+        .args(["--server", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    wait_for(&err, "answering requests");
+    Reap(child)
+}
+
+#[test]
+fn request_and_reply_commands() {
+    let (_broker, addr, _out) = start_broker();
+    let _fixed = start_replier(&addr, &["user.get", r#"{"name":"ann"}"#]);
+    let _shout = start_replier(&addr, &["text.upper", "--exec", "tr a-z A-Z"]);
+    let _broken = start_replier(&addr, &["text.fail", "--exec", "echo nope >&2; exit 3"]);
+
+    let out = Command::new(BIN).args(["request", "user.get", "42", "--server", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\": \"ann\""));
+
+    let out = Command::new(BIN).args(["request", "text.upper", "hello", "--server", &addr]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("HELLO"));
+
+    let out = Command::new(BIN).args(["request", "text.fail", "x", "--server", &addr]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope") && err.contains("exit"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["request", "nobody.home", "--timeout", "1m", "--server", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no responders"));
+}
