@@ -5,6 +5,16 @@ use std::time::Duration;
 
 use busbar_core::frame::DEFAULT_MAX_FRAME_SIZE;
 
+/// What the broker does with a connection whose outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumerPolicy {
+    /// Close it with ERROR `SlowConsumer` (the NATS default): it reconnects and catches up.
+    #[default]
+    Disconnect,
+    /// Keep it, and drop the messages that do not fit (counted per connection and in `Stats`).
+    Drop,
+}
+
 /// Everything the broker can be told. [`Config::default`] is a sensible single-machine broker on
 /// `127.0.0.1:4900`.
 #[derive(Debug, Clone)]
@@ -20,8 +30,17 @@ pub struct Config {
     /// Most subscriptions one connection may hold.
     pub max_subscriptions: usize,
     /// Most frames waiting to be written to one connection; a connection whose queue is full is a
-    /// slow consumer and is disconnected with `SlowConsumer`.
+    /// slow consumer (see `slow_consumer`).
     pub max_pending: usize,
+    /// Most bytes of frames waiting to be written to one connection; beyond it, a slow consumer.
+    pub max_pending_bytes: usize,
+    /// What happens to a slow consumer.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Interval of heartbeats: an idle connection is pinged after it, and closed when it has
+    /// sent nothing for `heartbeat_interval × heartbeat_max_missed`. Zero disables heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before a connection counts as dead.
+    pub heartbeat_max_missed: u32,
     /// Most requests one connection may have waiting for replies.
     pub max_requests: usize,
     /// Time a new connection has to send HELLO.
@@ -39,6 +58,10 @@ impl Default for Config {
             max_connections: 65_536,
             max_subscriptions: 65_536,
             max_pending: 65_536,
+            max_pending_bytes: 64 * 1024 * 1024,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_max_missed: 2,
             max_requests: 65_536,
             handshake_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),

@@ -29,5 +29,5 @@ mod router;
 mod server;
 mod session;
 
-pub use config::Config;
+pub use config::{Config, SlowConsumerPolicy};
 pub use server::{Broker, BrokerError, Stats, run, serve};

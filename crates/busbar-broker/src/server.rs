@@ -62,6 +62,8 @@ pub(crate) struct Counters {
     pub(crate) no_responders: Counter,
     pub(crate) late_replies: Counter,
     pub(crate) undeliverable: Counter,
+    pub(crate) slow_consumers: Counter,
+    pub(crate) dropped: Counter,
 }
 
 /// A snapshot of what the broker is doing.
@@ -89,6 +91,10 @@ pub struct Stats {
     pub late_replies: u64,
     /// Direct messages to a service that is not connected, dropped since start.
     pub undeliverable: u64,
+    /// Connections closed as slow consumers since start.
+    pub slow_consumers: u64,
+    /// Messages dropped for slow consumers (policy `Drop`) since start.
+    pub dropped: u64,
 }
 
 /// State shared by the accept loop and every session.
@@ -98,7 +104,7 @@ pub(crate) struct Shared {
     router: RwLock<Router>,
     requests: Mutex<Requests>,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) stats: Counters,
+    pub(crate) stats: Arc<Counters>,
     open: AtomicU64,
     next_id: AtomicU32,
 }
@@ -131,6 +137,8 @@ impl Shared {
             requests_pending: self.requests().len() as u64,
             late_replies: self.stats.late_replies.get(),
             undeliverable: self.stats.undeliverable.get(),
+            slow_consumers: self.stats.slow_consumers.get(),
+            dropped: self.stats.dropped.get(),
         }
     }
 }
@@ -162,7 +170,7 @@ fn new_shared(config: Config) -> Arc<Shared> {
         router: RwLock::default(),
         requests: Mutex::default(),
         shutdown: CancellationToken::new(),
-        stats: Counters::default(),
+        stats: Arc::default(),
         open: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
     })

@@ -12,6 +12,7 @@
 //! one system call. A [`Control`] shared by both sides carries "stop now, and send this error".
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -31,7 +32,8 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::server::Shared;
+use crate::config::SlowConsumerPolicy;
+use crate::server::{Counters, Shared};
 
 /// Largest batch the write task builds before it writes.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -49,14 +51,37 @@ pub(crate) enum Outbound {
     Close(ErrorFrame),
 }
 
-/// "Stop this connection now", shared by its reader, writer and the router.
+impl Outbound {
+    /// What it counts against the connection's byte budget.
+    fn size(&self) -> usize {
+        match self {
+            Outbound::Msg { msg, .. } => msg.frame_size(),
+            Outbound::Frame(f) => f.message().map_or(64, Message::frame_size),
+            Outbound::Close(_) => 64,
+        }
+    }
+}
+
+/// "Stop this connection now", and the accounting of what is queued for it; shared by its
+/// reader, writer and the router.
 #[derive(Debug, Default)]
 pub(crate) struct Control {
     kill: CancellationToken,
     reason: Mutex<Option<ErrorFrame>>,
+    /// Bytes of frames queued and not yet encoded by the writer.
+    pending_bytes: AtomicUsize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+    /// Messages dropped for this connection under `SlowConsumerPolicy::Drop`.
+    dropped: AtomicU64,
+    counters: Option<Arc<Counters>>,
 }
 
 impl Control {
+    pub(crate) fn new(max_bytes: usize, policy: SlowConsumerPolicy, counters: Arc<Counters>) -> Self {
+        Self { max_bytes, policy, counters: Some(counters), ..Self::default() }
+    }
+
     /// Stops the connection, abandoning what is queued; `reason` is written if the socket takes it.
     pub(crate) fn fail(&self, reason: ErrorFrame) {
         let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
@@ -94,30 +119,65 @@ impl Outbox {
 
     fn push(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
+        let c = &self.control;
+        let size = out.size();
+        if c.max_bytes > 0 && c.pending_bytes.load(Ordering::Relaxed) + size > c.max_bytes {
+            self.overflow("outbound bytes over the limit");
+            return false;
+        }
+        // Counted before it is queued, so that the writer never subtracts what was not added.
+        c.pending_bytes.fetch_add(size, Ordering::Relaxed);
         match tx.try_send(out) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                if !self.control.kill.is_cancelled() {
-                    warn!("slow consumer: outbound queue full, closing connection");
-                    self.control.fail(error(
-                        ErrorCode::SlowConsumer,
-                        0,
-                        "outbound queue full: slow consumer",
-                    ));
+            Err(e) => {
+                c.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+                if let TrySendError::Full(_) = e {
+                    self.overflow("outbound queue full");
                 }
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The connection does not keep up: close it or drop, by policy. Either way the broker's
+    /// memory for it stays bounded and the publisher is not slowed.
+    fn overflow(&self, why: &str) {
+        let c = &self.control;
+        match c.policy {
+            SlowConsumerPolicy::Disconnect => {
+                if !c.kill.is_cancelled() {
+                    warn!(why, "slow consumer: closing connection");
+                    if let Some(counters) = &c.counters {
+                        counters.slow_consumers.inc();
+                    }
+                    c.fail(error(ErrorCode::SlowConsumer, 0, format!("{why}: slow consumer")));
+                }
+            }
+            SlowConsumerPolicy::Drop => {
+                let n = c.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(counters) = &c.counters {
+                    counters.dropped.inc();
+                }
+                if n.is_power_of_two() {
+                    warn!(why, dropped = n, "slow consumer: dropping messages");
+                }
+            }
         }
     }
 
     /// Queues a frame, waiting for room (the client's own replies: backpressure on its reads).
     async fn send(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
-        tokio::select! {
+        let size = out.size();
+        self.control.pending_bytes.fetch_add(size, Ordering::Relaxed);
+        let sent = tokio::select! {
             r = tx.send(out) => r.is_ok(),
             () = self.control.kill.cancelled() => false,
+        };
+        if !sent {
+            self.control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
         }
+        sent
     }
 }
 
@@ -139,7 +199,9 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max));
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
-    let control = Arc::new(Control::default());
+    let config = &shared.config;
+    let control =
+        Arc::new(Control::new(config.max_pending_bytes, config.slow_consumer, shared.stats.clone()));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
 
@@ -213,7 +275,7 @@ async fn handshake(
     let welcome = Welcome {
         service_id: id,
         max_frame_size: u32::try_from(shared.config.max_frame_size).unwrap_or(u32::MAX),
-        heartbeat_ms: 0,
+        heartbeat_ms: u32::try_from(shared.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
         server_name: shared.config.server_name.clone().into(),
         server_version: env!("CARGO_PKG_VERSION").into(),
         properties: Default::default(),
@@ -223,9 +285,30 @@ async fn handshake(
 }
 
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) {
+    let beat = shared.config.heartbeat_interval;
+    let dead_after = beat * shared.config.heartbeat_max_missed.max(1);
+    // Check four times an interval, so that a dead peer is found soon after `dead_after`.
+    let period = (beat / 4).max(Duration::from_millis(5));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
+    let mut pinged = false;
     loop {
         let next = tokio::select! {
             next = reader.next() => next,
+            _ = tick.tick(), if !beat.is_zero() => {
+                let idle = last_seen.elapsed();
+                if idle >= dead_after {
+                    warn!(?idle, "no frame within the heartbeat limit, closing connection");
+                    let text = format!("nothing received for {idle:?} (heartbeat {beat:?})");
+                    outbox.control.fail(error(ErrorCode::StaleConnection, 0, text));
+                    return;
+                }
+                if idle >= beat && !pinged {
+                    pinged = outbox.deliver_frame(Frame::Ping);
+                }
+                continue;
+            }
             () = outbox.control.kill.cancelled() => return,
             () = shared.shutdown.cancelled() => {
                 let bye = error(ErrorCode::ShuttingDown, 0, "server shutting down");
@@ -246,6 +329,8 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             }
             Some(Ok(frame)) => frame,
         };
+        last_seen = tokio::time::Instant::now();
+        pinged = false;
         if let Err(fatal) = apply(frame, outbox, id, shared).await {
             outbox.control.fail(fatal);
             return;
@@ -404,10 +489,10 @@ async fn write_loop(
             next = rx.recv() => next,
         };
         let Some(first) = first else { break 'run };
-        let mut closing = encode(&mut buf, first, max);
+        let mut closing = encode(&mut buf, first, max, &control);
         while !closing && buf.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(next) => closing = encode(&mut buf, next, max),
+                Ok(next) => closing = encode(&mut buf, next, max, &control),
                 Err(_) => break,
             }
         }
@@ -445,8 +530,10 @@ async fn write_loop(
     control.kill.cancel();
 }
 
-/// Encodes one outbound item; true when it was a closing error.
-fn encode(buf: &mut BytesMut, out: Outbound, max: usize) -> bool {
+/// Encodes one outbound item, releasing its bytes from the connection's budget; true when it
+/// was a closing error.
+fn encode(buf: &mut BytesMut, out: Outbound, max: usize, control: &Control) -> bool {
+    control.pending_bytes.fetch_sub(out.size(), Ordering::Relaxed);
     let (result, closing) = match out {
         Outbound::Msg { sid, msg } => (frame::encode_msg(buf, sid, &msg, max), false),
         Outbound::Frame(f) => (f.encode(buf, max), false),

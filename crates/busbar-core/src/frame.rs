@@ -129,6 +129,8 @@ pub enum ErrorCode {
     HandshakeTimeout,
     /// 204: the connection has too many requests in flight. The request fails.
     TooManyRequests,
+    /// 205: no frame from the peer for heartbeat interval × max missed. The connection is closed.
+    StaleConnection,
     /// 300: authentication failed. The connection is closed.
     AuthenticationFailed,
     /// 301: not allowed to publish or subscribe there. The connection stays open.
@@ -168,6 +170,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => 202,
             Self::HandshakeTimeout => 203,
             Self::TooManyRequests => 204,
+            Self::StaleConnection => 205,
             Self::AuthenticationFailed => 300,
             Self::PermissionDenied => 301,
             Self::NoResponders => 400,
@@ -198,6 +201,7 @@ impl ErrorCode {
             202 => Self::TooManySubscriptions,
             203 => Self::HandshakeTimeout,
             204 => Self::TooManyRequests,
+            205 => Self::StaleConnection,
             300 => Self::AuthenticationFailed,
             301 => Self::PermissionDenied,
             400 => Self::NoResponders,
