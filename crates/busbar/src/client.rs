@@ -11,44 +11,76 @@
 //! commands ask for (batching whatever is queued before each flush), reads frames, and hands
 //! messages, requests and replies to whoever waits for them.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar_core::{
-    ByteString, ErrorCode, Frame, FrameCodec, Group, GroupPolicy, Hello, IdGenerator, Reply, Sub, SubKind,
-    UlidGenerator, Welcome, validate_pattern,
+    ByteString, Group, GroupPolicy, IdGenerator, Sub, SubKind, UlidGenerator, Welcome, validate_pattern,
 };
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
+use crate::connection::{Command, ConnectionTask, ReplySink, Sink, handshake};
 use crate::error::{Error, Result};
 use crate::message::{Message, Outgoing};
-use crate::request::{ReplyTo, Request, reply_result};
+use crate::request::reply_result;
 use crate::subscription::{Requests, Subscription, Unsubscriber};
 
 /// Whether the client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
-    /// Dialling or handshaking.
+    /// Dialling or handshaking, the first time.
     Connecting,
     /// Handshake done; frames flow.
     Connected,
-    /// Closed, by `disconnect`, by the broker, or lost.
+    /// The connection was lost; trying to get it back (publishes are buffered meanwhile).
+    Reconnecting,
+    /// Closed for good: by `disconnect`, or lost with reconnecting off or given up.
     Disconnected,
+}
+
+/// How the client gets a lost connection back.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// Reconnect at all.
+    pub enabled: bool,
+    /// Wait before the first attempt; doubles per failed attempt, with ±50 % jitter.
+    pub initial_delay: Duration,
+    /// Longest wait between attempts.
+    pub max_delay: Duration,
+    /// Give up after this many failed attempts (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            initial_delay: Duration::from_millis(20),
+            max_delay: Duration::from_secs(5),
+            max_attempts: None,
+        }
+    }
+}
+
+/// What `publish` does while disconnected and the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OfflinePolicy {
+    /// Refuse the publish with [`Error::BufferFull`].
+    #[default]
+    Error,
+    /// Accept it and drop the oldest buffered message.
+    DropOldest,
 }
 
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Broker address, `host:port`.
-    pub addr: String,
+    /// Broker addresses, `host:port`; the first is tried first, the others on reconnect in turn.
+    pub servers: Vec<String>,
     /// Client name, shown in the broker's logs and monitoring.
     pub name: String,
     /// Service name to register, so that others can address this client by name.
@@ -61,20 +93,47 @@ pub struct ClientOptions {
     pub command_capacity: usize,
     /// Makes message ids; the default is time-sortable and monotonic (ULID-style).
     pub id_generator: Arc<dyn IdGenerator>,
+    /// Reconnection after a lost connection.
+    pub reconnect: Reconnect,
+    /// Ping the broker after this long without a frame from it; zero disables heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed before the connection counts as lost.
+    pub heartbeat_max_missed: u32,
+    /// Publishes buffered while disconnected, flushed on reconnect.
+    pub offline_buffer: usize,
+    /// What a publish does when that buffer is full.
+    pub offline_policy: OfflinePolicy,
 }
 
 impl ClientOptions {
     /// Defaults for a broker at `addr`.
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
-            addr: addr.into(),
+            servers: vec![addr.into()],
             name: "busbar-client".into(),
             service: None,
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
             command_capacity: 1024,
             id_generator: Arc::new(UlidGenerator::new()),
+            reconnect: Reconnect::default(),
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_max_missed: 2,
+            offline_buffer: 8192,
+            offline_policy: OfflinePolicy::Error,
         }
+    }
+
+    /// Adds a broker address to try (on reconnect, in turn).
+    pub fn server(mut self, addr: impl Into<String>) -> Self {
+        self.servers.push(addr.into());
+        self
+    }
+
+    /// Turns reconnection off: a lost connection ends the client.
+    pub fn no_reconnect(mut self) -> Self {
+        self.reconnect.enabled = false;
+        self
     }
 
     /// Sets the client name.
@@ -145,33 +204,6 @@ impl From<ByteString> for Pattern {
     }
 }
 
-/// What handles ask the connection task to do.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Publish(busbar_core::Message),
-    Subscribe { sub: Sub, sink: Sink, done: oneshot::Sender<Result<()>> },
-    Unsubscribe { sid: u64 },
-    Request { request: busbar_core::Request, sink: ReplySink },
-    CancelRequest { id: u64 },
-    Reply(Reply),
-    Flush { done: oneshot::Sender<Result<()>> },
-    Close { done: oneshot::Sender<()> },
-}
-
-/// Where the connection task puts a subscription's messages or requests.
-#[derive(Debug)]
-pub(crate) enum Sink {
-    Events { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
-    Requests { tx: mpsc::Sender<Request>, dropped: Arc<AtomicU64> },
-}
-
-/// Where the connection task puts the replies to one request.
-#[derive(Debug)]
-pub(crate) enum ReplySink {
-    One(oneshot::Sender<Reply>),
-    All(mpsc::Sender<Reply>),
-}
-
 /// Most replies a scatter-gather request buffers before further ones are dropped.
 const GATHER_CAPACITY: usize = 1024;
 
@@ -180,10 +212,14 @@ const GATHER_CAPACITY: usize = 1024;
 pub struct Client {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
-    welcome: Arc<Welcome>,
+    welcome: watch::Receiver<Arc<Welcome>>,
     next_id: Arc<AtomicU64>,
     subscription_capacity: usize,
     ids: Arc<dyn IdGenerator>,
+    offline_len: Arc<AtomicUsize>,
+    offline_buffer: usize,
+    offline_policy: OfflinePolicy,
+    handlers: TaskTracker,
 }
 
 impl Client {
@@ -192,60 +228,48 @@ impl Client {
         Self::connect_with(ClientOptions::new(addr)).await
     }
 
-    /// Connects with the given options: TCP connect, HELLO, WELCOME.
+    /// Connects with the given options: TCP connect, HELLO, WELCOME, to the first server that
+    /// answers.
     pub async fn connect_with(options: ClientOptions) -> Result<Self> {
-        let (status_tx, status) = watch::channel(Status::Connecting);
-        let handshake = async {
-            let stream = TcpStream::connect(&options.addr)
-                .await
-                .map_err(|source| Error::Connect { addr: options.addr.clone(), source })?;
-            stream.set_nodelay(true)?;
-            let (rd, wr) = stream.into_split();
-            let mut reader = FramedRead::new(rd, FrameCodec::default());
-            let mut writer = FramedWrite::new(wr, FrameCodec::default());
-            let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
-            if let Some(service) = &options.service {
-                hello.properties.insert("service", service.clone());
-            }
-            writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
-            match reader.next().await {
-                Some(Ok(Frame::Welcome(w))) => Ok((reader, writer, w)),
-                Some(Ok(Frame::Error(e))) => {
-                    Err(Error::Server { code: e.code, message: e.message.to_string() })
+        let mut last = Error::Handshake("no server address given".into());
+        let mut connected = None;
+        for (i, addr) in options.servers.iter().enumerate() {
+            match handshake(&options, addr).await {
+                Ok(done) => {
+                    connected = Some((i, done));
+                    break;
                 }
-                Some(Ok(other)) => Err(Error::Handshake(format!("expected WELCOME, got {}", other.name()))),
-                Some(Err(e)) => Err(codec_error(e)),
-                None => Err(Error::Handshake("connection closed during handshake".into())),
+                Err(e) => last = e,
             }
-        };
-        let (mut reader, mut writer, welcome) =
-            tokio::time::timeout(options.connect_timeout, handshake).await.map_err(|_| Error::Timeout)??;
-        let max = welcome.max_frame_size as usize;
-        reader.decoder_mut().set_max_frame_size(max);
-        writer.encoder_mut().set_max_frame_size(max);
-        debug!(service_id = welcome.service_id, server = %welcome.server_name, "connected");
+        }
+        let Some((server, (conn, welcome))) = connected else { return Err(last) };
+        let (status_tx, status) = watch::channel(Status::Connected);
+        let (welcome_tx, welcome) = watch::channel(Arc::new(welcome));
         let (commands, rx) = mpsc::channel(options.command_capacity.max(1));
-        status_tx.send_replace(Status::Connected);
-        let task = ConnectionTask {
-            reader,
-            writer,
-            commands: rx,
-            handle: commands.downgrade(),
-            ids: options.id_generator.clone(),
-            status: status_tx,
-            subs: HashMap::new(),
-            requests: HashMap::new(),
-            pongs: VecDeque::new(),
-        };
-        tokio::spawn(task.run());
-        Ok(Self {
-            commands,
+        let offline_len = Arc::new(AtomicUsize::new(0));
+        let client = Self {
+            commands: commands.clone(),
             status,
-            welcome: Arc::new(welcome),
+            welcome,
             next_id: Arc::new(AtomicU64::new(1)),
             subscription_capacity: options.subscription_capacity.max(1),
-            ids: options.id_generator,
-        })
+            ids: options.id_generator.clone(),
+            offline_len: offline_len.clone(),
+            offline_buffer: options.offline_buffer,
+            offline_policy: options.offline_policy,
+            handlers: TaskTracker::new(),
+        };
+        let task = ConnectionTask::new(
+            options,
+            rx,
+            commands.downgrade(),
+            status_tx,
+            welcome_tx,
+            offline_len,
+            server,
+        );
+        tokio::spawn(task.run(conn));
+        Ok(client)
     }
 
     /// The connection status now.
@@ -258,14 +282,19 @@ impl Client {
         self.status.clone()
     }
 
-    /// The service id the broker assigned to this connection.
+    /// The service id the broker assigned to this connection (a new one after a reconnect).
     pub fn service_id(&self) -> u32 {
-        self.welcome.service_id
+        self.welcome.borrow().service_id
     }
 
     /// The largest frame the broker accepts.
     pub fn max_frame_size(&self) -> usize {
-        self.welcome.max_frame_size as usize
+        self.welcome.borrow().max_frame_size as usize
+    }
+
+    /// Publishes waiting in the offline buffer for the connection to come back.
+    pub fn buffered(&self) -> usize {
+        self.offline_len.load(Ordering::Relaxed)
     }
 
     async fn command(&self, command: Command) -> Result<()> {
@@ -285,6 +314,12 @@ impl Client {
     /// Publishes a message with headers, balance key, destination or transaction.
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
         let message = self.prepare(message)?;
+        if self.offline_policy == OfflinePolicy::Error
+            && self.status() != Status::Connected
+            && self.buffered() >= self.offline_buffer
+        {
+            return Err(Error::BufferFull { capacity: self.offline_buffer });
+        }
         self.command(Command::Publish(message)).await
     }
 
@@ -317,7 +352,8 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Events { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Events, sink).await?;
-        Ok(Subscription::new(sid, name, rx, dropped, Unsubscriber::Remote(self.commands.clone())))
+        let unsub = Unsubscriber::Remote(self.commands.clone());
+        Ok(Subscription::new(sid, name, rx, dropped, unsub).tracked(self.handlers.clone()))
     }
 
     /// Subscribes as a member of `group`: each message matching the group goes to one member,
@@ -339,7 +375,8 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Requests { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Requests, sink).await?;
-        Ok(Requests::new(sid, rx, dropped, Unsubscriber::Remote(self.commands.clone())))
+        let unsub = Unsubscriber::Remote(self.commands.clone());
+        Ok(Requests::new(sid, rx, dropped, unsub).tracked(self.handlers.clone()))
     }
 
     /// [`Client::request`] with headers, a balance key or a destination.
@@ -350,7 +387,8 @@ impl Client {
         self.command(Command::Request { request, sink: ReplySink::One(tx) }).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply_result(reply),
-            Ok(Err(_)) => Err(Error::Closed),
+            // The connection task dropped the request: the connection is gone.
+            Ok(Err(_)) => Err(Error::ConnectionLost),
             Err(_) => {
                 let _ = self.commands.try_send(Command::CancelRequest { id });
                 Err(Error::Timeout)
@@ -388,7 +426,7 @@ impl Client {
                         break;
                     }
                 }
-                Ok(None) if answers.is_empty() => return Err(Error::Closed),
+                Ok(None) if answers.is_empty() => return Err(Error::ConnectionLost),
                 Ok(None) | Err(_) => break,
             }
         }
@@ -404,6 +442,21 @@ impl Client {
         flushed.await.map_err(|_| Error::Closed)?
     }
 
+    /// Drains, then closes: unsubscribes everything, lets the handlers started with
+    /// `subscribe_with`/`respond`/`handle_commands` finish the messages already delivered to
+    /// them (for at most `timeout`), flushes, and disconnects.
+    pub async fn drain(&self, timeout: Duration) -> Result<()> {
+        let (done, unsubscribed) = oneshot::channel();
+        self.command(Command::UnsubscribeAll { done }).await?;
+        let _ = unsubscribed.await;
+        self.handlers.close();
+        if tokio::time::timeout(timeout, self.handlers.wait()).await.is_err() {
+            warn!("drain: handlers still busy after the timeout");
+        }
+        let _ = self.flush().await;
+        self.disconnect().await
+    }
+
     /// Flushes what is queued and closes the connection, for this handle and all its clones.
     /// Subscriptions end; requests in flight fail with [`Error::Closed`].
     pub async fn disconnect(&self) -> Result<()> {
@@ -413,255 +466,4 @@ impl Client {
         }
         Ok(())
     }
-}
-
-fn codec_error(e: busbar_core::CodecError) -> Error {
-    match e {
-        busbar_core::CodecError::Frame(e) => Error::Frame(e),
-        busbar_core::CodecError::Io(e) => Error::Io(e),
-    }
-}
-
-/// Something waiting for the next PONG.
-#[derive(Debug)]
-enum PongWaiter {
-    Flush(oneshot::Sender<Result<()>>),
-    Subscribe { sid: u64, done: oneshot::Sender<Result<()>>, error: Option<Error> },
-}
-
-/// The task that owns the socket.
-struct ConnectionTask {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
-    commands: mpsc::Receiver<Command>,
-    /// For the requests handed to responders (weak, so that the task ends with the last handle).
-    handle: mpsc::WeakSender<Command>,
-    ids: Arc<dyn IdGenerator>,
-    status: watch::Sender<Status>,
-    subs: HashMap<u64, Sink>,
-    requests: HashMap<u64, ReplySink>,
-    pongs: VecDeque<PongWaiter>,
-}
-
-/// Most commands written in one batch before a flush.
-const COMMAND_BATCH: usize = 256;
-
-impl ConnectionTask {
-    async fn run(mut self) {
-        let reason = loop {
-            tokio::select! {
-                command = self.commands.recv() => {
-                    let Some(command) = command else { break None };
-                    match self.batch(command).await {
-                        Ok(true) => continue,
-                        Ok(false) => break None,
-                        Err(e) => break Some(e),
-                    }
-                }
-                frame = self.reader.next() => match frame {
-                    Some(Ok(frame)) => if let Err(e) = self.on_frame(frame).await { break Some(e) },
-                    Some(Err(e)) => break Some(codec_error(e)),
-                    None => break Some(Error::Closed),
-                }
-            }
-        };
-        if let Some(e) = &reason {
-            warn!(error = %e, "connection lost");
-        }
-        self.status.send_replace(Status::Disconnected);
-        for waiter in self.pongs.drain(..) {
-            match waiter {
-                PongWaiter::Flush(done) | PongWaiter::Subscribe { done, .. } => {
-                    let _ = done.send(Err(Error::Closed));
-                }
-            }
-        }
-        // Dropping `subs` ends every subscription stream; dropping `requests` fails every request
-        // in flight with `Error::Closed`.
-    }
-
-    /// Writes `first` and whatever else is queued, then flushes once. Ok(false) means close.
-    async fn batch(&mut self, first: Command) -> Result<bool> {
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(command) = next.take() {
-            if !self.apply(command).await? {
-                let _ = SinkExt::<Frame>::close(&mut self.writer).await;
-                return Ok(false);
-            }
-            count += 1;
-            if count < COMMAND_BATCH {
-                next = self.commands.try_recv().ok();
-            }
-        }
-        SinkExt::<Frame>::flush(&mut self.writer).await.map_err(codec_error)?;
-        Ok(true)
-    }
-
-    /// Queues the frames for one command into the writer's buffer. Ok(false) means close.
-    async fn apply(&mut self, command: Command) -> Result<bool> {
-        match command {
-            Command::Publish(message) => self.feed(Frame::Pub(message)).await?,
-            Command::Subscribe { sub, sink, done } => {
-                let sid = sub.sid;
-                self.subs.insert(sid, sink);
-                self.feed(Frame::Sub(sub)).await?;
-                self.feed(Frame::Ping).await?;
-                self.pongs.push_back(PongWaiter::Subscribe { sid, done, error: None });
-            }
-            Command::Unsubscribe { sid } => {
-                if self.subs.remove(&sid).is_some() {
-                    self.feed(Frame::Unsub { sid }).await?;
-                }
-            }
-            Command::Request { request, sink } => {
-                self.requests.insert(request.id, sink);
-                self.feed(Frame::Request(request)).await?;
-            }
-            Command::CancelRequest { id } => {
-                self.requests.remove(&id);
-            }
-            Command::Reply(reply) => self.feed(Frame::Reply(reply)).await?,
-            Command::Flush { done } => {
-                self.feed(Frame::Ping).await?;
-                self.pongs.push_back(PongWaiter::Flush(done));
-            }
-            Command::Close { done } => {
-                let _ = SinkExt::<Frame>::flush(&mut self.writer).await;
-                let _ = done.send(());
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
-    async fn feed(&mut self, frame: Frame) -> Result<()> {
-        match self.writer.feed(frame).await {
-            Ok(()) => Ok(()),
-            Err(busbar_core::CodecError::Frame(e)) => {
-                warn!(error = %e, "frame not sent");
-                Ok(())
-            }
-            Err(e) => Err(codec_error(e)),
-        }
-    }
-
-    async fn on_frame(&mut self, frame: Frame) -> Result<()> {
-        match frame {
-            Frame::Msg { sid, message } => {
-                let Some(Sink::Events { tx, dropped }) = self.subs.get(&sid) else { return Ok(()) };
-                let gone = offer(tx, dropped, sid, Message { sid, inner: message });
-                if gone {
-                    self.forget_subscription(sid).await?;
-                }
-            }
-            Frame::Call(call) => {
-                let Some(Sink::Requests { tx, dropped }) = self.subs.get(&call.sid) else { return Ok(()) };
-                let Some(commands) = self.handle.upgrade() else { return Ok(()) };
-                let message = Message { sid: call.sid, inner: call.message };
-                let request = Request::new(call.id, message, ReplyTo::Remote(commands), self.ids.clone());
-                if offer(tx, dropped, call.sid, request) {
-                    self.forget_subscription(call.sid).await?;
-                }
-            }
-            Frame::Reply(reply) => {
-                let id = reply.id;
-                match self.requests.get(&id) {
-                    Some(ReplySink::One(_)) => {
-                        if let Some(ReplySink::One(tx)) = self.requests.remove(&id) {
-                            let _ = tx.send(reply);
-                        }
-                    }
-                    Some(ReplySink::All(tx)) => {
-                        let last = reply.remaining == 0;
-                        match tx.try_send(reply) {
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                warn!(id, "gather buffer full: reply dropped")
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => {
-                                self.requests.remove(&id);
-                            }
-                            Ok(()) if last => {
-                                self.requests.remove(&id);
-                            }
-                            Ok(()) => {}
-                        }
-                    }
-                    None => debug!(id, "reply to a request no longer waited for"),
-                }
-            }
-            Frame::Ping => self.writer.send(Frame::Pong).await.map_err(codec_error)?,
-            Frame::Pong => match self.pongs.pop_front() {
-                Some(PongWaiter::Flush(done)) => {
-                    let _ = done.send(Ok(()));
-                }
-                Some(PongWaiter::Subscribe { done, error, sid }) => {
-                    if error.is_some() {
-                        self.subs.remove(&sid);
-                    }
-                    let _ = done.send(error.map_or(Ok(()), Err));
-                }
-                None => debug!("unexpected PONG"),
-            },
-            Frame::Error(e) => {
-                let error = Error::Server { code: e.code, message: e.message.to_string() };
-                // A refused subscription: fail the subscribe call that waits for it.
-                let waiting = self.pongs.iter_mut().find_map(|w| match w {
-                    PongWaiter::Subscribe { sid, error, .. }
-                        if *sid == e.correlation && e.correlation != 0 =>
-                    {
-                        Some(error)
-                    }
-                    _ => None,
-                });
-                match waiting {
-                    Some(slot) => *slot = Some(error),
-                    None if is_fatal(e.code) => return Err(error),
-                    None => warn!(code = %e.code, message = %e.message, "broker reported an error"),
-                }
-            }
-            other => debug!(frame = other.name(), "ignoring unexpected frame"),
-        }
-        Ok(())
-    }
-
-    /// The subscription's receiver was dropped without its UNSUB getting through: send it now.
-    async fn forget_subscription(&mut self, sid: u64) -> Result<()> {
-        self.subs.remove(&sid);
-        self.writer.send(Frame::Unsub { sid }).await.map_err(codec_error)
-    }
-}
-
-/// Hands `item` to a subscription's buffer without waiting. A full buffer drops it and counts
-/// (logged at each power of two). Returns true when the receiver is gone.
-fn offer<T>(tx: &mpsc::Sender<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
-    match tx.try_send(item) {
-        Ok(()) => false,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(sid, dropped = n, "subscription buffer full: dropping");
-            }
-            false
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => true,
-    }
-}
-
-/// Errors after which the broker closes the connection.
-fn is_fatal(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::MalformedFrame
-            | ErrorCode::FrameTooLarge
-            | ErrorCode::UnsupportedVersion
-            | ErrorCode::HandshakeRequired
-            | ErrorCode::UnexpectedFrame
-            | ErrorCode::SlowConsumer
-            | ErrorCode::TooManyConnections
-            | ErrorCode::HandshakeTimeout
-            | ErrorCode::AuthenticationFailed
-            | ErrorCode::ShuttingDown
-    )
 }

@@ -61,6 +61,16 @@ pub enum Error {
     /// The responder's handler failed; its text.
     #[error("handler failed: {0}")]
     Handler(String),
+    /// The connection to the broker was lost while this was in flight, or is down now (the
+    /// client may be reconnecting: retry later).
+    #[error("connection to the broker lost")]
+    ConnectionLost,
+    /// Disconnected, and the buffer for publishes made meanwhile is full.
+    #[error("disconnected and the offline buffer ({capacity} messages) is full")]
+    BufferFull {
+        /// The buffer's size.
+        capacity: usize,
+    },
     /// The connection is closed (by `disconnect`, by the broker, or lost).
     #[error("connection closed")]
     Closed,

@@ -16,6 +16,7 @@
 //!
 //! | module    | what it holds |
 //! |-----------|---------------|
+//! | `connection` | the task that owns the socket: batching writes, heartbeats, reconnect with backoff, restoring subscriptions, the offline buffer |
 //! | `client`  | [`Client`] (cheap clone handle): publish, subscribe, request/reply, commands, scatter-gather; [`ClientOptions`], [`Pattern`], [`Status`], [`Subscription`] and [`Requests`] (streams), [`HandlerTask`], and the private connection task that owns the socket |
 //! | `request` | [`Request`]: a request or command to answer, with `reply`/`fail` (answered with an error if dropped) |
 //! | `context` | the transaction a handler runs in, inherited by what it sends ([`current_transaction`]) |
@@ -33,6 +34,7 @@
 
 mod bus;
 mod client;
+mod connection;
 mod context;
 mod error;
 pub mod local;
@@ -42,7 +44,7 @@ mod subscription;
 
 pub use bus::{AnyBus, BusConfig, EventBus};
 pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
-pub use client::{Client, ClientOptions, Pattern, Status};
+pub use client::{Client, ClientOptions, OfflinePolicy, Pattern, Reconnect, Status};
 pub use context::current_transaction;
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};

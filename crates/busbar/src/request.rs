@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::client::Command;
+use crate::connection::Command;
 use crate::error::{Error, Result};
 use crate::message::Message;
 

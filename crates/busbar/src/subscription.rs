@@ -13,9 +13,10 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use crate::client::Command;
+use crate::connection::Command;
 use crate::context::in_transaction;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -72,9 +73,16 @@ pub struct Subscription {
     dropped: Arc<AtomicU64>,
     unsub: Unsubscriber,
     active: bool,
+    tracker: Option<TaskTracker>,
 }
 
 impl Subscription {
+    /// Handler tasks started on it are tracked (so that `drain` can wait for them).
+    pub(crate) fn tracked(mut self, tracker: TaskTracker) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
     pub(crate) fn new(
         sid: u64,
         pattern: ByteString,
@@ -82,7 +90,7 @@ impl Subscription {
         dropped: Arc<AtomicU64>,
         unsub: Unsubscriber,
     ) -> Self {
-        Self { sid, pattern, rx, dropped, unsub, active: true }
+        Self { sid, pattern, rx, dropped, unsub, active: true, tracker: None }
     }
 
     /// The subscription id (unique within its connection).
@@ -140,16 +148,23 @@ pub struct Requests {
     dropped: Arc<AtomicU64>,
     unsub: Unsubscriber,
     active: bool,
+    tracker: Option<TaskTracker>,
 }
 
 impl Requests {
+    /// Handler tasks started on it are tracked (so that `drain` can wait for them).
+    pub(crate) fn tracked(mut self, tracker: TaskTracker) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
     pub(crate) fn new(
         sid: u64,
         rx: mpsc::Receiver<Request>,
         dropped: Arc<AtomicU64>,
         unsub: Unsubscriber,
     ) -> Self {
-        Self { sid, rx, dropped, unsub, active: true }
+        Self { sid, rx, dropped, unsub, active: true, tracker: None }
     }
 
     /// The subscription id.
@@ -223,7 +238,8 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let sid = sub.sid;
-    let task = tokio::spawn(async move {
+    let tracker = sub.tracker.clone();
+    let task = spawn(tracker, async move {
         while let Some(message) = sub.next().await {
             let tx = message.envelope().map(|e| e.tx);
             let topic = message.topic().to_string();
@@ -246,7 +262,8 @@ where
     E: std::fmt::Display + Send + 'static,
 {
     let sid = requests.sid;
-    let task = tokio::spawn(async move {
+    let tracker = requests.tracker.clone();
+    let task = spawn(tracker, async move {
         while let Some(request) = requests.next().await {
             let tx = request.message().envelope().map(|e| e.tx);
             let run = AssertUnwindSafe(in_transaction(tx, handler(request.message().clone()))).catch_unwind();
@@ -264,4 +281,14 @@ where
         }
     });
     HandlerTask { sid, task }
+}
+
+fn spawn<F>(tracker: Option<TaskTracker>, task: F) -> tokio::task::JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match tracker {
+        Some(tracker) => tracker.spawn(task),
+        None => tokio::spawn(task),
+    }
 }

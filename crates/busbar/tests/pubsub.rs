@@ -319,7 +319,7 @@ async fn headers_keys_and_envelopes_cross_the_wire() {
 #[tokio::test]
 async fn graceful_shutdown_tells_clients_and_closes_them() {
     let broker = broker().await;
-    let c = Client::connect_with(ClientOptions::new(broker.local_addr().to_string()).name("shutdown-test"))
+    let c = Client::connect_with(ClientOptions::new(broker.local_addr().to_string()).name("shutdown-test").no_reconnect())
         .await
         .unwrap();
     let mut sub = c.subscribe("x").await.unwrap();
@@ -335,6 +335,8 @@ async fn graceful_shutdown_tells_clients_and_closes_them() {
     assert_eq!(raw.expect_error().await.code, ErrorCode::ShuttingDown);
     raw.expect_closed().await;
     assert!(matches!(c.publish("x", "y").await, Err(Error::Closed)));
+    // (With reconnecting on, the default, the client would instead be Reconnecting: see
+    // tests/resilience.rs.)
 }
 
 #[tokio::test]

@@ -1,0 +1,574 @@
+//! The task that owns the client's socket: writes what commands ask for, reads frames, keeps the
+//! connection alive with heartbeats, and reconnects when it is lost.
+//!
+//! ```text
+//!            ┌──────────── connected ◄──────────────┐
+//!   connect ─┤  session(): commands ⇄ frames, pings │ handshake ok: replay SUBs, flush buffer
+//!            └─► lost ─► fail requests in flight ──► reconnecting: backoff + jitter, next server
+//!                                                     (publishes buffered, bounded; subscribes queued)
+//! ```
+//!
+//! The subscriptions (their SUB frames and sinks) live here, not in the socket: a new connection
+//! gets them again and the application's streams go on as if nothing happened.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn};
+
+use crate::client::{ClientOptions, OfflinePolicy, Status};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::request::{ReplyTo, Request};
+
+/// What handles ask the connection task to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Publish(busbar_core::Message),
+    Subscribe { sub: Sub, sink: Sink, done: oneshot::Sender<Result<()>> },
+    Unsubscribe { sid: u64 },
+    UnsubscribeAll { done: oneshot::Sender<()> },
+    Request { request: busbar_core::Request, sink: ReplySink },
+    CancelRequest { id: u64 },
+    Reply(Reply),
+    Flush { done: oneshot::Sender<Result<()>> },
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Where the connection task puts a subscription's messages or requests.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Events { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
+    Requests { tx: mpsc::Sender<Request>, dropped: Arc<AtomicU64> },
+}
+
+/// Where the connection task puts the replies to one request.
+#[derive(Debug)]
+pub(crate) enum ReplySink {
+    One(oneshot::Sender<Reply>),
+    All(mpsc::Sender<Reply>),
+}
+
+/// Something waiting for the next PONG.
+#[derive(Debug)]
+enum PongWaiter {
+    Flush(oneshot::Sender<Result<()>>),
+    Subscribe { sid: u64, done: oneshot::Sender<Result<()>>, error: Option<Error> },
+}
+
+/// An established connection.
+pub(crate) struct Conn {
+    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+}
+
+fn codec_error(e: busbar_core::CodecError) -> Error {
+    match e {
+        busbar_core::CodecError::Frame(e) => Error::Frame(e),
+        busbar_core::CodecError::Io(e) => Error::Io(e),
+    }
+}
+
+/// TCP connect, HELLO, WELCOME, within the connect timeout.
+pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Conn, Welcome)> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FramedRead::new(rd, FrameCodec::default());
+        let mut writer = FramedWrite::new(wr, FrameCodec::default());
+        let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
+        if let Some(service) = &options.service {
+            hello.properties.insert("service", service.clone());
+        }
+        writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
+        match reader.next().await {
+            Some(Ok(Frame::Welcome(w))) => Ok((reader, writer, w)),
+            Some(Ok(Frame::Error(e))) => Err(Error::Server { code: e.code, message: e.message.to_string() }),
+            Some(Ok(other)) => Err(Error::Handshake(format!("expected WELCOME, got {}", other.name()))),
+            Some(Err(e)) => Err(codec_error(e)),
+            None => Err(Error::Handshake("connection closed during handshake".into())),
+        }
+    };
+    let (mut reader, mut writer, welcome) =
+        tokio::time::timeout(options.connect_timeout, attempt).await.map_err(|_| Error::Timeout)??;
+    let max = welcome.max_frame_size as usize;
+    reader.decoder_mut().set_max_frame_size(max);
+    writer.encoder_mut().set_max_frame_size(max);
+    debug!(%addr, service_id = welcome.service_id, server = %welcome.server_name, "connected");
+    Ok((Conn { reader, writer }, welcome))
+}
+
+/// How a session ended.
+enum End {
+    /// The application closed the client (or dropped every handle).
+    Closed,
+    /// The connection failed.
+    Lost(Error),
+}
+
+/// Most commands written in one batch before a flush.
+const COMMAND_BATCH: usize = 256;
+
+pub(crate) struct ConnectionTask {
+    pub(crate) options: ClientOptions,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    /// For the requests handed to responders (weak, so that the task ends with the last handle).
+    pub(crate) handle: mpsc::WeakSender<Command>,
+    pub(crate) ids: Arc<dyn IdGenerator>,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) welcome: watch::Sender<Arc<Welcome>>,
+    pub(crate) offline_len: Arc<AtomicUsize>,
+    /// Index of the server the current connection went to.
+    pub(crate) server: usize,
+    pub(crate) subs: HashMap<u64, (Sub, Sink)>,
+    pub(crate) requests: HashMap<u64, ReplySink>,
+    pongs: VecDeque<PongWaiter>,
+    offline: VecDeque<busbar_core::Message>,
+}
+
+impl ConnectionTask {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        options: ClientOptions,
+        commands: mpsc::Receiver<Command>,
+        handle: mpsc::WeakSender<Command>,
+        status: watch::Sender<Status>,
+        welcome: watch::Sender<Arc<Welcome>>,
+        offline_len: Arc<AtomicUsize>,
+        server: usize,
+    ) -> Self {
+        let ids = options.id_generator.clone();
+        Self {
+            options,
+            commands,
+            handle,
+            ids,
+            status,
+            welcome,
+            offline_len,
+            server,
+            subs: HashMap::new(),
+            requests: HashMap::new(),
+            pongs: VecDeque::new(),
+            offline: VecDeque::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, first: Conn) {
+        let mut conn = Some(first);
+        loop {
+            let current = match conn.take() {
+                Some(c) => c,
+                None => match self.reconnect().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            self.status.send_replace(Status::Connected);
+            match self.session(current).await {
+                End::Closed => break,
+                End::Lost(e) => {
+                    warn!(error = %e, "connection lost");
+                    self.fail_in_flight();
+                    if !self.options.reconnect.enabled {
+                        break;
+                    }
+                    self.status.send_replace(Status::Reconnecting);
+                }
+            }
+        }
+        self.status.send_replace(Status::Disconnected);
+        self.fail_in_flight();
+        for waiter in self.pongs.drain(..) {
+            match waiter {
+                PongWaiter::Flush(done) | PongWaiter::Subscribe { done, .. } => {
+                    let _ = done.send(Err(Error::Closed));
+                }
+            }
+        }
+        // Dropping `subs` ends every subscription stream.
+    }
+
+    /// Requests in flight cannot be answered over a new connection: fail them now (dropping
+    /// their sinks gives the requester `ConnectionLost`). Flushes fail too; subscriptions
+    /// waiting for confirmation stay, and are sent again on the next connection.
+    fn fail_in_flight(&mut self) {
+        self.requests.clear();
+        for waiter in std::mem::take(&mut self.pongs) {
+            match waiter {
+                PongWaiter::Flush(done) => {
+                    let _ = done.send(Err(Error::ConnectionLost));
+                }
+                PongWaiter::Subscribe { done, error, .. } => {
+                    let _ = done.send(error.map_or(Ok(()), Err));
+                }
+            }
+        }
+    }
+
+    /// Reconnects with exponential backoff and jitter, trying the servers in turn, while still
+    /// taking commands (publishes are buffered). `None`: closed, or out of attempts.
+    async fn reconnect(&mut self) -> Option<Conn> {
+        let policy = self.options.reconnect.clone();
+        let mut delay = policy.initial_delay;
+        let mut attempt: u32 = 0;
+        loop {
+            let wake = tokio::time::sleep(jitter(delay));
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    () = &mut wake => break,
+                    command = self.commands.recv() => match command {
+                        Some(command) => if !self.offline_command(command) { return None },
+                        None => return None,
+                    },
+                }
+            }
+            attempt += 1;
+            self.server = (self.server + 1) % self.options.servers.len().max(1);
+            let addr = self.options.servers.get(self.server).cloned().unwrap_or_default();
+            match handshake(&self.options, &addr).await {
+                Ok((conn, welcome)) => {
+                    info!(%addr, attempt, service_id = welcome.service_id, "reconnected");
+                    self.welcome.send_replace(Arc::new(welcome));
+                    return Some(conn);
+                }
+                Err(e) => debug!(%addr, attempt, error = %e, "reconnect attempt failed"),
+            }
+            if policy.max_attempts.is_some_and(|max| attempt >= max) {
+                warn!(attempt, "giving up reconnecting");
+                return None;
+            }
+            delay = (delay * 2).min(policy.max_delay);
+        }
+    }
+
+    /// A command while disconnected. False: close.
+    fn offline_command(&mut self, command: Command) -> bool {
+        match command {
+            Command::Publish(message) => {
+                if self.offline.len() >= self.options.offline_buffer {
+                    match self.options.offline_policy {
+                        OfflinePolicy::DropOldest => {
+                            self.offline.pop_front();
+                        }
+                        // The handle refuses publishes once the buffer is full; one that raced
+                        // past it is dropped here, so the bound holds.
+                        OfflinePolicy::Error => return true,
+                    }
+                }
+                self.offline.push_back(message);
+                self.offline_len.store(self.offline.len(), Ordering::Relaxed);
+            }
+            Command::Subscribe { sub, sink, done } => {
+                // Sent when the connection is back, like every other subscription.
+                self.subs.insert(sub.sid, (sub, sink));
+                let _ = done.send(Ok(()));
+            }
+            Command::Unsubscribe { sid } => {
+                self.subs.remove(&sid);
+            }
+            Command::UnsubscribeAll { done } => {
+                self.subs.clear();
+                let _ = done.send(());
+            }
+            // Dropping the sink fails the request with `ConnectionLost` at once.
+            Command::Request { .. } => {}
+            Command::CancelRequest { id } => {
+                self.requests.remove(&id);
+            }
+            Command::Reply(reply) => {
+                debug!(id = reply.id, "reply dropped: its requester's broker is out of reach")
+            }
+            Command::Flush { done } => {
+                let _ = done.send(Err(Error::ConnectionLost));
+            }
+            Command::Close { done } => {
+                let _ = done.send(());
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Serves one connection until it ends.
+    async fn session(&mut self, mut conn: Conn) -> End {
+        if let Err(e) = self.resume(&mut conn).await {
+            return End::Lost(e);
+        }
+        let beat = self.options.heartbeat_interval;
+        let dead_after = beat * self.options.heartbeat_max_missed.max(1);
+        let period = (beat / 4).max(Duration::from_millis(5));
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let mut pinged = false;
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => {
+                    let Some(command) = command else {
+                        let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
+                        return End::Closed;
+                    };
+                    match self.batch(&mut conn, command).await {
+                        Ok(true) => {}
+                        Ok(false) => return End::Closed,
+                        Err(e) => return End::Lost(e),
+                    }
+                }
+                frame = conn.reader.next() => match frame {
+                    Some(Ok(frame)) => {
+                        last_seen = Instant::now();
+                        pinged = false;
+                        if let Err(e) = self.on_frame(&mut conn, frame).await {
+                            return End::Lost(e);
+                        }
+                    }
+                    Some(Err(e)) => return End::Lost(codec_error(e)),
+                    None => return End::Lost(Error::ConnectionLost),
+                },
+                _ = tick.tick(), if !beat.is_zero() => {
+                    let idle = last_seen.elapsed();
+                    if idle >= dead_after {
+                        warn!(?idle, "no frame from the broker within the heartbeat limit");
+                        return End::Lost(Error::ConnectionLost);
+                    }
+                    if idle >= beat && !pinged {
+                        pinged = true;
+                        if let Err(e) = conn.writer.send(Frame::Ping).await {
+                            return End::Lost(codec_error(e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// On a (new) connection: send every subscription, then what was published while offline.
+    async fn resume(&mut self, conn: &mut Conn) -> Result<()> {
+        for (sub, _) in self.subs.values() {
+            feed(conn, Frame::Sub(sub.clone())).await?;
+        }
+        let buffered = self.offline.len();
+        while let Some(message) = self.offline.pop_front() {
+            feed(conn, Frame::Pub(message)).await?;
+        }
+        self.offline_len.store(0, Ordering::Relaxed);
+        if buffered > 0 || !self.subs.is_empty() {
+            debug!(subscriptions = self.subs.len(), buffered, "restored subscriptions, flushed buffer");
+        }
+        SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once. Ok(false) means close.
+    async fn batch(&mut self, conn: &mut Conn, first: Command) -> Result<bool> {
+        let mut next = Some(first);
+        let mut count = 0;
+        while let Some(command) = next.take() {
+            if !self.apply(conn, command).await? {
+                let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
+                return Ok(false);
+            }
+            count += 1;
+            if count < COMMAND_BATCH {
+                next = self.commands.try_recv().ok();
+            }
+        }
+        SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)?;
+        Ok(true)
+    }
+
+    /// Queues the frames for one command into the writer's buffer. Ok(false) means close.
+    async fn apply(&mut self, conn: &mut Conn, command: Command) -> Result<bool> {
+        match command {
+            Command::Publish(message) => feed(conn, Frame::Pub(message)).await?,
+            Command::Subscribe { sub, sink, done } => {
+                let sid = sub.sid;
+                feed(conn, Frame::Sub(sub.clone())).await?;
+                self.subs.insert(sid, (sub, sink));
+                feed(conn, Frame::Ping).await?;
+                self.pongs.push_back(PongWaiter::Subscribe { sid, done, error: None });
+            }
+            Command::Unsubscribe { sid } => {
+                if self.subs.remove(&sid).is_some() {
+                    feed(conn, Frame::Unsub { sid }).await?;
+                }
+            }
+            Command::UnsubscribeAll { done } => {
+                for sid in std::mem::take(&mut self.subs).into_keys() {
+                    feed(conn, Frame::Unsub { sid }).await?;
+                }
+                let _ = done.send(());
+            }
+            Command::Request { request, sink } => {
+                self.requests.insert(request.id, sink);
+                feed(conn, Frame::Request(request)).await?;
+            }
+            Command::CancelRequest { id } => {
+                self.requests.remove(&id);
+            }
+            Command::Reply(reply) => feed(conn, Frame::Reply(reply)).await?,
+            Command::Flush { done } => {
+                feed(conn, Frame::Ping).await?;
+                self.pongs.push_back(PongWaiter::Flush(done));
+            }
+            Command::Close { done } => {
+                let _ = SinkExt::<Frame>::flush(&mut conn.writer).await;
+                let _ = done.send(());
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<()> {
+        match frame {
+            Frame::Msg { sid, message } => {
+                let Some((_, Sink::Events { tx, dropped })) = self.subs.get(&sid) else { return Ok(()) };
+                if offer(tx, dropped, sid, Message { sid, inner: message }) {
+                    self.forget_subscription(conn, sid).await?;
+                }
+            }
+            Frame::Call(call) => {
+                let Some((_, Sink::Requests { tx, dropped })) = self.subs.get(&call.sid) else {
+                    return Ok(());
+                };
+                let Some(commands) = self.handle.upgrade() else { return Ok(()) };
+                let message = Message { sid: call.sid, inner: call.message };
+                let request = Request::new(call.id, message, ReplyTo::Remote(commands), self.ids.clone());
+                if offer(tx, dropped, call.sid, request) {
+                    self.forget_subscription(conn, call.sid).await?;
+                }
+            }
+            Frame::Reply(reply) => {
+                let id = reply.id;
+                match self.requests.get(&id) {
+                    Some(ReplySink::One(_)) => {
+                        if let Some(ReplySink::One(tx)) = self.requests.remove(&id) {
+                            let _ = tx.send(reply);
+                        }
+                    }
+                    Some(ReplySink::All(tx)) => {
+                        let last = reply.remaining == 0;
+                        match tx.try_send(reply) {
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                warn!(id, "gather buffer full: reply dropped")
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                self.requests.remove(&id);
+                            }
+                            Ok(()) if last => {
+                                self.requests.remove(&id);
+                            }
+                            Ok(()) => {}
+                        }
+                    }
+                    None => debug!(id, "reply to a request no longer waited for"),
+                }
+            }
+            Frame::Ping => conn.writer.send(Frame::Pong).await.map_err(codec_error)?,
+            Frame::Pong => match self.pongs.pop_front() {
+                Some(PongWaiter::Flush(done)) => {
+                    let _ = done.send(Ok(()));
+                }
+                Some(PongWaiter::Subscribe { done, error, sid }) => {
+                    if error.is_some() {
+                        self.subs.remove(&sid);
+                    }
+                    let _ = done.send(error.map_or(Ok(()), Err));
+                }
+                None => {} // the answer to a heartbeat
+            },
+            Frame::Error(e) => {
+                let error = Error::Server { code: e.code, message: e.message.to_string() };
+                // A refused subscription: fail the subscribe call that waits for it.
+                let waiting = self.pongs.iter_mut().find_map(|w| match w {
+                    PongWaiter::Subscribe { sid, error, .. }
+                        if *sid == e.correlation && e.correlation != 0 =>
+                    {
+                        Some(error)
+                    }
+                    _ => None,
+                });
+                match waiting {
+                    Some(slot) => *slot = Some(error),
+                    None if is_fatal(e.code) => return Err(error),
+                    None => warn!(code = %e.code, message = %e.message, "broker reported an error"),
+                }
+            }
+            other => debug!(frame = other.name(), "ignoring unexpected frame"),
+        }
+        Ok(())
+    }
+
+    /// The subscription's receiver was dropped without its UNSUB getting through: send it now.
+    async fn forget_subscription(&mut self, conn: &mut Conn, sid: u64) -> Result<()> {
+        self.subs.remove(&sid);
+        conn.writer.send(Frame::Unsub { sid }).await.map_err(codec_error)
+    }
+}
+
+/// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
+async fn feed(conn: &mut Conn, frame: Frame) -> Result<()> {
+    match conn.writer.feed(frame).await {
+        Ok(()) => Ok(()),
+        Err(busbar_core::CodecError::Frame(e)) => {
+            warn!(error = %e, "frame not sent");
+            Ok(())
+        }
+        Err(e) => Err(codec_error(e)),
+    }
+}
+
+/// `delay` scaled by a random factor in [0.5, 1.5), so that clients cut off together do not
+/// all come back at the same instant.
+fn jitter(delay: Duration) -> Duration {
+    let r = busbar_core::group::mix(busbar_core::id::now_ns()) % 1000;
+    delay.mul_f64(0.5 + r as f64 / 1000.0)
+}
+
+/// Hands `item` to a subscription's buffer without waiting. A full buffer drops it and counts
+/// (logged at each power of two). Returns true when the receiver is gone.
+fn offer<T>(tx: &mpsc::Sender<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
+    match tx.try_send(item) {
+        Ok(()) => false,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(sid, dropped = n, "subscription buffer full: dropping");
+            }
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => true,
+    }
+}
+
+/// Errors after which the broker closes the connection.
+fn is_fatal(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::MalformedFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::HandshakeRequired
+            | ErrorCode::UnexpectedFrame
+            | ErrorCode::SlowConsumer
+            | ErrorCode::TooManyConnections
+            | ErrorCode::HandshakeTimeout
+            | ErrorCode::StaleConnection
+            | ErrorCode::AuthenticationFailed
+            | ErrorCode::ShuttingDown
+    )
+}
