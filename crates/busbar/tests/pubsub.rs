@@ -319,9 +319,11 @@ async fn headers_keys_and_envelopes_cross_the_wire() {
 #[tokio::test]
 async fn graceful_shutdown_tells_clients_and_closes_them() {
     let broker = broker().await;
-    let c = Client::connect_with(ClientOptions::new(broker.local_addr().to_string()).name("shutdown-test").no_reconnect())
-        .await
-        .unwrap();
+    let c = Client::connect_with(
+        ClientOptions::new(broker.local_addr().to_string()).name("shutdown-test").no_reconnect(),
+    )
+    .await
+    .unwrap();
     let mut sub = c.subscribe("x").await.unwrap();
     let mut status = c.status_watch();
     let mut raw = Raw::hello(&broker).await;

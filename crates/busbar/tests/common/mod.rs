@@ -107,3 +107,4 @@ impl Raw {
         while self.read().await.is_some() {}
     }
 }
+pub mod proxy;

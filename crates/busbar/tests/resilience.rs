@@ -1,0 +1,357 @@
+//! Faults: a broker that dies and comes back, silent connections, many malformed peers, drain.
+//! Every wait is bounded (PATIENCE) and every loop has a fixed count.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use busbar::{Client, ClientOptions, Error, ErrorCode, EventBus, OfflinePolicy, Status};
+use busbar_broker::{Broker, Config};
+use busbar_core::frame::{self, DEFAULT_MAX_FRAME_SIZE};
+use busbar_core::{Frame, Hello, Message};
+use common::proxy::Proxy;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn fast_reconnect(addr: impl Into<String>) -> ClientOptions {
+    let mut o = ClientOptions::new(addr);
+    o.reconnect.initial_delay = Duration::from_millis(10);
+    o.reconnect.max_delay = Duration::from_millis(100);
+    o
+}
+
+async fn wait_status(client: &Client, want: Status) {
+    let mut w = client.status_watch();
+    tokio::time::timeout(PATIENCE, w.wait_for(|s| *s == want))
+        .await
+        .unwrap_or_else(|_| panic!("status {want:?} in time, still {:?}", client.status()))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_restarted_on_the_same_port_gets_its_clients_back() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let service = Client::connect_with(fast_reconnect(addr.to_string())).await.unwrap();
+    let mut events = service.subscribe("jobs.>").await.unwrap();
+    let _responder = service.respond("jobs.status", |_| async { Ok::<_, String>("all good") }).await.unwrap();
+    let old_id = service.service_id();
+
+    broker.stop().await;
+    wait_status(&service, Status::Reconnecting).await;
+    // Published while the broker is down: buffered, sent on reconnect (after the subscriptions,
+    // so this client sees its own message).
+    service.publish("jobs.offline", "buffered").await.unwrap();
+    eventually("the publish is buffered", || service.buffered() == 1).await;
+    assert!(matches!(service.request("jobs.status", "", LONG).await, Err(Error::ConnectionLost)));
+
+    let broker = Broker::start(Config::with_listen(addr)).await.expect("rebind the same port");
+    wait_status(&service, Status::Connected).await;
+    assert_eq!(events.next().await.unwrap().payload_str(), Some("buffered"));
+    assert_eq!(service.buffered(), 0);
+    let _ = old_id; // a new broker assigns ids afresh; the client reports the current one
+    assert_eq!(broker.stats().connections, 1);
+
+    // Subscriptions and responders work again without any user code.
+    let other = client(&broker).await;
+    other.publish("jobs.new", "after restart").await.unwrap();
+    assert_eq!(events.next().await.unwrap().payload_str(), Some("after restart"));
+    let reply = other.request("jobs.status", "", LONG).await.unwrap();
+    assert_eq!(reply.payload_str(), Some("all good"));
+    assert_eq!(broker.stats().subscriptions, 2);
+}
+
+#[tokio::test]
+async fn clients_fail_over_to_another_broker_on_shutdown() {
+    let a = broker().await;
+    let b = broker().await;
+    let options = fast_reconnect(a.local_addr().to_string()).server(b.local_addr().to_string());
+    let c = Client::connect_with(options).await.unwrap();
+    let mut sub = c.subscribe("x").await.unwrap();
+    a.stop().await; // tells the client ShuttingDown, then closes
+    wait_status(&c, Status::Connected).await;
+    eventually("subscription restored on b", || b.stats().subscriptions == 1).await;
+    let other = client(&b).await;
+    other.publish("x", "on b").await.unwrap();
+    assert_eq!(sub.next().await.unwrap().payload_str(), Some("on b"));
+}
+
+#[tokio::test]
+async fn a_paused_connection_is_found_by_the_broker_heartbeat_and_cleaned_up() {
+    let mut config = config();
+    config.heartbeat_interval = Duration::from_millis(100);
+    config.heartbeat_max_missed = 2;
+    let broker = broker_with(config).await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let mut options = ClientOptions::new(proxy.addr().to_string()).no_reconnect();
+    options.heartbeat_interval = Duration::ZERO; // only the broker watches
+    let victim = Client::connect_with(options).await.unwrap();
+    let _sub = victim.subscribe("a.>").await.unwrap();
+    let mut held = victim.requests("work").await.unwrap();
+    let requester = client(&broker).await;
+    let r = requester.clone();
+    let pending = tokio::spawn(async move { r.request("work", "", LONG).await });
+    let _request = held.next().await.unwrap();
+    assert_eq!(broker.stats().subscriptions, 2);
+
+    proxy.pause();
+    // Within interval × max missed (plus one check period), the broker gives up on it: its
+    // subscriptions go, and the request it owed fails at once instead of after a minute.
+    eventually("paused connection cleaned up", || {
+        let s = broker.stats();
+        s.connections == 1 && s.subscriptions == 0
+    })
+    .await;
+    let answer = tokio::time::timeout(PATIENCE, pending).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap_err().code(), Some(ErrorCode::ResponderLost));
+}
+
+#[tokio::test]
+async fn a_silent_broker_is_found_by_the_client_heartbeat() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let mut options = fast_reconnect(proxy.addr().to_string());
+    options.heartbeat_interval = Duration::from_millis(100);
+    let c = Client::connect_with(options).await.unwrap();
+    let mut sub = c.subscribe("ping.>").await.unwrap();
+    proxy.pause();
+    wait_status(&c, Status::Reconnecting).await;
+    proxy.resume(); // the old connection is abandoned; a new one is made through the proxy
+    wait_status(&c, Status::Connected).await;
+    eventually("old connection gone, new one subscribed", || {
+        let s = broker.stats();
+        s.connections == 1 && s.subscriptions == 1
+    })
+    .await;
+    client(&broker).await.publish("ping.back", "hi").await.unwrap();
+    assert_eq!(sub.next().await.unwrap().payload_str(), Some("hi"));
+}
+
+#[tokio::test]
+async fn a_cut_connection_comes_back_and_flushes_what_was_published_meanwhile() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let c = Client::connect_with(fast_reconnect(proxy.addr().to_string())).await.unwrap();
+    let mut sub = c.subscribe("n").await.unwrap();
+    for round in 0..3 {
+        proxy.cut();
+        // A publish into a connection that is being cut may be lost (at most once), so wait
+        // until the client has noticed and is back.
+        wait_status(&c, Status::Reconnecting).await;
+        wait_status(&c, Status::Connected).await;
+        c.publish("n", format!("{round}")).await.unwrap();
+        let m = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap();
+        assert_eq!(m.payload_str(), Some(format!("{round}").as_str()));
+    }
+}
+
+#[tokio::test]
+async fn the_offline_buffer_is_bounded() {
+    let broker = broker().await;
+    let addr = broker.local_addr().to_string();
+    let mut options = fast_reconnect(addr.clone());
+    options.offline_buffer = 5;
+    options.reconnect.initial_delay = Duration::from_secs(3600); // stay offline for the test
+    options.reconnect.max_delay = Duration::from_secs(3600);
+    let refusing = Client::connect_with(options.clone()).await.unwrap();
+    options.offline_policy = OfflinePolicy::DropOldest;
+    let dropping = Client::connect_with(options).await.unwrap();
+    broker.stop().await;
+    wait_status(&refusing, Status::Reconnecting).await;
+    wait_status(&dropping, Status::Reconnecting).await;
+    for i in 0..5 {
+        refusing.publish("t", vec![i]).await.unwrap();
+    }
+    eventually("5 buffered", || refusing.buffered() == 5).await;
+    assert!(matches!(refusing.publish("t", "6th").await, Err(Error::BufferFull { capacity: 5 })));
+    for i in 0..20 {
+        dropping.publish("t", vec![i]).await.unwrap();
+    }
+    dropping.flush().await.unwrap_err(); // a flush while offline fails: ConnectionLost
+    assert_eq!(dropping.buffered(), 5);
+}
+
+#[tokio::test]
+async fn a_thousand_malformed_peers_each_get_an_error_and_a_close_while_a_good_client_loses_nothing() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let publisher = client(&broker).await;
+    let subscriber = client(&broker).await;
+    let mut sub = subscriber.subscribe("steady").await.unwrap();
+    let good = tokio::spawn(async move {
+        for i in 0..2000u32 {
+            publisher.publish("steady", i.to_be_bytes().to_vec()).await.unwrap();
+            if i % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        publisher
+    });
+
+    let mut seed = 0x5eed_u64;
+    let mut attacks = Vec::new();
+    for i in 0..1000 {
+        attacks.push((i % 2 == 0, malformed(i, &mut seed)));
+    }
+    let mut codes = std::collections::HashMap::new();
+    for chunk in attacks.chunks(50) {
+        let mut tasks = Vec::new();
+        for (hello_first, bytes) in chunk.iter().cloned() {
+            tasks.push(tokio::spawn(async move { attack(addr, hello_first, bytes).await }));
+        }
+        for t in tasks {
+            *codes.entry(t.await.unwrap()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(codes.values().sum::<i32>(), 1000);
+    assert!(
+        codes.keys().all(|c| matches!(
+            c,
+            ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge | ErrorCode::UnsupportedVersion
+        )),
+        "{codes:?}"
+    );
+
+    let publisher = good.await.unwrap();
+    for i in 0..2000u32 {
+        let m = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap();
+        assert_eq!(&m.payload()[..], &i.to_be_bytes(), "in order, none lost");
+    }
+    publisher.flush().await.unwrap();
+    eventually("only the two good clients remain", || broker.stats().connections == 2).await;
+    assert_eq!(sub.dropped(), 0);
+}
+
+/// One malformed frame, of several kinds, built from a valid one or from random bytes.
+fn malformed(i: usize, seed: &mut u64) -> Vec<u8> {
+    let mut next = || {
+        *seed = busbar_core::group::mix(seed.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        *seed
+    };
+    let mut valid =
+        Frame::Pub(Message::new("a.b", vec![7u8; (next() % 64) as usize])).to_bytes().unwrap().to_vec();
+    match i % 8 {
+        0 => {
+            // Random garbage whose magic is certainly wrong.
+            let mut g: Vec<u8> = (0..64).map(|_| next() as u8).collect();
+            g[4] = b'x';
+            g
+        }
+        1 => {
+            valid[4] ^= 0xff; // magic
+            valid
+        }
+        2 => {
+            valid[6] = 2 + (next() % 200) as u8; // version
+            valid
+        }
+        3 => {
+            valid[7] = 0x8f; // unknown control command
+            valid
+        }
+        4 => {
+            valid[24] = 0xff; // topic length past the end
+            valid
+        }
+        5 => {
+            valid[26] = 0xff; // topic not UTF-8
+            valid
+        }
+        6 => {
+            // Length prefix beyond the maximum frame size.
+            valid[..4].copy_from_slice(
+                &((DEFAULT_MAX_FRAME_SIZE as u32) + 1 + (next() as u32 % 1000)).to_be_bytes(),
+            );
+            valid
+        }
+        _ => {
+            // A PING with trailing bytes.
+            let mut ping = Frame::Ping.to_bytes().unwrap().to_vec();
+            let extra = 1 + (next() % 8) as usize;
+            ping.extend(std::iter::repeat_n(0u8, extra));
+            let len = (ping.len() - 4) as u32;
+            ping[..4].copy_from_slice(&len.to_be_bytes());
+            ping
+        }
+    }
+}
+
+/// Sends `bytes` (after a HELLO, or instead of it) and returns the ERROR code the broker
+/// answers with, asserting that it then closes the connection.
+async fn attack(addr: std::net::SocketAddr, hello_first: bool, bytes: Vec<u8>) -> ErrorCode {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    if hello_first {
+        let hello = Frame::Hello(Hello { name: "attacker".into(), properties: Default::default() });
+        stream.write_all(&hello.to_bytes().unwrap()).await.unwrap();
+    }
+    let _ = stream.write_all(&bytes).await;
+    let mut code = None;
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            while let Some(f) = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap() {
+                match f {
+                    Frame::Welcome(_) => {}
+                    Frame::Error(e) => code = Some(e.code),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the broker closes the connection");
+    code.expect("an ERROR frame before the close")
+}
+
+#[tokio::test]
+async fn drain_lets_handlers_finish_what_they_were_given() {
+    let broker = broker().await;
+    let worker = client(&broker).await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let _task = worker
+        .subscribe_with("slow.job", move |_| {
+            let h = h.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                h.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .await
+        .unwrap();
+    let producer = client(&broker).await;
+    for _ in 0..50 {
+        producer.publish("slow.job", "").await.unwrap();
+    }
+    producer.flush().await.unwrap();
+    worker.flush().await.unwrap(); // all 50 are in the worker's buffer now
+    worker.drain(PATIENCE).await.unwrap();
+    assert_eq!(handled.load(Ordering::Relaxed), 50, "every delivered message was handled");
+    assert_eq!(worker.status(), Status::Disconnected);
+    eventually("worker gone from the broker", || broker.stats().subscriptions == 0).await;
+}
+
+#[tokio::test]
+async fn a_silent_raw_peer_is_pinged_then_closed_as_stale() {
+    let mut config = config();
+    config.heartbeat_interval = Duration::from_millis(50);
+    let broker = broker_with(config).await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(Frame::Hello(Hello { name: "silent".into(), properties: Default::default() })).await;
+    match raw.read().await {
+        Some(Frame::Welcome(w)) => assert_eq!(w.heartbeat_ms, 50),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(raw.read().await, Some(Frame::Ping), "pinged after one quiet interval");
+    assert_eq!(raw.expect_error().await.code, ErrorCode::StaleConnection);
+    raw.expect_closed().await;
+}
