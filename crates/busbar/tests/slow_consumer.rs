@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use busbar::{Client, ClientOptions, EventBus, Status};
+use busbar::{Client, ClientOptions, Status};
 use busbar_broker::{Config, SlowConsumerPolicy};
 use busbar_core::{Frame, Sub};
 use common::*;
