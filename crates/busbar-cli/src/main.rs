@@ -1,6 +1,8 @@
 //! `busbar`: run a broker, publish, subscribe.
 #![allow(clippy::print_stdout)]
 
+mod bench;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +35,8 @@ enum Command {
     Request(RequestArgs),
     /// Answer requests on a pattern with fixed data, or with the output of a command.
     Reply(ReplyArgs),
+    /// Measure throughput and latency (against busbar, or a NATS server with --nats).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -171,8 +175,10 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The broker logs connections at info; the client commands and the bench only want problems.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -183,6 +189,7 @@ fn main() -> Result<()> {
             Command::Subscribe(args) => subscribe(args).await,
             Command::Request(args) => request(args).await,
             Command::Reply(args) => reply(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     })
 }

@@ -161,3 +161,19 @@ fn request_and_reply_commands() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no responders"));
 }
+
+#[test]
+fn bench_runs_every_scenario_against_an_embedded_broker() {
+    let out = Command::new(BIN).args(["bench", "--embedded", "-n", "2000", "--quiet"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pubsub", "fanout", "group", "request", "request-inflight"]);
+    for l in &lines {
+        assert_eq!(l["lost"], 0, "{l}");
+        assert_eq!(l["out_of_order"], 0, "{l}");
+        assert!(l["msgs_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(l["p99_us"].as_f64().unwrap() >= l["p50_us"].as_f64().unwrap());
+    }
+}
