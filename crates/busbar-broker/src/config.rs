@@ -30,7 +30,7 @@ pub struct Config {
     /// Most subscriptions one connection may hold.
     pub max_subscriptions: usize,
     /// Most frames waiting to be written to one connection; a connection whose queue is full is a
-    /// slow consumer (see `slow_consumer`).
+    /// slow consumer (see `slow_consumer`). The byte bound below is usually the one that binds.
     pub max_pending: usize,
     /// Most bytes of frames waiting to be written to one connection; beyond it, a slow consumer.
     pub max_pending_bytes: usize,
@@ -57,7 +57,7 @@ impl Default for Config {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: 65_536,
             max_subscriptions: 65_536,
-            max_pending: 65_536,
+            max_pending: 1 << 20,
             max_pending_bytes: 64 * 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             heartbeat_interval: Duration::from_secs(10),

@@ -35,6 +35,8 @@ use tracing::{debug, info, warn};
 use crate::config::SlowConsumerPolicy;
 use crate::server::{Counters, Shared};
 
+/// Initial size of a connection's read buffer: one read takes many small frames.
+const READ_BUFFER: usize = 8 * 1024;
 /// Largest batch the write task builds before it writes.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Time given to a connection being closed to take its last frames and the error frame.
@@ -197,7 +199,7 @@ fn frame_error_code(e: &FrameError) -> ErrorCode {
 pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Arc<Shared>) {
     let max = shared.config.max_frame_size;
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, FrameCodec::new(max));
+    let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
     let config = &shared.config;
     let control =
@@ -291,12 +293,22 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     let period = (beat / 4).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The clock is read once per tick, not per frame: a frame only sets `heard`.
     let mut last_seen = tokio::time::Instant::now();
+    let mut heard = false;
     let mut pinged = false;
+    // Created once: a fresh `cancelled()` future per frame costs a registration each time.
+    let killed = outbox.control.kill.cancelled();
+    let stopping = shared.shutdown.cancelled();
+    tokio::pin!(killed, stopping);
     loop {
         let next = tokio::select! {
             next = reader.next() => next,
             _ = tick.tick(), if !beat.is_zero() => {
+                if std::mem::take(&mut heard) {
+                    last_seen = tokio::time::Instant::now();
+                    pinged = false;
+                }
                 let idle = last_seen.elapsed();
                 if idle >= dead_after {
                     warn!(?idle, "no frame within the heartbeat limit, closing connection");
@@ -309,8 +321,8 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 }
                 continue;
             }
-            () = outbox.control.kill.cancelled() => return,
-            () = shared.shutdown.cancelled() => {
+            () = &mut killed => return,
+            () = &mut stopping => {
                 let bye = error(ErrorCode::ShuttingDown, 0, "server shutting down");
                 outbox.send(Outbound::Close(bye)).await;
                 return;
@@ -329,8 +341,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             }
             Some(Ok(frame)) => frame,
         };
-        last_seen = tokio::time::Instant::now();
-        pinged = false;
+        heard = true;
         if let Err(fatal) = apply(frame, outbox, id, shared).await {
             outbox.control.fail(fatal);
             return;
@@ -480,12 +491,15 @@ async fn write_loop(
     control: Arc<Control>,
     max: usize,
 ) {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    // Grows to what the connection needs (up to about WRITE_BATCH), so idle ones stay small.
+    let mut buf = BytesMut::new();
     let mut written = 0;
+    let killed = control.kill.cancelled();
+    tokio::pin!(killed);
     'run: loop {
         let first = tokio::select! {
             biased;
-            () = control.kill.cancelled() => break 'run,
+            () = &mut killed => break 'run,
             next = rx.recv() => next,
         };
         let Some(first) = first else { break 'run };
@@ -500,7 +514,7 @@ async fn write_loop(
         while written < buf.len() {
             tokio::select! {
                 biased;
-                () = control.kill.cancelled() => break 'run,
+                () = &mut killed => break 'run,
                 r = wr.write(&buf[written..]) => match r {
                     Ok(0) | Err(_) => { control.kill.cancel(); return; }
                     Ok(n) => written += n,

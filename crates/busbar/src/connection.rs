@@ -86,7 +86,7 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
             .map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
-        let mut reader = FramedRead::new(rd, FrameCodec::default());
+        let mut reader = FramedRead::with_capacity(rd, FrameCodec::default(), 64 * 1024);
         let mut writer = FramedWrite::new(wr, FrameCodec::default());
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
         if let Some(service) = &options.service {
@@ -313,7 +313,9 @@ impl ConnectionTask {
         let period = (beat / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The clock is read once per tick, not per frame: a frame only sets `heard`.
         let mut last_seen = Instant::now();
+        let mut heard = false;
         let mut pinged = false;
         loop {
             tokio::select! {
@@ -330,8 +332,7 @@ impl ConnectionTask {
                 }
                 frame = conn.reader.next() => match frame {
                     Some(Ok(frame)) => {
-                        last_seen = Instant::now();
-                        pinged = false;
+                        heard = true;
                         if let Err(e) = self.on_frame(&mut conn, frame).await {
                             return End::Lost(e);
                         }
@@ -340,6 +341,10 @@ impl ConnectionTask {
                     None => return End::Lost(Error::ConnectionLost),
                 },
                 _ = tick.tick(), if !beat.is_zero() => {
+                    if std::mem::take(&mut heard) {
+                        last_seen = Instant::now();
+                        pinged = false;
+                    }
                     let idle = last_seen.elapsed();
                     if idle >= dead_after {
                         warn!(?idle, "no frame from the broker within the heartbeat limit");
