@@ -344,7 +344,8 @@ impl Client {
 
     /// Subscribes to events matching a pattern (`*` and `>` wildcards allowed; see [`Pattern`]
     /// for groups). Returns once the broker has confirmed the subscription, so messages published
-    /// after this returns are received.
+    /// after this returns are received. While reconnecting it returns once the subscription is
+    /// queued: it is sent, with every other, as soon as the connection is back.
     pub async fn subscribe(&self, pattern: impl Into<Pattern>) -> Result<Subscription> {
         let pattern = pattern.into();
         let name = pattern.pattern.clone();
