@@ -114,18 +114,18 @@ impl Requests {
                 continue;
             }
             let Some(p) = self.pending.get_mut(&key) else { continue };
-            let Some(i) = p.responders.iter().position(|&r| r == conn) else { continue };
-            p.responders.swap_remove(i);
-            let remaining = p.responders.len() as u32;
-            let text = "the responder disconnected before it replied";
-            p.requester.deliver_frame(error_reply(
-                key.1,
-                ErrorCode::ResponderLost,
-                remaining,
-                p.topic.clone(),
-                text,
-            ));
-            if remaining == 0 {
+            if !p.responders.contains(&conn) {
+                continue;
+            }
+            // Once per CALL it owed (a connection may answer through several subscriptions).
+            while let Some(i) = p.responders.iter().position(|&r| r == conn) {
+                p.responders.swap_remove(i);
+                let remaining = p.responders.len() as u32;
+                let text = "the responder disconnected before it replied";
+                let reply = error_reply(key.1, ErrorCode::ResponderLost, remaining, p.topic.clone(), text);
+                p.requester.deliver_frame(reply);
+            }
+            if p.responders.is_empty() {
                 self.forget(key);
             }
         }

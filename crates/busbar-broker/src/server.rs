@@ -209,7 +209,11 @@ async fn serve_shared(
         }
         shared.open.fetch_add(1, Ordering::Relaxed);
         shared.stats.connections_total.inc();
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Service ids are never 0 ("nobody"), also after the counter wraps.
+        let id = match shared.next_id.fetch_add(1, Ordering::Relaxed) {
+            0 => shared.next_id.fetch_add(1, Ordering::Relaxed),
+            id => id,
+        };
         let span = info_span!("conn", id, %peer);
         let s = shared.clone();
         tracker.spawn(

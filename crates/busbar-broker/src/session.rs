@@ -37,6 +37,8 @@ use crate::server::{Counters, Shared};
 
 /// Initial size of a connection's read buffer: one read takes many small frames.
 const READ_BUFFER: usize = 8 * 1024;
+/// Longest the session waits for room to queue an answer to the client (PONG, ERROR …).
+const SEND_PATIENCE: Duration = Duration::from_secs(5);
 /// Largest batch the write task builds before it writes.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Time given to a connection being closed to take its last frames and the error frame.
@@ -58,8 +60,8 @@ impl Outbound {
     fn size(&self) -> usize {
         match self {
             Outbound::Msg { msg, .. } => msg.frame_size(),
+            Outbound::Frame(Frame::Error(e)) | Outbound::Close(e) => 32 + e.message.len(),
             Outbound::Frame(f) => f.message().map_or(64, Message::frame_size),
-            Outbound::Close(_) => 64,
         }
     }
 }
@@ -167,19 +169,39 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame, waiting for room (the client's own replies: backpressure on its reads).
+    /// Queues a frame, waiting for room (the client's own replies: backpressure on its reads),
+    /// but at most `SEND_PATIENCE`: a client that reads nothing for that long while the broker
+    /// owes it an answer is a slow consumer, whatever the policy for messages.
     async fn send(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
+        let c = &self.control;
         let size = out.size();
-        self.control.pending_bytes.fetch_add(size, Ordering::Relaxed);
+        if c.max_bytes > 0 && c.pending_bytes.load(Ordering::Relaxed) + size > c.max_bytes {
+            c.fail(error(ErrorCode::SlowConsumer, 0, "outbound bytes over the limit: slow consumer"));
+            return false;
+        }
+        c.pending_bytes.fetch_add(size, Ordering::Relaxed);
         let sent = tokio::select! {
             r = tx.send(out) => r.is_ok(),
-            () = self.control.kill.cancelled() => false,
+            () = c.kill.cancelled() => false,
+            () = tokio::time::sleep(SEND_PATIENCE) => {
+                c.fail(error(ErrorCode::SlowConsumer, 0, "not reading: slow consumer"));
+                false
+            }
         };
         if !sent {
-            self.control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+            c.pending_bytes.fetch_sub(size, Ordering::Relaxed);
         }
         sent
+    }
+}
+
+/// A peer-supplied text as it is quoted in an error: at most 100 characters, so that a client
+/// cannot make the broker queue error frames many times the size of what it sent.
+fn shown(text: &str) -> &str {
+    match text.char_indices().nth(100) {
+        Some((at, _)) => &text[..at],
+        None => text,
     }
 }
 
@@ -356,7 +378,7 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
         Frame::Pub(mut message) => {
             shared.stats.messages_in.inc();
             if let Err(e) = validate_topic(&message.topic) {
-                let text = format!("invalid topic {:?}: {e}", &*message.topic);
+                let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
                 outbox.send(Outbound::Frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
                 return Ok(());
             }
@@ -387,7 +409,7 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
                 outbox
                     .send(fail(
                         ErrorCode::InvalidPattern,
-                        format!("invalid pattern {:?}: {e}", &*sub.pattern),
+                        format!("invalid pattern {:?}: {e}", shown(&sub.pattern)),
                     ))
                     .await;
                 return Ok(());
@@ -398,7 +420,7 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
             let result =
                 shared.router_mut().subscribe(id, sub.sid, pattern, group, sub.kind, outbox.clone(), limit);
             if let Err(e) = result {
-                let text = format!("subscription {} to {:?} refused: {e:?}", sub.sid, &*sub.pattern);
+                let text = format!("subscription {} to {:?} refused: {e:?}", sub.sid, shown(&sub.pattern));
                 outbox.send(fail(e.code(), text)).await;
             }
         }
@@ -445,35 +467,43 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
         Outbound::Frame(crate::requests::error_reply(req_id, code, 0, topic, text))
     };
     if let Err(e) = validate_topic(&message.topic) {
-        let text = format!("invalid topic {:?}: {e}", &*message.topic);
+        let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
         outbox.send(fail(ErrorCode::InvalidTopic, &text, message.topic.clone())).await;
         return;
     }
     message.source = id;
     let only = destination(&message, shared);
-    let targets = match only {
-        Some(only) => shared.router().select_responders(&message.topic, message.key, only, all),
-        None => Vec::new(),
-    };
-    if targets.is_empty() {
-        shared.stats.no_responders.inc();
-        let text = format!("no responders for {:?}", &*message.topic);
-        outbox.send(fail(ErrorCode::NoResponders, &text, message.topic.clone())).await;
-        return;
-    }
-    let responders = targets.iter().map(|t| t.conn).collect();
     let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
     let limit = shared.config.max_requests;
     let topic = message.topic.clone();
-    // Registered before the CALLs go out, so that no reply can arrive first.
-    if shared
-        .requests()
-        .insert(id, req_id, outbox.clone(), topic.clone(), responders, timeout, limit)
-        .is_err()
-    {
-        let text = format!("more than {limit} requests in flight");
-        outbox.send(fail(ErrorCode::TooManyRequests, &text, topic)).await;
-        return;
+    // The router stays read-locked until the request is registered (before the CALLs go out, so
+    // that no reply can come first), so that a responder cannot disconnect in between unnoticed:
+    // its cleanup takes the write lock, then fails what it owes.
+    let (targets, registered) = {
+        let router = shared.router();
+        let targets = match only {
+            Some(only) => router.select_responders(&message.topic, message.key, only, all),
+            None => Vec::new(),
+        };
+        let registered = (!targets.is_empty()).then(|| {
+            let responders = targets.iter().map(|t| t.conn).collect();
+            shared.requests().insert(id, req_id, outbox.clone(), topic.clone(), responders, timeout, limit)
+        });
+        (targets, registered)
+    };
+    match registered {
+        None => {
+            shared.stats.no_responders.inc();
+            let text = format!("no responders for {:?}", shown(&message.topic));
+            outbox.send(fail(ErrorCode::NoResponders, &text, topic)).await;
+            return;
+        }
+        Some(Err(_)) => {
+            let text = format!("more than {limit} requests in flight");
+            outbox.send(fail(ErrorCode::TooManyRequests, &text, topic)).await;
+            return;
+        }
+        Some(Ok(())) => {}
     }
     for t in targets {
         let call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };

@@ -58,11 +58,27 @@ pub(crate) enum ReplySink {
     All(mpsc::Sender<Reply>),
 }
 
+impl ReplySink {
+    /// The requester has stopped waiting.
+    fn is_closed(&self) -> bool {
+        match self {
+            ReplySink::One(tx) => tx.is_closed(),
+            ReplySink::All(tx) => tx.is_closed(),
+        }
+    }
+}
+
 /// Something waiting for the next PONG.
 #[derive(Debug)]
 enum PongWaiter {
+    /// A heartbeat: nobody waits, but its PONG must not be taken for another's.
+    Heartbeat,
     Flush(oneshot::Sender<Result<()>>),
-    Subscribe { sid: u64, done: oneshot::Sender<Result<()>>, error: Option<Error> },
+    Subscribe {
+        sid: u64,
+        done: oneshot::Sender<Result<()>>,
+        error: Option<Error>,
+    },
 }
 
 /// An established connection.
@@ -193,6 +209,7 @@ impl ConnectionTask {
         self.fail_in_flight();
         for waiter in self.pongs.drain(..) {
             match waiter {
+                PongWaiter::Heartbeat => {}
                 PongWaiter::Flush(done) | PongWaiter::Subscribe { done, .. } => {
                     let _ = done.send(Err(Error::Closed));
                 }
@@ -208,10 +225,15 @@ impl ConnectionTask {
         self.requests.clear();
         for waiter in std::mem::take(&mut self.pongs) {
             match waiter {
+                PongWaiter::Heartbeat => {}
                 PongWaiter::Flush(done) => {
                     let _ = done.send(Err(Error::ConnectionLost));
                 }
-                PongWaiter::Subscribe { done, error, .. } => {
+                PongWaiter::Subscribe { done, error, sid } => {
+                    if error.is_some() {
+                        // Refused by the broker: not to be sent again on the next connection.
+                        self.subs.remove(&sid);
+                    }
                     let _ = done.send(error.map_or(Ok(()), Err));
                 }
             }
@@ -352,10 +374,13 @@ impl ConnectionTask {
                     }
                     if idle >= beat && !pinged {
                         pinged = true;
+                        self.pongs.push_back(PongWaiter::Heartbeat);
                         if let Err(e) = conn.writer.send(Frame::Ping).await {
                             return End::Lost(codec_error(e));
                         }
                     }
+                    // Requests whose caller stopped waiting (dropped future, lost cancel).
+                    self.requests.retain(|_, sink| !sink.is_closed());
                 }
             }
         }
@@ -418,6 +443,10 @@ impl ConnectionTask {
                 let _ = done.send(());
             }
             Command::Request { request, sink } => {
+                if self.requests.len() >= 1024 && self.requests.len().is_power_of_two() {
+                    // Also without heartbeats, forget requests whose caller stopped waiting.
+                    self.requests.retain(|_, sink| !sink.is_closed());
+                }
                 self.requests.insert(request.id, sink);
                 feed(conn, Frame::Request(request)).await?;
             }
@@ -485,6 +514,7 @@ impl ConnectionTask {
             }
             Frame::Ping => conn.writer.send(Frame::Pong).await.map_err(codec_error)?,
             Frame::Pong => match self.pongs.pop_front() {
+                Some(PongWaiter::Heartbeat) | None => {}
                 Some(PongWaiter::Flush(done)) => {
                     let _ = done.send(Ok(()));
                 }
@@ -494,7 +524,6 @@ impl ConnectionTask {
                     }
                     let _ = done.send(error.map_or(Ok(()), Err));
                 }
-                None => {} // the answer to a heartbeat
             },
             Frame::Error(e) => {
                 let error = Error::Server { code: e.code, message: e.message.to_string() };

@@ -328,10 +328,14 @@ impl Bus {
     }
 
     fn update<R>(&self, change: impl FnOnce(&mut Table) -> Result<R>) -> Result<R> {
-        let _writer = self.inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let writer = self.inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut table = Table::clone(&self.inner.table.load());
         let result = change(&mut table)?;
-        self.inner.table.store(Arc::new(table));
+        let old = self.inner.table.swap(Arc::new(table));
+        drop(writer);
+        // Dropped after the lock is released: the last reference to a removed handler may own a
+        // Registration of this bus, whose drop unsubscribes, which takes the lock again.
+        drop(old);
         Ok(result)
     }
 

@@ -487,3 +487,19 @@ async fn requests_in_flight_are_bounded_per_connection() {
     b.reply("2").await.unwrap();
     assert!(r1.await.unwrap().is_ok() && r2.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn a_responder_with_two_subscriptions_that_disconnects_fails_both_calls() {
+    let broker = broker().await;
+    let responder = client(&broker).await;
+    let mut a = responder.requests("census.>").await.unwrap();
+    let mut b = responder.requests("census.*").await.unwrap();
+    let requester = client(&broker).await;
+    let r = requester.clone();
+    let pending = tokio::spawn(async move { r.request_all("census.x", "", LONG, None).await });
+    let (_held_a, _held_b) = (a.next().await.unwrap(), b.next().await.unwrap());
+    responder.disconnect().await.unwrap();
+    let answers = tokio::time::timeout(PATIENCE, pending).await.expect("failed fast").unwrap().unwrap();
+    assert_eq!(answers.len(), 2);
+    assert!(answers.iter().all(|a| a.as_ref().unwrap_err().code() == Some(ErrorCode::ResponderLost)));
+}

@@ -257,3 +257,19 @@ async fn scatter_gather_in_process() {
     let reply = bus.request_message(Outgoing::new("census", "").transaction(9), LONG).await.unwrap();
     assert_eq!(reply.transaction(), 9);
 }
+
+#[test]
+fn a_handler_that_owns_a_registration_of_the_same_bus_can_be_dropped() {
+    // Dropping the outer registration drops the handler, which drops the inner registration,
+    // which unsubscribes: that must not deadlock on the bus's writer lock.
+    let bus = Bus::new();
+    let inner = bus.on("inner", |_| ()).unwrap();
+    let outer = bus
+        .on("outer", move |_| {
+            let _keep = &inner;
+        })
+        .unwrap();
+    assert_eq!(bus.subscription_count(), 2);
+    drop(outer);
+    assert_eq!(bus.subscription_count(), 0);
+}

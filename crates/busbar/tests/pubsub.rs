@@ -363,3 +363,14 @@ async fn many_clients_many_topics_no_cross_talk() {
     }
     assert_eq!(seen.len(), 20);
 }
+
+#[tokio::test]
+async fn error_texts_quote_at_most_a_bounded_part_of_what_the_client_sent() {
+    let broker = broker().await;
+    let mut raw = Raw::hello(&broker).await;
+    let long_bad_topic = "a b".repeat(10_000);
+    raw.send(Frame::Pub(Message::new(long_bad_topic, ""))).await;
+    let e = raw.expect_error().await;
+    assert_eq!(e.code, ErrorCode::InvalidTopic);
+    assert!(e.message.len() < 300, "{} bytes of error text", e.message.len());
+}
