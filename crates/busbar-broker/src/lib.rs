@@ -23,6 +23,8 @@
 //! `try_send` into each subscriber's bounded outbox → that subscriber's write task batches and
 //! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
+#[doc(hidden)]
+pub mod bench_support;
 mod config;
 mod requests;
 mod router;

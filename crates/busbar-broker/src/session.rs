@@ -105,6 +105,11 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox into `tx`, with no byte budget (for benches).
+    pub(crate) fn new(tx: mpsc::Sender<Outbound>) -> Self {
+        Self { tx: Some(tx), control: Arc::default() }
+    }
+
     /// An outbox that leads nowhere (used as a lookup key, and in unit tests).
     pub(crate) fn detached() -> Self {
         Self { tx: None, control: Arc::default() }
