@@ -21,6 +21,8 @@ pub enum SlowConsumerPolicy {
 pub struct Config {
     /// Address of the native protocol listener. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Address of the monitoring HTTP listener (health, metrics, JSON, dashboard); off when None.
+    pub http: Option<SocketAddr>,
     /// Name announced in WELCOME.
     pub server_name: String,
     /// Largest frame accepted (and sent), announced in WELCOME.
@@ -53,6 +55,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
+            http: None,
             server_name: "busbar".into(),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: 65_536,

@@ -17,6 +17,7 @@
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
+//! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, the dashboard at `/` |
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
 //! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
@@ -26,6 +27,7 @@
 #[doc(hidden)]
 pub mod bench_support;
 mod config;
+mod monitor;
 mod requests;
 mod router;
 mod server;

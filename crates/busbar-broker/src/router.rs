@@ -51,6 +51,16 @@ struct SubEntry {
     kind: SubKind,
 }
 
+/// A subscription as monitoring shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct SubView {
+    pub(crate) conn: u32,
+    pub(crate) sid: u64,
+    pub(crate) pattern: String,
+    pub(crate) group: Option<String>,
+    pub(crate) kind: &'static str,
+}
+
 /// A responder picked for a request.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
@@ -189,6 +199,28 @@ impl Router {
                 e.remove();
             }
         }
+    }
+
+    /// Every subscription, for monitoring: (connection, id, pattern, group, kind).
+    pub(crate) fn subscriptions(&self) -> Vec<SubView> {
+        let mut out: Vec<SubView> = self
+            .conns
+            .iter()
+            .flat_map(|(&conn, c)| {
+                c.subs.iter().map(move |(&sid, s)| SubView {
+                    conn,
+                    sid,
+                    pattern: s.pattern.to_string(),
+                    group: s.group.as_ref().map(|g| g.name.to_string()),
+                    kind: match s.kind {
+                        SubKind::Events => "events",
+                        SubKind::Requests => "requests",
+                    },
+                })
+            })
+            .collect();
+        out.sort_by_key(|v| (v.conn, v.sid));
+        out
     }
 
     pub(crate) fn subscription_count(&self) -> usize {

@@ -1,10 +1,11 @@
 //! The accept loop, shared broker state, graceful shutdown, and the embedding API.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use busbar_core::{ErrorCode, ErrorFrame, Frame};
 use tokio::io::AsyncWriteExt;
@@ -18,7 +19,17 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::Config;
 use crate::requests::Requests;
 use crate::router::Router;
-use crate::session;
+use crate::session::{self, Control};
+
+/// What monitoring shows of a connection.
+#[derive(Debug)]
+pub(crate) struct ConnMeta {
+    pub(crate) name: String,
+    pub(crate) service: Option<String>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) since: SystemTime,
+    pub(crate) control: Arc<Control>,
+}
 
 /// Errors that stop the broker.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +58,7 @@ impl Counter {
     pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
-    fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
@@ -55,6 +66,10 @@ impl Counter {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) messages_in: Counter,
+    pub(crate) bytes_in: Counter,
+    pub(crate) messages_out: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) expired_requests: Counter,
     pub(crate) deliveries: Counter,
     pub(crate) connections_total: Counter,
     pub(crate) connections_refused: Counter,
@@ -67,7 +82,7 @@ pub(crate) struct Counters {
 }
 
 /// A snapshot of what the broker is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Stats {
     /// Connections open now.
     pub connections: u64,
@@ -105,6 +120,9 @@ pub(crate) struct Shared {
     requests: Mutex<Requests>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) stats: Arc<Counters>,
+    /// Who is connected, for monitoring.
+    pub(crate) conns: Mutex<HashMap<u32, ConnMeta>>,
+    pub(crate) started: SystemTime,
     open: AtomicU64,
     next_id: AtomicU32,
 }
@@ -124,7 +142,11 @@ impl Shared {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn stats(&self) -> Stats {
+    pub(crate) fn conns(&self) -> MutexGuard<'_, HashMap<u32, ConnMeta>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
         Stats {
             connections: self.open.load(Ordering::Relaxed),
             subscriptions: self.router().subscription_count() as u64,
@@ -146,10 +168,12 @@ impl Shared {
 /// Binds `config.listen` and serves until `shutdown` completes, then drains. The `busbar serve`
 /// command is this function plus a signal handler.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+    let listener = bind(config.listen).await?;
     serve(listener, config, shutdown).await
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })
 }
 
 /// Serves on an already bound listener (`config.listen` is ignored) until `shutdown` completes:
@@ -160,8 +184,12 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    let http = match config.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let shared = new_shared(config);
-    serve_shared(listener, shared, shutdown).await
+    serve_shared(listener, http, shared, shutdown).await
 }
 
 fn new_shared(config: Config) -> Arc<Shared> {
@@ -171,6 +199,8 @@ fn new_shared(config: Config) -> Arc<Shared> {
         requests: Mutex::default(),
         shutdown: CancellationToken::new(),
         stats: Arc::default(),
+        conns: Mutex::default(),
+        started: SystemTime::now(),
         open: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
     })
@@ -178,12 +208,16 @@ fn new_shared(config: Config) -> Arc<Shared> {
 
 async fn serve_shared(
     listener: TcpListener,
+    http: Option<TcpListener>,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
     let addr = listener.local_addr()?;
     info!(%addr, "busbar broker listening");
     let tracker = TaskTracker::new();
+    if let Some(http) = http {
+        tracker.spawn(crate::monitor::serve(http, shared.clone()));
+    }
     tracker.spawn(sweep_requests(shared.clone()));
     tokio::pin!(shutdown);
     loop {
@@ -245,6 +279,7 @@ async fn sweep_requests(shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {
                 let expired = shared.requests().expire(tokio::time::Instant::now());
+                shared.stats.expired_requests.add(expired as u64);
                 if expired > 0 {
                     tracing::debug!(expired, "expired requests forgotten");
                 }
@@ -285,6 +320,7 @@ async fn refuse(mut stream: TcpStream, max: usize) {
 #[derive(Debug)]
 pub struct Broker {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), BrokerError>>>,
@@ -293,16 +329,24 @@ pub struct Broker {
 impl Broker {
     /// Binds `config.listen` and starts serving on the current tokio runtime.
     pub async fn start(config: Config) -> Result<Self, BrokerError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+        let listener = bind(config.listen).await?;
         let addr = listener.local_addr()?;
+        let http = match config.http {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let shared = new_shared(config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_shared(listener, shared.clone(), async move {
+        let task = tokio::spawn(serve_shared(listener, http, shared.clone(), async move {
             let _ = stopped.await;
         }));
-        Ok(Self { addr, shared, stop: Some(stop), task: Some(task) })
+        Ok(Self { addr, http_addr, shared, stop: Some(stop), task: Some(task) })
+    }
+
+    /// The address of the monitoring listener, when `Config::http` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The address the broker listens on (with the real port when port 0 was asked for).

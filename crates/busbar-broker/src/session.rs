@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::SlowConsumerPolicy;
-use crate::server::{Counters, Shared};
+use crate::server::{ConnMeta, Counters, Shared};
 
 /// Initial size of a connection's read buffer: one read takes many small frames.
 const READ_BUFFER: usize = 8 * 1024;
@@ -73,11 +73,16 @@ pub(crate) struct Control {
     kill: CancellationToken,
     reason: Mutex<Option<ErrorFrame>>,
     /// Bytes of frames queued and not yet encoded by the writer.
-    pending_bytes: AtomicUsize,
+    pub(crate) pending_bytes: AtomicUsize,
     max_bytes: usize,
     policy: SlowConsumerPolicy,
     /// Messages dropped for this connection under `SlowConsumerPolicy::Drop`.
-    dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    /// Traffic of this connection, for monitoring.
+    pub(crate) msgs_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) msgs_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     counters: Option<Arc<Counters>>,
 }
 
@@ -237,6 +242,14 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     let registered = match handshake(&mut reader, &outbox, id, &shared).await {
         Some((name, service)) => {
             info!(name = %name, service = service.as_deref(), "client connected");
+            let meta = ConnMeta {
+                name,
+                service: service.as_deref().map(str::to_string),
+                addr: peer,
+                since: std::time::SystemTime::now(),
+                control: control.clone(),
+            };
+            shared.conns().insert(id, meta);
             shared.router_mut().add_connection(id, service);
             read_loop(&mut reader, &outbox, id, &shared).await;
             true
@@ -246,6 +259,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     if registered {
         shared.router_mut().remove_connection(id);
         shared.requests().remove_connection(id);
+        shared.conns().remove(&id);
     }
     drop(outbox);
     // The writer ends once every sender is gone (flushing what is queued) or the connection was
@@ -381,7 +395,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
 async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Result<(), ErrorFrame> {
     match frame {
         Frame::Pub(mut message) => {
-            shared.stats.messages_in.inc();
+            count_in(outbox, shared, &message);
             if let Err(e) = validate_topic(&message.topic) {
                 let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
                 outbox.send(Outbound::Frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
@@ -465,7 +479,17 @@ fn destination(message: &Message, shared: &Shared) -> Option<Option<u32>> {
 }
 
 /// Routes a request to its responders, or answers at once when there are none.
+/// Counts a message received from the client, for the connection and the broker.
+fn count_in(outbox: &Outbox, shared: &Shared, message: &Message) {
+    let bytes = message.frame_size() as u64;
+    shared.stats.messages_in.inc();
+    shared.stats.bytes_in.add(bytes);
+    outbox.control.msgs_in.fetch_add(1, Ordering::Relaxed);
+    outbox.control.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+}
+
 async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared) {
+    count_in(outbox, shared, &request.message);
     let Request { id: req_id, all, timeout_ms, mut message } = request;
     shared.stats.requests.inc();
     let fail = |code, text: &str, topic: ByteString| {
@@ -583,6 +607,15 @@ async fn write_loop(
 /// was a closing error.
 fn encode(buf: &mut BytesMut, out: Outbound, max: usize, control: &Control) -> bool {
     control.pending_bytes.fetch_sub(out.size(), Ordering::Relaxed);
+    if let Outbound::Msg { msg, .. } = &out {
+        let bytes = msg.frame_size() as u64;
+        control.msgs_out.fetch_add(1, Ordering::Relaxed);
+        control.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(counters) = &control.counters {
+            counters.messages_out.inc();
+            counters.bytes_out.add(bytes);
+        }
+    }
     let (result, closing) = match out {
         Outbound::Msg { sid, msg } => (frame::encode_msg(buf, sid, &msg, max), false),
         Outbound::Frame(f) => (f.encode(buf, max), false),

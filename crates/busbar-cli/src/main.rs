@@ -17,8 +17,17 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "busbar", version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=busbar_broker=debug).
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +46,20 @@ enum Command {
     Reply(ReplyArgs),
     /// Measure throughput and latency (against busbar, or a NATS server with --nats).
     Bench(bench::BenchArgs),
+    /// Show a running broker's counters (from its monitoring listener).
+    Stats(MonitorArgs),
+    /// List a running broker's connections (from its monitoring listener).
+    Connections(MonitorArgs),
+}
+
+#[derive(Debug, Args)]
+struct MonitorArgs {
+    /// The broker's monitoring address (its `serve --http`).
+    #[arg(long, default_value = "127.0.0.1:8900", env = "BUSBAR_HTTP")]
+    http: String,
+    /// Print the JSON as the broker sent it.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +123,10 @@ struct ServeArgs {
     /// Name announced to clients.
     #[arg(long, default_value = "busbar")]
     name: String,
+    /// Serve monitoring (health, Prometheus metrics, JSON, a dashboard) on this address, e.g.
+    /// 127.0.0.1:8900.
+    #[arg(long, env = "BUSBAR_HTTP_LISTEN")]
+    http: Option<SocketAddr>,
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = busbar::core::frame::DEFAULT_MAX_FRAME_SIZE)]
     max_frame_size: usize,
@@ -177,10 +204,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // The broker logs connections at info; the client commands and the bench only want problems.
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Pretty => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -190,6 +219,8 @@ fn main() -> Result<()> {
             Command::Request(args) => request(args).await,
             Command::Reply(args) => reply(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Stats(args) => stats(args).await,
+            Command::Connections(args) => connections(args).await,
         }
     })
 }
@@ -197,6 +228,7 @@ fn main() -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = Config {
         listen: args.listen,
+        http: args.http,
         server_name: args.name,
         max_frame_size: args.max_frame_size,
         max_connections: args.max_connections,
@@ -204,6 +236,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_pending: args.max_pending,
         ..Config::default()
     };
+    if let Some(http) = config.http {
+        println!("busbar monitoring on http://{http}/");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -235,6 +270,60 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+/// GETs a JSON document from the broker's monitoring listener.
+async fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
+    let url = format!("http://{http}{path}");
+    let text = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || -> Result<String, ureq::Error> { ureq::get(&url).call()?.body_mut().read_to_string() }
+    })
+    .await?
+    .with_context(|| format!("cannot read {url} (is the broker running with --http {http}?)"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+async fn stats(args: MonitorArgs) -> Result<()> {
+    let varz = get_json(&args.http, "/varz").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&varz)?);
+        return Ok(());
+    }
+    println!("{} {}, up {} s", varz["server_name"], varz["version"], varz["uptime_secs"]);
+    if let Some(stats) = varz["stats"].as_object() {
+        for (k, v) in stats {
+            println!("  {k:<20} {v:>12}");
+        }
+    }
+    Ok(())
+}
+
+async fn connections(args: MonitorArgs) -> Result<()> {
+    let connz = get_json(&args.http, "/connz").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&connz)?);
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:<24} {:<22} {:>5} {:>10} {:>10} {:>10} {:>8}",
+        "id", "name", "address", "subs", "pending B", "msgs in", "msgs out", "dropped"
+    );
+    for c in connz["connections"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:<24} {:<22} {:>5} {:>10} {:>10} {:>10} {:>8}",
+            c["id"],
+            c["name"].as_str().unwrap_or(""),
+            c["address"].as_str().unwrap_or(""),
+            c["subscriptions"],
+            c["pending_bytes"],
+            c["msgs_in"],
+            c["msgs_out"],
+            c["dropped"]
+        );
+    }
+    println!("{} connection(s)", connz["count"]);
+    Ok(())
 }
 
 async fn connect(args: &ConnectArgs, name: &str) -> Result<Client> {

@@ -1,0 +1,242 @@
+//! The monitoring HTTP listener (off unless `Config::http` is set): health, Prometheus metrics,
+//! JSON views of connections, subscriptions and the server, and a live dashboard page.
+//!
+//! | path | what |
+//! |------|------|
+//! | `/healthz` | `{"status":"ok"}` while the broker serves (503 once it is shutting down) |
+//! | `/metrics` | Prometheus text format, encoded by the `prometheus` crate |
+//! | `/varz` | server: name, version, uptime, limits, and the counters of [`crate::Stats`] |
+//! | `/connz` | connections: id, name, service, address, subscriptions, pending bytes, traffic |
+//! | `/subsz` | subscriptions: connection, id, pattern, group, kind |
+//! | `/` | the dashboard: one self-contained HTML page polling `/varz` and `/connz` |
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::server::Shared;
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Serves the monitoring endpoints on `listener` until the broker shuts down.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "monitoring listening");
+    }
+    let stop = shared.shutdown.clone();
+    let app = axum::Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/varz", get(varz))
+        .route("/connz", get(connz))
+        .route("/subsz", get(subsz))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+        warn!(error = %e, "monitoring listener failed");
+    }
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "shutting down"})))
+            .into_response()
+    } else {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct Varz {
+    server_name: String,
+    version: &'static str,
+    uptime_secs: u64,
+    now_ms: u128,
+    listen: String,
+    limits: Limits,
+    stats: crate::Stats,
+}
+
+#[derive(Serialize)]
+struct Limits {
+    max_frame_size: usize,
+    max_connections: usize,
+    max_subscriptions: usize,
+    max_pending: usize,
+    max_pending_bytes: usize,
+    max_requests: usize,
+    slow_consumer: String,
+    heartbeat_interval_ms: u128,
+    heartbeat_max_missed: u32,
+    handshake_timeout_ms: u128,
+}
+
+async fn varz(State(shared): State<Arc<Shared>>) -> Json<Varz> {
+    let c = &shared.config;
+    let since = |t: SystemTime| SystemTime::now().duration_since(t).unwrap_or_default();
+    Json(Varz {
+        server_name: c.server_name.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_secs: since(shared.started).as_secs(),
+        now_ms: since(SystemTime::UNIX_EPOCH).as_millis(),
+        listen: c.listen.to_string(),
+        limits: Limits {
+            max_frame_size: c.max_frame_size,
+            max_connections: c.max_connections,
+            max_subscriptions: c.max_subscriptions,
+            max_pending: c.max_pending,
+            max_pending_bytes: c.max_pending_bytes,
+            max_requests: c.max_requests,
+            slow_consumer: format!("{:?}", c.slow_consumer),
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis(),
+            heartbeat_max_missed: c.heartbeat_max_missed,
+            handshake_timeout_ms: c.handshake_timeout.as_millis(),
+        },
+        stats: shared.stats(),
+    })
+}
+
+#[derive(Serialize)]
+struct ConnView {
+    id: u32,
+    name: String,
+    service: Option<String>,
+    address: String,
+    connected_secs: u64,
+    subscriptions: usize,
+    pending_bytes: usize,
+    msgs_in: u64,
+    bytes_in: u64,
+    msgs_out: u64,
+    bytes_out: u64,
+    dropped: u64,
+}
+
+async fn connz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let subs = shared.router().subscriptions();
+    let mut conns: Vec<ConnView> = shared
+        .conns()
+        .iter()
+        .map(|(&id, m)| {
+            let c = &m.control;
+            ConnView {
+                id,
+                name: m.name.clone(),
+                service: m.service.clone(),
+                address: m.addr.to_string(),
+                connected_secs: SystemTime::now().duration_since(m.since).unwrap_or_default().as_secs(),
+                subscriptions: subs.iter().filter(|s| s.conn == id).count(),
+                pending_bytes: c.pending_bytes.load(Ordering::Relaxed),
+                msgs_in: c.msgs_in.load(Ordering::Relaxed),
+                bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                msgs_out: c.msgs_out.load(Ordering::Relaxed),
+                bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                dropped: c.dropped.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    Json(serde_json::json!({ "count": conns.len(), "connections": conns }))
+}
+
+async fn subsz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let subs = shared.router().subscriptions();
+    Json(serde_json::json!({ "count": subs.len(), "subscriptions": subs }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match encode_metrics(&shared) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The broker's counters as Prometheus metrics. The counters live in the broker as plain
+/// atomics on the hot path; a fresh registry is filled from a snapshot at each scrape.
+fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
+    let registry = Registry::new();
+    let s = shared.stats();
+    let k = &shared.stats;
+    let counter = |name: &str, help: &str, labels: &[(&str, &str)], value: u64| -> prometheus::Result<()> {
+        let mut opts = Opts::new(name, help);
+        for (key, v) in labels {
+            opts = opts.const_label(*key, *v);
+        }
+        let c = IntCounter::with_opts(opts)?;
+        c.inc_by(value);
+        registry.register(Box::new(c))
+    };
+    let gauge = |name: &str, help: &str, value: u64| -> prometheus::Result<()> {
+        let g = IntGauge::new(name, help)?;
+        g.set(i64::try_from(value).unwrap_or(i64::MAX));
+        registry.register(Box::new(g))
+    };
+    let native = [("listener", "native")];
+    counter(
+        "busbar_messages_in_total",
+        "Messages received from clients (PUB and REQUEST).",
+        &native,
+        s.messages_in,
+    )?;
+    counter("busbar_bytes_in_total", "Bytes of messages received from clients.", &native, k.bytes_in.get())?;
+    counter(
+        "busbar_messages_out_total",
+        "Messages written to subscribers (MSG).",
+        &native,
+        k.messages_out.get(),
+    )?;
+    counter(
+        "busbar_bytes_out_total",
+        "Bytes of messages written to subscribers.",
+        &native,
+        k.bytes_out.get(),
+    )?;
+    counter("busbar_deliveries_total", "Messages queued for delivery to subscriptions.", &[], s.deliveries)?;
+    counter(
+        "busbar_dropped_total",
+        "Messages dropped, by reason.",
+        &[("reason", "slow_consumer")],
+        s.dropped,
+    )?;
+    counter(
+        "busbar_undeliverable_total",
+        "Direct messages to a service that is not connected.",
+        &[],
+        s.undeliverable,
+    )?;
+    counter("busbar_slow_consumers_total", "Connections closed as slow consumers.", &[], s.slow_consumers)?;
+    counter("busbar_connections_total", "Connections accepted.", &[], s.connections_total)?;
+    counter(
+        "busbar_connections_refused_total",
+        "Connections refused at the limit.",
+        &[],
+        s.connections_refused,
+    )?;
+    counter("busbar_requests_total", "Requests received.", &[], s.requests)?;
+    counter("busbar_no_responders_total", "Requests answered NoResponders.", &[], s.no_responders)?;
+    counter(
+        "busbar_request_timeouts_total",
+        "Requests forgotten after their timeout.",
+        &[],
+        k.expired_requests.get(),
+    )?;
+    counter("busbar_late_replies_total", "Replies that found no waiting request.", &[], s.late_replies)?;
+    counter("busbar_auth_failures_total", "Failed authentications.", &[], 0)?;
+    gauge("busbar_connections", "Connections open now.", s.connections)?;
+    gauge("busbar_subscriptions", "Subscriptions held now.", s.subscriptions)?;
+    gauge("busbar_requests_pending", "Requests waiting for replies now.", s.requests_pending)?;
+    gauge("busbar_routes", "Cluster routes (clustering is not implemented yet).", 0)?;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
