@@ -248,7 +248,7 @@ async fn serve_shared(
             0 => shared.next_id.fetch_add(1, Ordering::Relaxed),
             id => id,
         };
-        let span = info_span!("conn", id, %peer);
+        let span = info_span!("conn", id, %peer, name = tracing::field::Empty);
         let s = shared.clone();
         tracker.spawn(
             async move {

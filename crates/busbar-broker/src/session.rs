@@ -241,7 +241,8 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
 
     let registered = match handshake(&mut reader, &outbox, id, &shared).await {
         Some((name, service)) => {
-            info!(name = %name, service = service.as_deref(), "client connected");
+            tracing::Span::current().record("name", name.as_str());
+            info!(service = service.as_deref(), "client connected");
             let meta = ConnMeta {
                 name,
                 service: service.as_deref().map(str::to_string),

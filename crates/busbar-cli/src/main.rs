@@ -236,16 +236,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_pending: args.max_pending,
         ..Config::default()
     };
-    if let Some(http) = config.http {
+    let listen = config.listen;
+    let broker =
+        busbar_broker::Broker::start(config).await.with_context(|| format!("cannot start on {listen}"))?;
+    // Printed with the real ports, so that port 0 is usable from scripts.
+    if let Some(http) = broker.http_addr() {
         println!("busbar monitoring on http://{http}/");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    println!("busbar listening on {addr}");
+    println!("busbar listening on {}", broker.local_addr());
     std::io::stdout().flush()?;
-    busbar_broker::serve(listener, config, shutdown_signal()).await?;
+    shutdown_signal().await;
+    broker.stop().await;
     Ok(())
 }
 

@@ -177,3 +177,38 @@ fn bench_runs_every_scenario_against_an_embedded_broker() {
         assert!(l["p99_us"].as_f64().unwrap() >= l["p50_us"].as_f64().unwrap());
     }
 }
+
+#[test]
+fn stats_and_connections_read_the_monitoring_listener() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let _broker = Reap(child);
+    let seen = wait_for(&out, "listening on");
+    let http = seen.iter().find(|l| l.contains("monitoring on")).unwrap();
+    let http = http.trim_end_matches('/').rsplit("//").next().unwrap().to_string();
+    let addr = seen.last().unwrap().rsplit(' ').next().unwrap().to_string();
+    let mut sub = Command::new(BIN)
+        .args(["sub", "watched.>", "--server", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sub_err = lines(sub.stderr.take().unwrap());
+    let _sub = Reap(sub);
+    wait_for(&sub_err, "subscribed");
+
+    let conns = Command::new(BIN).args(["connections", "--http", &http]).output().unwrap();
+    assert!(conns.status.success(), "{}", String::from_utf8_lossy(&conns.stderr));
+    let table = String::from_utf8_lossy(&conns.stdout);
+    assert!(table.contains("busbar-cli sub") && table.contains("1 connection(s)"), "{table}");
+
+    let stats = Command::new(BIN).args(["stats", "--http", &http]).output().unwrap();
+    let text = String::from_utf8_lossy(&stats.stdout);
+    let line = text.lines().find(|l| l.trim_start().starts_with("subscriptions ")).unwrap();
+    assert!(line.trim_end().ends_with(" 1"), "{text}");
+}
