@@ -14,6 +14,7 @@
 //! | module    | what it holds |
 //! |-----------|---------------|
 //! | `config`  | [`Config`]: listen address and every limit |
+//! | `config_file` | the TOML file: [`Config::from_toml`] (unknown keys and bad values are errors naming the key), [`default_toml`] |
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
@@ -27,6 +28,7 @@
 #[doc(hidden)]
 pub mod bench_support;
 mod config;
+mod config_file;
 mod monitor;
 mod requests;
 mod router;
@@ -34,4 +36,5 @@ mod server;
 mod session;
 
 pub use config::{Config, SlowConsumerPolicy};
+pub use config_file::{ConfigError, default_toml, parse_duration};
 pub use server::{Broker, BrokerError, Stats, run, serve};

@@ -46,6 +46,9 @@ enum Command {
     Reply(ReplyArgs),
     /// Measure throughput and latency (against busbar, or a NATS server with --nats).
     Bench(bench::BenchArgs),
+    /// Generate or check a broker configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show a running broker's counters (from its monitoring listener).
     Stats(MonitorArgs),
     /// List a running broker's connections (from its monitoring listener).
@@ -70,7 +73,7 @@ struct RequestArgs {
     #[arg(default_value = "")]
     data: String,
     /// How long to wait for the reply, e.g. 500ms, 5s, 1m.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = busbar_broker::parse_duration)]
     timeout: Duration,
     /// Ask every responder (scatter-gather) and print each answer.
     #[arg(long)]
@@ -103,42 +106,45 @@ struct ReplyArgs {
     connect: ConnectArgs,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 =
-        number.parse().map_err(|_| format!("expected a duration like 500ms, 5s or 1m, got {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit {unit:?} in {s:?}: use ms, s or m")),
-    }
-}
-
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
-    #[arg(long, short, default_value = "127.0.0.1:4900", env = "BUSBAR_LISTEN")]
-    listen: SocketAddr,
+    /// TOML configuration file (`busbar config generate` prints one with every option);
+    /// the flags below override it.
+    #[arg(long, short, env = "BUSBAR_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Address to listen on (default 127.0.0.1:4900); port 0 picks a free port (printed).
+    #[arg(long, short, env = "BUSBAR_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Name announced to clients.
-    #[arg(long, default_value = "busbar")]
-    name: String,
+    #[arg(long)]
+    name: Option<String>,
     /// Serve monitoring (health, Prometheus metrics, JSON, a dashboard) on this address, e.g.
     /// 127.0.0.1:8900.
     #[arg(long, env = "BUSBAR_HTTP_LISTEN")]
     http: Option<SocketAddr>,
     /// Largest frame accepted, in bytes.
-    #[arg(long, default_value_t = busbar::core::frame::DEFAULT_MAX_FRAME_SIZE)]
-    max_frame_size: usize,
+    #[arg(long)]
+    max_frame_size: Option<usize>,
     /// Most client connections at once.
-    #[arg(long, default_value_t = Config::default().max_connections)]
-    max_connections: usize,
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Most subscriptions per connection.
-    #[arg(long, default_value_t = Config::default().max_subscriptions)]
-    max_subscriptions: usize,
+    #[arg(long)]
+    max_subscriptions: Option<usize>,
     /// Most frames queued for one connection before it counts as a slow consumer.
-    #[arg(long, default_value_t = Config::default().max_pending)]
-    max_pending: usize,
+    #[arg(long)]
+    max_pending: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print a configuration file with every option at its default, explained.
+    Generate,
+    /// Check a configuration file and print the configuration it gives.
+    Check {
+        /// The file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -219,23 +225,55 @@ fn main() -> Result<()> {
             Command::Request(args) => request(args).await,
             Command::Reply(args) => reply(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Config(command) => config_command(command),
             Command::Stats(args) => stats(args).await,
             Command::Connections(args) => connections(args).await,
         }
     })
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
-    let config = Config {
-        listen: args.listen,
-        http: args.http,
-        server_name: args.name,
-        max_frame_size: args.max_frame_size,
-        max_connections: args.max_connections,
-        max_subscriptions: args.max_subscriptions,
-        max_pending: args.max_pending,
-        ..Config::default()
+/// The file's configuration (or the defaults), with the flags that were given on top.
+fn serve_config(args: ServeArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("invalid configuration {}", path.display()))?
+        }
+        None => Config::default(),
     };
+    fn set<T>(slot: &mut T, value: Option<T>) {
+        if let Some(v) = value {
+            *slot = v;
+        }
+    }
+    set(&mut config.listen, args.listen);
+    set(&mut config.server_name, args.name);
+    config.http = args.http.or(config.http);
+    set(&mut config.max_frame_size, args.max_frame_size);
+    set(&mut config.max_connections, args.max_connections);
+    set(&mut config.max_subscriptions, args.max_subscriptions);
+    set(&mut config.max_pending, args.max_pending);
+    config.validate()?;
+    Ok(config)
+}
+
+fn config_command(command: ConfigCommand) -> Result<()> {
+    match command {
+        ConfigCommand::Generate => print!("{}", busbar_broker::default_toml()),
+        ConfigCommand::Check { file } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let config = Config::from_toml(&text)
+                .with_context(|| format!("invalid configuration {}", file.display()))?;
+            println!("{config:#?}");
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = serve_config(args)?;
     let listen = config.listen;
     let broker =
         busbar_broker::Broker::start(config).await.with_context(|| format!("cannot start on {listen}"))?;

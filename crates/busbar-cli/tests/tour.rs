@@ -212,3 +212,36 @@ fn stats_and_connections_read_the_monitoring_listener() {
     let line = text.lines().find(|l| l.trim_start().starts_with("subscriptions ")).unwrap();
     assert!(line.trim_end().ends_with(" 1"), "{text}");
 }
+
+#[test]
+fn config_generate_check_and_serve_with_a_file() {
+    let dir = std::env::temp_dir().join(format!("busbar-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generated = Command::new(BIN).args(["config", "generate"]).output().unwrap();
+    assert!(generated.status.success());
+    let text = String::from_utf8(generated.stdout).unwrap();
+    assert!(text.contains("[limits]") && text.contains("max_pending_bytes"));
+    // The generated file, pointed at a free port, serves.
+    let file = dir.join("busbar.toml");
+    std::fs::write(&file, text.replace("listen = \"127.0.0.1:4900\"", "listen = \"127.0.0.1:0\"")).unwrap();
+    let check = Command::new(BIN).args(["config", "check"]).arg(&file).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let _broker = Reap(child);
+    wait_for(&out, "listening on 127.0.0.1:");
+    // A misspelt key is an error that names it.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_conections = 5\n").unwrap();
+    let refused = Command::new(BIN).args(["serve", "--config"]).arg(&bad).output().unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("max_conections") && err.contains("bad.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

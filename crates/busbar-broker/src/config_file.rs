@@ -1,0 +1,296 @@
+//! The broker's TOML configuration file: [`Config::from_toml`], and [`default_toml`], a
+//! documented file with every option at its default (what `busbar config generate` prints).
+//!
+//! Unknown keys are errors (a misspelt option must not be silently ignored), and every error
+//! names the key, with its line and column.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{Config, SlowConsumerPolicy};
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// Well-formed, but a value is out of range.
+    #[error("`{key}`: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `heartbeat.max_missed`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct File {
+    server: ServerSection,
+    limits: LimitsSection,
+    heartbeat: HeartbeatSection,
+    slow_consumer: SlowConsumerSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct ServerSection {
+    name: Option<String>,
+    listen: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsSection {
+    max_frame_size: Option<usize>,
+    max_connections: Option<usize>,
+    max_subscriptions: Option<usize>,
+    max_pending: Option<usize>,
+    max_pending_bytes: Option<usize>,
+    max_requests: Option<usize>,
+    #[serde(with = "duration_text", default)]
+    handshake_timeout: Option<Duration>,
+    #[serde(with = "duration_text", default)]
+    drain_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct HeartbeatSection {
+    #[serde(with = "duration_text", default)]
+    interval: Option<Duration>,
+    max_missed: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct SlowConsumerSection {
+    policy: Option<Policy>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Policy {
+    Disconnect,
+    Drop,
+}
+
+/// Parses durations written as `500ms`, `10s`, `2m` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 =
+        number.parse().map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got {text:?}"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        other => Err(format!("unknown unit {other:?} in {text:?}: use ms, s or m")),
+    }
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Reads a TOML configuration: every key is optional and defaults to [`Config::default`].
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text)?;
+        let mut c = Config::default();
+        let s = file.server;
+        if let Some(v) = s.name {
+            c.server_name = v;
+        }
+        if let Some(v) = s.listen {
+            c.listen = v;
+        }
+        c.http = s.http.or(c.http);
+        let l = file.limits;
+        set(&mut c.max_frame_size, l.max_frame_size);
+        set(&mut c.max_connections, l.max_connections);
+        set(&mut c.max_subscriptions, l.max_subscriptions);
+        set(&mut c.max_pending, l.max_pending);
+        set(&mut c.max_pending_bytes, l.max_pending_bytes);
+        set(&mut c.max_requests, l.max_requests);
+        set(&mut c.handshake_timeout, l.handshake_timeout);
+        set(&mut c.drain_timeout, l.drain_timeout);
+        set(&mut c.heartbeat_interval, file.heartbeat.interval);
+        set(&mut c.heartbeat_max_missed, file.heartbeat.max_missed);
+        if let Some(p) = file.slow_consumer.policy {
+            c.slow_consumer = match p {
+                Policy::Disconnect => SlowConsumerPolicy::Disconnect,
+                Policy::Drop => SlowConsumerPolicy::Drop,
+            };
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.max_frame_size < 1024 || self.max_frame_size > u32::MAX as usize {
+            return invalid("limits.max_frame_size", "must be between 1024 and 4294967295 bytes");
+        }
+        if self.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.max_pending == 0 {
+            return invalid("limits.max_pending", "must be at least 1");
+        }
+        if self.max_pending_bytes < self.max_frame_size {
+            return invalid("limits.max_pending_bytes", "must be at least limits.max_frame_size");
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("limits.handshake_timeout", "must be more than zero");
+        }
+        if self.heartbeat_max_missed == 0 {
+            return invalid("heartbeat.max_missed", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn duration_text(d: Duration) -> String {
+    if d.subsec_millis() != 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
+}
+
+/// A configuration file with every option at its default, each explained.
+pub fn default_toml() -> String {
+    let c = Config::default();
+    format!(
+        r#"# busbar broker configuration. Every key is optional; shown here at its default.
+# busbar serve --config busbar.toml   (command-line flags and BUSBAR_* variables override it)
+
+[server]
+# Name announced to clients in WELCOME.
+name = "{name}"
+# Address of the native protocol listener; port 0 picks a free port.
+listen = "{listen}"
+# Monitoring HTTP listener (dashboard, /metrics, /varz, /connz, /subsz, /healthz); off when absent.
+# http = "127.0.0.1:8900"
+
+[limits]
+# Largest frame accepted and sent, in bytes (announced in WELCOME).
+max_frame_size = {max_frame_size}
+# Most client connections at once; one more is refused with TooManyConnections.
+max_connections = {max_connections}
+# Most subscriptions one connection may hold.
+max_subscriptions = {max_subscriptions}
+# Most frames, and bytes, queued for one connection before it is a slow consumer.
+max_pending = {max_pending}
+max_pending_bytes = {max_pending_bytes}
+# Most requests one connection may have waiting for replies.
+max_requests = {max_requests}
+# Time a new connection has to send HELLO; time connections get to flush on shutdown.
+handshake_timeout = "{handshake_timeout}"
+drain_timeout = "{drain_timeout}"
+
+[heartbeat]
+# Ping a connection quiet for this long ("0s" disables heartbeats) ...
+interval = "{interval}"
+# ... and close it when it has been quiet for interval x max_missed.
+max_missed = {max_missed}
+
+[slow_consumer]
+# "disconnect" (close it with SlowConsumer) or "drop" (keep it, drop and count its messages).
+policy = "disconnect"
+"#,
+        name = c.server_name,
+        listen = c.listen,
+        max_frame_size = c.max_frame_size,
+        max_connections = c.max_connections,
+        max_subscriptions = c.max_subscriptions,
+        max_pending = c.max_pending,
+        max_pending_bytes = c.max_pending_bytes,
+        max_requests = c.max_requests,
+        handshake_timeout = duration_text(c.handshake_timeout),
+        drain_timeout = duration_text(c.drain_timeout),
+        interval = duration_text(c.heartbeat_interval),
+        max_missed = c.heartbeat_max_missed,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &Config, b: &Config) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    #[test]
+    fn the_generated_file_reads_back_as_the_defaults() {
+        let parsed = Config::from_toml(&default_toml()).unwrap();
+        assert!(same(&parsed, &Config::default()), "{parsed:?}");
+        assert!(same(&Config::from_toml("").unwrap(), &Config::default()));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            http = "127.0.0.1:8900"
+            [limits]
+            max_connections = 10
+            handshake_timeout = "250ms"
+            [heartbeat]
+            interval = "1m"
+            [slow_consumer]
+            policy = "drop"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.http, Some("127.0.0.1:8900".parse().unwrap()));
+        assert_eq!(c.max_connections, 10);
+        assert_eq!(c.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::Drop);
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let e = Config::from_toml("[limits]\nmax_conections = 5\n").unwrap_err().to_string();
+        assert!(e.contains("max_conections"), "{e}");
+        let e = Config::from_toml("[heartbeat]\ninterval = \"10 parsecs\"\n").unwrap_err().to_string();
+        assert!(e.contains("interval") && e.contains("parsecs"), "{e}");
+        let e = Config::from_toml("[server]\nlisten = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = Config::from_toml("[heartbeat]\nmax_missed = 0\n").unwrap_err().to_string();
+        assert_eq!(e, "`heartbeat.max_missed`: must be at least 1");
+        let e = Config::from_toml("[slow_consumer]\npolicy = \"ignore\"\n").unwrap_err().to_string();
+        assert!(e.contains("policy") && e.contains("ignore"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("1h").is_err());
+    }
+}
