@@ -23,6 +23,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the monitoring HTTP listener (health, metrics, JSON, dashboard); off when None.
     pub http: Option<SocketAddr>,
+    /// Who may connect and what they may do; no authentication by default.
+    pub auth: crate::auth::AuthConfig,
     /// Name announced in WELCOME.
     pub server_name: String,
     /// Largest frame accepted (and sent), announced in WELCOME.
@@ -56,6 +58,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
             http: None,
+            auth: crate::auth::AuthConfig::default(),
             server_name: "busbar".into(),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: 65_536,

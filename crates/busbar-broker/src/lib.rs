@@ -13,6 +13,7 @@
 //!
 //! | module    | what it holds |
 //! |-----------|---------------|
+//! | `auth`    | authentication in the handshake (token, users with argon2 hashes) and per-user permissions |
 //! | `config`  | [`Config`]: listen address and every limit |
 //! | `config_file` | the TOML file: [`Config::from_toml`] (unknown keys and bad values are errors naming the key), [`default_toml`] |
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
@@ -25,6 +26,7 @@
 //! `try_send` into each subscriber's bounded outbox → that subscriber's write task batches and
 //! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
+mod auth;
 #[doc(hidden)]
 pub mod bench_support;
 mod config;
@@ -35,6 +37,7 @@ mod router;
 mod server;
 mod session;
 
+pub use auth::{AuthConfig, Permissions, Rules, User, hash_password};
 pub use config::{Config, SlowConsumerPolicy};
 pub use config_file::{ConfigError, default_toml, parse_duration};
 pub use server::{Broker, BrokerError, Stats, run, serve};

@@ -231,7 +231,13 @@ fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
         k.expired_requests.get(),
     )?;
     counter("busbar_late_replies_total", "Replies that found no waiting request.", &[], s.late_replies)?;
-    counter("busbar_auth_failures_total", "Failed authentications.", &[], 0)?;
+    counter("busbar_auth_failures_total", "Failed authentications.", &[], s.auth_failures)?;
+    counter(
+        "busbar_permission_denied_total",
+        "Refused publishes, subscriptions, requests, replies.",
+        &[],
+        s.permission_denied,
+    )?;
     gauge("busbar_connections", "Connections open now.", s.connections)?;
     gauge("busbar_subscriptions", "Subscriptions held now.", s.subscriptions)?;
     gauge("busbar_requests_pending", "Requests waiting for replies now.", s.requests_pending)?;

@@ -79,6 +79,8 @@ pub(crate) struct Counters {
     pub(crate) undeliverable: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) dropped: Counter,
+    pub(crate) auth_failures: Counter,
+    pub(crate) permission_denied: Counter,
 }
 
 /// A snapshot of what the broker is doing.
@@ -110,6 +112,10 @@ pub struct Stats {
     pub slow_consumers: u64,
     /// Messages dropped for slow consumers (policy `Drop`) since start.
     pub dropped: u64,
+    /// Failed authentications since start.
+    pub auth_failures: u64,
+    /// Refused publishes, subscriptions, requests and replies since start.
+    pub permission_denied: u64,
 }
 
 /// State shared by the accept loop and every session.
@@ -161,6 +167,8 @@ impl Shared {
             undeliverable: self.stats.undeliverable.get(),
             slow_consumers: self.stats.slow_consumers.get(),
             dropped: self.stats.dropped.get(),
+            auth_failures: self.stats.auth_failures.get(),
+            permission_denied: self.stats.permission_denied.get(),
         }
     }
 }

@@ -32,6 +32,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::auth::Permissions;
 use crate::config::SlowConsumerPolicy;
 use crate::server::{ConnMeta, Counters, Shared};
 
@@ -240,7 +241,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
 
     let registered = match handshake(&mut reader, &outbox, id, &shared).await {
-        Some((name, service)) => {
+        Some((name, service, permissions)) => {
             tracing::Span::current().record("name", name.as_str());
             info!(service = service.as_deref(), "client connected");
             let meta = ConnMeta {
@@ -252,7 +253,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
             };
             shared.conns().insert(id, meta);
             shared.router_mut().add_connection(id, service);
-            read_loop(&mut reader, &outbox, id, &shared).await;
+            read_loop(&mut reader, &outbox, id, &shared, &permissions).await;
             true
         }
         None => false,
@@ -286,7 +287,7 @@ async fn handshake(
     outbox: &Outbox,
     id: u32,
     shared: &Shared,
-) -> Option<(String, Option<ByteString>)> {
+) -> Option<(String, Option<ByteString>, Arc<Permissions>)> {
     let first = tokio::select! {
         r = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => r,
         () = shared.shutdown.cancelled() => {
@@ -324,11 +325,30 @@ async fn handshake(
         server_version: env!("CARGO_PKG_VERSION").into(),
         properties: Default::default(),
     };
+    let auth = shared.config.auth.clone();
+    let properties = hello.properties.clone();
+    // Argon2 is slow on purpose: verify off the reactor threads.
+    let permissions =
+        tokio::task::spawn_blocking(move || auth.authenticate(&properties)).await.ok().flatten();
+    let Some(permissions) = permissions else {
+        shared.stats.auth_failures.inc();
+        warn!(client = %hello.name, "authentication failed");
+        outbox.control.fail(error(ErrorCode::AuthenticationFailed, 0, "authentication failed"));
+        return None;
+    };
     let service = hello.properties.get(SERVICE_PROPERTY).filter(|s| !s.is_empty()).map(ByteString::from);
-    outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await.then(|| (hello.name.to_string(), service))
+    if let Some(name) = &service
+        && !permissions.services.permits_topic(name)
+    {
+        let text = format!("may not register service {:?}", shown(name));
+        outbox.control.fail(error(ErrorCode::PermissionDenied, 0, text));
+        return None;
+    }
+    let ok = outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await;
+    ok.then(|| (hello.name.to_string(), service, Arc::new(permissions)))
 }
 
-async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared) {
+async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared, perms: &Permissions) {
     let beat = shared.config.heartbeat_interval;
     let dead_after = beat * shared.config.heartbeat_max_missed.max(1);
     // Check four times an interval, so that a dead peer is found soon after `dead_after`.
@@ -384,7 +404,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             Some(Ok(frame)) => frame,
         };
         heard = true;
-        if let Err(fatal) = apply(frame, outbox, id, shared).await {
+        if let Err(fatal) = apply(frame, outbox, id, shared, perms).await {
             outbox.control.fail(fatal);
             return;
         }
@@ -393,7 +413,51 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
 
 /// Applies one frame from the client. `Err` carries an error that closes the connection;
 /// non-fatal errors are queued as ERROR frames and the connection goes on.
-async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Result<(), ErrorFrame> {
+async fn apply(
+    frame: Frame,
+    outbox: &Outbox,
+    id: u32,
+    shared: &Shared,
+    perms: &Permissions,
+) -> Result<(), ErrorFrame> {
+    // A permission violation: answered, and fatal only when so configured.
+    let denied = |correlation: u64, what: String| -> Result<Option<Outbound>, ErrorFrame> {
+        shared.stats.permission_denied.inc();
+        let e = error(ErrorCode::PermissionDenied, correlation, what);
+        if shared.config.auth.disconnect_on_violation {
+            Err(e)
+        } else {
+            Ok(Some(Outbound::Frame(Frame::Error(e))))
+        }
+    };
+    let refusal = match &frame {
+        Frame::Pub(m) if !perms.publish.permits_topic(&m.topic) => {
+            denied(0, format!("may not publish to {:?}", shown(&m.topic)))?
+        }
+        Frame::Sub(s) if !perms.subscribe.permits_pattern(&s.pattern) => {
+            denied(s.sid, format!("may not subscribe to {:?}", shown(&s.pattern)))?
+        }
+        Frame::Request(r) if !perms.publish.permits_topic(&r.message.topic) => {
+            shared.stats.permission_denied.inc();
+            if shared.config.auth.disconnect_on_violation {
+                return Err(error(ErrorCode::PermissionDenied, r.id, "may not send requests there"));
+            }
+            let text = format!("may not send requests to {:?}", shown(&r.message.topic));
+            let topic = r.message.topic.clone();
+            Some(Outbound::Frame(crate::requests::error_reply(
+                r.id,
+                ErrorCode::PermissionDenied,
+                0,
+                topic,
+                &text,
+            )))
+        }
+        _ => None,
+    };
+    if let Some(answer) = refusal {
+        outbox.send(answer).await;
+        return Ok(());
+    }
     match frame {
         Frame::Pub(mut message) => {
             count_in(outbox, shared, &message);
@@ -413,7 +477,14 @@ async fn apply(frame: Frame, outbox: &Outbox, id: u32, shared: &Shared) -> Resul
             shared.stats.deliveries.add(delivered as u64);
         }
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
-        Frame::Reply(reply) => {
+        Frame::Reply(mut reply) => {
+            if !perms.allow_responses && !perms.publish.permits_topic(&reply.message.topic) {
+                // The requester learns at once instead of waiting for its timeout.
+                shared.stats.permission_denied.inc();
+                reply.error = Some(ErrorCode::PermissionDenied);
+                reply.message.payload = "the responder may not reply on this topic".into();
+                reply.message.headers = Default::default();
+            }
             let requester = reply.message.destination;
             if requester == 0 {
                 let e =

@@ -139,6 +139,37 @@ pub fn matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
+/// Does every topic matched by pattern `inner` also match pattern `outer`? (`orders.>` covers
+/// `orders.*.new`; `orders.*` does not cover `orders.>`.) Both are assumed valid.
+pub fn covers(outer: &str, inner: &str) -> bool {
+    let mut o = outer.split('.');
+    let mut i = inner.split('.');
+    loop {
+        match (o.next(), i.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Is there a topic that both patterns match? Both are assumed valid.
+pub fn intersects(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +209,22 @@ mod tests {
         assert_eq!(validate_pattern("a.>.b"), Err(TopicError::FullWildcardNotLast { index: 1 }));
         assert_eq!(validate_pattern("a.*x"), Err(TopicError::PartialWildcard { index: 1 }));
         assert_eq!(validate_pattern("a..*"), Err(TopicError::EmptyToken { index: 1 }));
+    }
+
+    #[test]
+    fn coverage_and_intersection() {
+        assert!(covers("orders.>", "orders.*.new"));
+        assert!(covers("orders.>", "orders.a"));
+        assert!(covers("orders.*", "orders.a"));
+        assert!(!covers("orders.*", "orders.>"));
+        assert!(!covers("orders.a", "orders.*"));
+        assert!(!covers("orders.>", "orders"));
+        assert!(covers(">", "anything.at.all"));
+        assert!(intersects(">", "billing.x"));
+        assert!(intersects("billing.*", "*.x"));
+        assert!(!intersects("billing.*", "orders.*"));
+        assert!(!intersects("a.b", "a.b.c"));
+        assert!(intersects("a.>", "a.b.c"));
     }
 
     #[test]

@@ -42,6 +42,29 @@ pub enum Status {
     Disconnected,
 }
 
+/// What a client presents in its handshake. Sent as given: use TLS on untrusted networks.
+#[derive(Clone)]
+pub enum Credentials {
+    /// A shared token.
+    Token(String),
+    /// A user name and password.
+    User {
+        /// The user name.
+        name: String,
+        /// The password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Token(_) => f.write_str("Token(***)"),
+            Credentials::User { name, .. } => write!(f, "User({name:?}, ***)"),
+        }
+    }
+}
+
 /// How the client gets a lost connection back.
 #[derive(Debug, Clone)]
 pub struct Reconnect {
@@ -85,6 +108,8 @@ pub struct ClientOptions {
     pub name: String,
     /// Service name to register, so that others can address this client by name.
     pub service: Option<String>,
+    /// How to authenticate, when the broker asks for it.
+    pub credentials: Option<Credentials>,
     /// Time allowed for TCP connect plus handshake.
     pub connect_timeout: Duration,
     /// Messages (or requests) buffered per subscription before new ones are dropped and counted.
@@ -112,6 +137,7 @@ impl ClientOptions {
             servers: vec![addr.into()],
             name: "busbar-client".into(),
             service: None,
+            credentials: None,
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
             command_capacity: 1024,
@@ -122,6 +148,18 @@ impl ClientOptions {
             offline_buffer: 8192,
             offline_policy: OfflinePolicy::Error,
         }
+    }
+
+    /// Authenticates with a shared token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials::Token(token.into()));
+        self
+    }
+
+    /// Authenticates as a user with a password.
+    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials::User { name: name.into(), password: password.into() });
+        self
     }
 
     /// Adds a broker address to try (on reconnect, in turn).

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
-use crate::client::{ClientOptions, OfflinePolicy, Status};
+use crate::client::{ClientOptions, Credentials, OfflinePolicy, Status};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::request::{ReplyTo, Request};
@@ -107,6 +107,14 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
         if let Some(service) = &options.service {
             hello.properties.insert("service", service.clone());
+        }
+        match &options.credentials {
+            Some(Credentials::Token(token)) => hello.properties.insert("token", token.clone()),
+            Some(Credentials::User { name, password }) => {
+                hello.properties.insert("user", name.clone());
+                hello.properties.insert("password", password.clone());
+            }
+            None => {}
         }
         writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
         match reader.next().await {

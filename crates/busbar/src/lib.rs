@@ -44,7 +44,7 @@ mod subscription;
 
 pub use bus::{AnyBus, BusConfig, EventBus};
 pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
-pub use client::{Client, ClientOptions, OfflinePolicy, Pattern, Reconnect, Status};
+pub use client::{Client, ClientOptions, Credentials, OfflinePolicy, Pattern, Reconnect, Status};
 pub use context::current_transaction;
 pub use error::{Error, Result};
 pub use message::{Message, Outgoing};
