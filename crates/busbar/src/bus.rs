@@ -249,6 +249,8 @@ impl EventBus for Bus {
 
 /// Which bus an application uses, chosen at run time.
 #[derive(Debug, Clone)]
+// Built once at start-up: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum BusConfig {
     /// In this process, no network.
     Local(BusOptions),
