@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{Permissions, Rules, User};
 use crate::config::{Config, SlowConsumerPolicy};
 
 /// Why a configuration file was refused.
@@ -34,6 +35,61 @@ struct File {
     limits: LimitsSection,
     heartbeat: HeartbeatSection,
     slow_consumer: SlowConsumerSection,
+    auth: AuthSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AuthSection {
+    token: Option<String>,
+    disconnect_on_violation: bool,
+    default_permissions: Option<PermissionsSection>,
+    users: Vec<UserSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserSection {
+    name: String,
+    password_hash: String,
+    permissions: Option<PermissionsSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PermissionsSection {
+    publish: RulesSection,
+    subscribe: RulesSection,
+    services: RulesSection,
+    allow_responses: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RulesSection {
+    allow: Option<Vec<String>>,
+    deny: Vec<String>,
+}
+
+impl RulesSection {
+    fn into_rules(self, key: &'static str) -> Result<Rules, ConfigError> {
+        for p in self.allow.iter().flatten().chain(&self.deny) {
+            busbar_core::validate_pattern(p)
+                .map_err(|e| ConfigError::Invalid { key, reason: format!("pattern {p:?}: {e}") })?;
+        }
+        Ok(Rules { allow: self.allow, deny: self.deny })
+    }
+}
+
+impl PermissionsSection {
+    fn into_permissions(self) -> Result<Permissions, ConfigError> {
+        Ok(Permissions {
+            publish: self.publish.into_rules("auth.*.publish")?,
+            subscribe: self.subscribe.into_rules("auth.*.subscribe")?,
+            services: self.services.into_rules("auth.*.services")?,
+            allow_responses: self.allow_responses.unwrap_or(true),
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -130,6 +186,21 @@ impl Config {
         set(&mut c.drain_timeout, l.drain_timeout);
         set(&mut c.heartbeat_interval, file.heartbeat.interval);
         set(&mut c.heartbeat_max_missed, file.heartbeat.max_missed);
+        let a = file.auth;
+        c.auth.token = a.token;
+        c.auth.disconnect_on_violation = a.disconnect_on_violation;
+        if let Some(p) = a.default_permissions {
+            c.auth.default_permissions = p.into_permissions()?;
+        }
+        for u in a.users {
+            if argon2::PasswordHash::new(&u.password_hash).is_err() {
+                let reason =
+                    format!("user {:?}: not an argon2 hash (use `busbar config hash-password`)", u.name);
+                return Err(ConfigError::Invalid { key: "auth.users.password_hash", reason });
+            }
+            let permissions = u.permissions.map(PermissionsSection::into_permissions).transpose()?;
+            c.auth.users.push(User { name: u.name, password_hash: u.password_hash, permissions });
+        }
         if let Some(p) = file.slow_consumer.policy {
             c.slow_consumer = match p {
                 Policy::Disconnect => SlowConsumerPolicy::Disconnect,
@@ -215,6 +286,29 @@ max_missed = {max_missed}
 [slow_consumer]
 # "disconnect" (close it with SlowConsumer) or "drop" (keep it, drop and count its messages).
 policy = "disconnect"
+
+# Authentication: with neither a token nor users, anyone may connect (with default_permissions).
+[auth]
+# token = "a long random string"
+# Close a connection that breaks its permissions (default: refuse that one thing, go on).
+disconnect_on_violation = false
+
+# Permissions of token clients and of users without their own. Lists of topic patterns; deny
+# wins; a missing allow list allows everything not denied. Uncomment for deny-by-default:
+# [auth.default_permissions]
+# publish = {{ allow = [] }}
+# subscribe = {{ allow = [] }}
+# services = {{ allow = [] }}
+# allow_responses = false
+
+# [[auth.users]]
+# name = "shop"
+# password_hash = "$argon2id$..."          # busbar config hash-password
+# [auth.users.permissions]
+# publish = {{ allow = ["orders.>"], deny = ["orders.internal.>"] }}
+# subscribe = {{ allow = ["orders.>"] }}
+# services = {{ allow = ["shop"] }}
+# allow_responses = true                   # may answer requests without publish rights
 "#,
         name = c.server_name,
         listen = c.listen,
@@ -283,6 +377,38 @@ mod tests {
         assert_eq!(e, "`heartbeat.max_missed`: must be at least 1");
         let e = Config::from_toml("[slow_consumer]\npolicy = \"ignore\"\n").unwrap_err().to_string();
         assert!(e.contains("policy") && e.contains("ignore"), "{e}");
+    }
+
+    #[test]
+    fn auth_section() {
+        let hash = crate::hash_password("pw");
+        let text = format!(
+            r#"
+            [auth]
+            token = "t"
+            disconnect_on_violation = true
+            [auth.default_permissions]
+            publish = {{ allow = [] }}
+            [[auth.users]]
+            name = "shop"
+            password_hash = "{hash}"
+            [auth.users.permissions]
+            publish = {{ allow = ["orders.>"], deny = ["orders.x"] }}
+            allow_responses = false
+            "#
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.auth.token.as_deref(), Some("t"));
+        assert!(c.auth.disconnect_on_violation);
+        assert_eq!(c.auth.default_permissions.publish, Rules::none());
+        let p = c.auth.users[0].permissions.as_ref().unwrap();
+        assert!(p.publish.permits_topic("orders.a") && !p.publish.permits_topic("orders.x"));
+        assert!(!p.allow_responses);
+        let e = Config::from_toml("[[auth.users]]\nname = \"a\"\npassword_hash = \"plain\"\n").unwrap_err();
+        assert!(e.to_string().contains("argon2"), "{e}");
+        let e =
+            Config::from_toml("[auth.default_permissions]\npublish = { allow = [\"a..b\"] }\n").unwrap_err();
+        assert!(e.to_string().contains("publish"), "{e}");
     }
 
     #[test]

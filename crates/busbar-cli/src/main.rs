@@ -140,6 +140,12 @@ struct ServeArgs {
 enum ConfigCommand {
     /// Print a configuration file with every option at its default, explained.
     Generate,
+    /// Print the argon2 hash of a password, for `password_hash` in the configuration file (the
+    /// password is read from standard input when not given).
+    HashPassword {
+        /// The password.
+        password: Option<String>,
+    },
     /// Check a configuration file and print the configuration it gives.
     Check {
         /// The file.
@@ -152,6 +158,15 @@ struct ConnectArgs {
     /// Broker address.
     #[arg(long, short, default_value = "127.0.0.1:4900", env = "BUSBAR_SERVER", global = true)]
     server: String,
+    /// Authenticate with this token.
+    #[arg(long, env = "BUSBAR_TOKEN", conflicts_with = "user")]
+    token: Option<String>,
+    /// Authenticate as this user (with --password).
+    #[arg(long, env = "BUSBAR_USER", requires = "password")]
+    user: Option<String>,
+    /// The user's password.
+    #[arg(long, env = "BUSBAR_PASSWORD")]
+    password: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +276,20 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
 fn config_command(command: ConfigCommand) -> Result<()> {
     match command {
         ConfigCommand::Generate => print!("{}", busbar_broker::default_toml()),
+        ConfigCommand::HashPassword { password } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if password.is_empty() {
+                bail!("empty password");
+            }
+            println!("{}", busbar_broker::hash_password(&password));
+        }
         ConfigCommand::Check { file } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -366,7 +395,13 @@ async fn connections(args: MonitorArgs) -> Result<()> {
 }
 
 async fn connect(args: &ConnectArgs, name: &str) -> Result<Client> {
-    let options = ClientOptions::new(&args.server).name(name);
+    let mut options = ClientOptions::new(&args.server).name(name);
+    if let Some(token) = &args.token {
+        options = options.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&args.user, &args.password) {
+        options = options.user(user.clone(), password.clone());
+    }
     Client::connect_with(options)
         .await
         .with_context(|| format!("cannot connect to busbar at {}", args.server))

@@ -245,3 +245,39 @@ fn config_generate_check_and_serve_with_a_file() {
     assert!(err.contains("max_conections") && err.contains("bad.toml"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_secured_broker_from_a_config_file_with_a_hashed_password() {
+    let hash = Command::new(BIN).args(["config", "hash-password", "shop-pw"]).output().unwrap();
+    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$argon2"), "{hash}");
+    let dir = std::env::temp_dir().join(format!("busbar-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secure.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[auth.users]]\nname = \"shop\"\npassword_hash = \"{hash}\"\n[auth.users.permissions]\npublish = {{ allow = [\"orders.>\"] }}\n"
+    );
+    std::fs::write(&file, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let _broker = Reap(child);
+    let addr = wait_for(&out, "listening on").pop().unwrap().rsplit(' ').next().unwrap().to_string();
+    let ok = Command::new(BIN)
+        .args(["pub", "orders.new", "x", "--server", &addr, "--user", "shop", "--password", "shop-pw"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let refused = Command::new(BIN)
+        .args(["pub", "orders.new", "x", "--server", &addr, "--user", "shop", "--password", "nope"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("authentication failed"));
+    let _ = std::fs::remove_dir_all(dir);
+}
