@@ -25,6 +25,9 @@ pub struct AuthConfig {
     pub default_permissions: Permissions,
     /// Close the connection on a permission violation (default: answer PermissionDenied and go on).
     pub disconnect_on_violation: bool,
+    /// With mutual TLS: a client whose certificate's common name is a user's name is that user,
+    /// without a password.
+    pub tls_identity: bool,
 }
 
 /// A user who may connect with a password.
@@ -122,7 +125,16 @@ impl AuthConfig {
 
     /// Checks HELLO's properties. Slow on purpose for passwords (argon2): run it off the
     /// reactor. `None`: refused.
-    pub(crate) fn authenticate(&self, properties: &Headers) -> Option<Permissions> {
+    pub(crate) fn authenticate(
+        &self,
+        properties: &Headers,
+        tls_identity: Option<&str>,
+    ) -> Option<Permissions> {
+        if self.tls_identity
+            && let Some(user) = tls_identity.and_then(|cn| self.users.iter().find(|u| u.name == cn))
+        {
+            return Some(user.permissions.clone().unwrap_or_else(|| self.default_permissions.clone()));
+        }
         if !self.required() {
             return Some(self.default_permissions.clone());
         }
@@ -144,6 +156,13 @@ impl AuthConfig {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+impl AuthConfig {
+    fn authenticate_plain(&self, properties: &Headers) -> Option<Permissions> {
+        self.authenticate(properties, None)
     }
 }
 
@@ -185,15 +204,15 @@ mod tests {
             ..AuthConfig::default()
         };
         let props = |pairs: &[(&str, &str)]| pairs.iter().copied().collect::<Headers>();
-        assert_eq!(auth.authenticate(&props(&[("token", "tok")])), Some(Permissions::default()));
-        assert_eq!(auth.authenticate(&props(&[("token", "nope")])), None);
+        assert_eq!(auth.authenticate_plain(&props(&[("token", "tok")])), Some(Permissions::default()));
+        assert_eq!(auth.authenticate_plain(&props(&[("token", "nope")])), None);
         assert_eq!(
-            auth.authenticate(&props(&[("user", "ann"), ("password", "s3cret")])),
+            auth.authenticate_plain(&props(&[("user", "ann"), ("password", "s3cret")])),
             Some(Permissions::none())
         );
-        assert_eq!(auth.authenticate(&props(&[("user", "ann"), ("password", "wrong")])), None);
-        assert_eq!(auth.authenticate(&props(&[("user", "bob"), ("password", "s3cret")])), None);
-        assert_eq!(auth.authenticate(&props(&[])), None);
+        assert_eq!(auth.authenticate_plain(&props(&[("user", "ann"), ("password", "wrong")])), None);
+        assert_eq!(auth.authenticate_plain(&props(&[("user", "bob"), ("password", "s3cret")])), None);
+        assert_eq!(auth.authenticate_plain(&props(&[])), None);
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
     }
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the monitoring HTTP listener (health, metrics, JSON, dashboard); off when None.
     pub http: Option<SocketAddr>,
+    /// TLS for the native listener; plain TCP when None.
+    pub tls: Option<crate::tls::TlsOptions>,
     /// Who may connect and what they may do; no authentication by default.
     pub auth: crate::auth::AuthConfig,
     /// Name announced in WELCOME.
@@ -59,6 +61,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
             http: None,
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
             server_name: "busbar".into(),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: 65_536,

@@ -17,6 +17,7 @@
 //! | `config`  | [`Config`]: listen address and every limit |
 //! | `config_file` | the TOML file: [`Config::from_toml`] (unknown keys and bad values are errors naming the key), [`default_toml`] |
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
+//! | `tls`     | rustls on the native listener: certificates from PEM, mutual TLS, TLS required or optional on one port |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
 //! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, the dashboard at `/` |
@@ -36,8 +37,10 @@ mod requests;
 mod router;
 mod server;
 mod session;
+mod tls;
 
 pub use auth::{AuthConfig, Permissions, Rules, User, hash_password};
 pub use config::{Config, SlowConsumerPolicy};
 pub use config_file::{ConfigError, default_toml, parse_duration};
 pub use server::{Broker, BrokerError, Stats, run, serve};
+pub use tls::TlsOptions;

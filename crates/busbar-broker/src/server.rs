@@ -42,6 +42,9 @@ pub enum BrokerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS files are missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Any other I/O failure of the listener.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -196,8 +199,9 @@ pub async fn serve(
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let shared = new_shared(config);
-    serve_shared(listener, http, shared, shutdown).await
+    serve_shared(listener, http, acceptor, shared, shutdown).await
 }
 
 fn new_shared(config: Config) -> Arc<Shared> {
@@ -217,6 +221,7 @@ fn new_shared(config: Config) -> Arc<Shared> {
 async fn serve_shared(
     listener: TcpListener,
     http: Option<TcpListener>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
@@ -257,10 +262,11 @@ async fn serve_shared(
             id => id,
         };
         let span = info_span!("conn", id, %peer, name = tracing::field::Empty);
+        let tls = acceptor.clone().map(|a| (a, shared.config.tls.as_ref().is_none_or(|t| t.required)));
         let s = shared.clone();
         tracker.spawn(
             async move {
-                session::run(stream, peer, id, s.clone()).await;
+                session::accept(stream, peer, id, s.clone(), tls).await;
                 s.open.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
@@ -344,9 +350,11 @@ impl Broker {
             None => None,
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        // Certificates are checked here, so that a bad file is an error of `start` itself.
+        let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let shared = new_shared(config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_shared(listener, http, shared.clone(), async move {
+        let task = tokio::spawn(serve_shared(listener, http, acceptor, shared.clone(), async move {
             let _ = stopped.await;
         }));
         Ok(Self { addr, http_addr, shared, stop: Some(stop), task: Some(task) })

@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::codec::FramedRead;
@@ -229,9 +229,66 @@ fn frame_error_code(e: &FrameError) -> ErrorCode {
 }
 
 /// Serves one accepted connection until it closes, then removes everything it held.
-pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Arc<Shared>) {
+/// Reading and writing halves of a connection, plain TCP or TLS.
+pub(crate) type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+pub(crate) type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// An accepted socket: TLS handshake first when the broker has TLS, then the session.
+pub(crate) async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u32,
+    shared: Arc<Shared>,
+    tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
+) {
+    let Some((acceptor, required)) = tls else {
+        let (rd, wr) = stream.into_split();
+        return run(Box::new(rd), Box::new(wr), peer, id, None, shared).await;
+    };
+    let limit = shared.config.handshake_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    if first[0] == 0x16 {
+        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let identity = crate::tls::peer_common_name(tls.get_ref().1);
+                let (rd, wr) = tokio::io::split(tls);
+                run(Box::new(rd), Box::new(wr), peer, id, identity, shared).await;
+            }
+            Ok(Err(e)) => {
+                shared.stats.auth_failures.inc();
+                warn!(error = %e, "TLS handshake failed");
+            }
+            Err(_) => debug!("TLS handshake timed out"),
+        }
+    } else if required {
+        // A plain client: tell it, in the clear, before closing.
+        debug!("plain connection to a TLS-only listener");
+        let mut stream = stream;
+        let e = error(ErrorCode::TlsRequired, 0, "this broker accepts only TLS connections (busbars://)");
+        let mut buf = BytesMut::new();
+        if Frame::Error(e).encode(&mut buf, usize::MAX).is_ok() {
+            let _ = tokio::time::timeout(CLOSE_GRACE, stream.write_all(&buf)).await;
+        }
+        let _ = stream.shutdown().await;
+    } else {
+        let (rd, wr) = stream.into_split();
+        run(Box::new(rd), Box::new(wr), peer, id, None, shared).await;
+    }
+}
+
+pub(crate) async fn run(
+    rd: ReadHalf,
+    wr: WriteHalf,
+    peer: SocketAddr,
+    id: u32,
+    tls_identity: Option<String>,
+    shared: Arc<Shared>,
+) {
     let max = shared.config.max_frame_size;
-    let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
     let config = &shared.config;
@@ -240,7 +297,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
 
-    let registered = match handshake(&mut reader, &outbox, id, &shared).await {
+    let registered = match handshake(&mut reader, &outbox, id, &shared, tls_identity).await {
         Some((name, service, permissions)) => {
             tracing::Span::current().record("name", name.as_str());
             info!(service = service.as_deref(), "client connected");
@@ -273,7 +330,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, id: u32, shared: Ar
     debug!(%peer, "connection closed");
 }
 
-type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+type Reader = FramedRead<ReadHalf, FrameCodec>;
 
 /// The HELLO property that registers a service name for direct addressing.
 pub(crate) const SERVICE_PROPERTY: &str = "service";
@@ -287,6 +344,7 @@ async fn handshake(
     outbox: &Outbox,
     id: u32,
     shared: &Shared,
+    tls_identity: Option<String>,
 ) -> Option<(String, Option<ByteString>, Arc<Permissions>)> {
     let first = tokio::select! {
         r = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => r,
@@ -329,7 +387,10 @@ async fn handshake(
     let properties = hello.properties.clone();
     // Argon2 is slow on purpose: verify off the reactor threads.
     let permissions =
-        tokio::task::spawn_blocking(move || auth.authenticate(&properties)).await.ok().flatten();
+        tokio::task::spawn_blocking(move || auth.authenticate(&properties, tls_identity.as_deref()))
+            .await
+            .ok()
+            .flatten();
     let Some(permissions) = permissions else {
         shared.stats.auth_failures.inc();
         warn!(client = %hello.name, "authentication failed");
@@ -616,12 +677,7 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
 }
 
 /// Owns the write half: batches queued frames into one buffer per write.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Outbound>,
-    control: Arc<Control>,
-    max: usize,
-) {
+async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control: Arc<Control>, max: usize) {
     // Grows to what the connection needs (up to about WRITE_BATCH), so idle ones stay small.
     let mut buf = BytesMut::new();
     let mut written = 0;

@@ -135,6 +135,8 @@ pub enum ErrorCode {
     AuthenticationFailed,
     /// 301: not allowed to publish or subscribe there. The connection stays open.
     PermissionDenied,
+    /// 302: the broker accepts only TLS connections. The connection is closed.
+    TlsRequired,
     /// 400: a request found nobody to answer it.
     NoResponders,
     /// 401: a request was not answered in time.
@@ -173,6 +175,7 @@ impl ErrorCode {
             Self::StaleConnection => 205,
             Self::AuthenticationFailed => 300,
             Self::PermissionDenied => 301,
+            Self::TlsRequired => 302,
             Self::NoResponders => 400,
             Self::Timeout => 401,
             Self::HandlerError => 402,
@@ -204,6 +207,7 @@ impl ErrorCode {
             205 => Self::StaleConnection,
             300 => Self::AuthenticationFailed,
             301 => Self::PermissionDenied,
+            302 => Self::TlsRequired,
             400 => Self::NoResponders,
             401 => Self::Timeout,
             402 => Self::HandlerError,

@@ -110,6 +110,8 @@ pub struct ClientOptions {
     pub service: Option<String>,
     /// How to authenticate, when the broker asks for it.
     pub credentials: Option<Credentials>,
+    /// TLS settings; TLS is also used for every `busbars://` server address.
+    pub tls: Option<crate::tls::ClientTls>,
     /// Time allowed for TCP connect plus handshake.
     pub connect_timeout: Duration,
     /// Messages (or requests) buffered per subscription before new ones are dropped and counted.
@@ -138,6 +140,7 @@ impl ClientOptions {
             name: "busbar-client".into(),
             service: None,
             credentials: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
             command_capacity: 1024,

@@ -19,7 +19,8 @@ use std::time::Duration;
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -83,8 +84,8 @@ enum PongWaiter {
 
 /// An established connection.
 pub(crate) struct Conn {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    reader: FramedRead<ReadHalf, FrameCodec>,
+    writer: FramedWrite<WriteHalf, FrameCodec>,
 }
 
 fn codec_error(e: busbar_core::CodecError) -> Error {
@@ -97,11 +98,29 @@ fn codec_error(e: busbar_core::CodecError) -> Error {
 /// TCP connect, HELLO, WELCOME, within the connect timeout.
 pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Conn, Welcome)> {
     let attempt = async {
-        let stream = TcpStream::connect(addr)
+        let (tls, hostport) = match addr.strip_prefix("busbars://") {
+            Some(rest) => (true, rest),
+            None => (options.tls.is_some(), addr.strip_prefix("busbar://").unwrap_or(addr)),
+        };
+        let stream = TcpStream::connect(hostport)
             .await
             .map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
         stream.set_nodelay(true)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr): (ReadHalf, WriteHalf) = if tls {
+            let settings = options.tls.clone().unwrap_or_default();
+            let connector = crate::tls::connector(&settings)?;
+            let host = settings.server_name.clone().unwrap_or_else(|| {
+                hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).trim_matches(['[', ']']).to_string()
+            });
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| Error::Tls(format!("{host:?} is not a valid server name")))?;
+            let stream = connector.connect(name, stream).await.map_err(|e| Error::Tls(e.to_string()))?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        } else {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        };
         let mut reader = FramedRead::with_capacity(rd, FrameCodec::default(), 64 * 1024);
         let mut writer = FramedWrite::new(wr, FrameCodec::default());
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };

@@ -13,6 +13,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// TLS could not be set up (certificates, or the TLS handshake).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The broker did not complete the handshake.
     #[error("handshake failed: {0}")]
     Handshake(String),

@@ -41,6 +41,7 @@ pub mod local;
 mod message;
 mod request;
 mod subscription;
+mod tls;
 
 pub use bus::{AnyBus, BusConfig, EventBus};
 pub use busbar_core::{self as core, ErrorCode, GroupPolicy, Headers, IdGenerator};
@@ -50,6 +51,7 @@ pub use error::{Error, Result};
 pub use message::{Message, Outgoing};
 pub use request::Request;
 pub use subscription::{HandlerTask, Requests, Subscription};
+pub use tls::ClientTls;
 
 /// The README's Rust examples, compiled by `cargo test` so that they stay true.
 #[cfg(doctest)]

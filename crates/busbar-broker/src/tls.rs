@@ -1,0 +1,96 @@
+//! TLS for the native listener (rustls): server certificate and key from PEM files, optional
+//! client-certificate verification against a CA (mutual TLS), and "TLS required" or "TLS
+//! optional" on one port, told apart by the first byte a client sends (0x16 opens a TLS
+//! handshake; a busbar frame opens with a length prefix).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio_rustls::TlsAcceptor;
+
+use crate::server::BrokerError;
+
+/// TLS settings of the native listener.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    /// PEM file with the server's certificate chain.
+    pub cert: PathBuf,
+    /// PEM file with the server's private key.
+    pub key: PathBuf,
+    /// PEM file with the CA(s) that client certificates must chain to: mutual TLS. Clients
+    /// without a valid certificate are refused in the TLS handshake.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse plain connections (with ERROR `TlsRequired`); otherwise accept both on one port.
+    pub required: bool,
+}
+
+fn load_certs(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, BrokerError> {
+    let data =
+        std::fs::read(path).map_err(|e| BrokerError::Tls(format!("cannot read {}: {e}", path.display())))?;
+    let certs = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(BrokerError::Tls(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, BrokerError> {
+    let data =
+        std::fs::read(path).map_err(|e| BrokerError::Tls(format!("cannot read {}: {e}", path.display())))?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| BrokerError::Tls(format!("{}: no private key found", path.display())))
+}
+
+/// Builds the acceptor, or explains what is wrong with the files.
+pub(crate) fn acceptor(options: &TlsOptions) -> Result<TlsAcceptor, BrokerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    let builder = match &options.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(ca)? {
+                roots.add(cert).map_err(|e| BrokerError::Tls(format!("{}: {e}", ca.display())))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| BrokerError::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(load_certs(&options.cert)?, load_key(&options.key)?)
+        .map_err(|e| BrokerError::Tls(format!("certificate and key: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The common name of a verified client certificate, if any (for mapping it to a user).
+pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
+    let cert = conn.peer_certificates()?.first()?;
+    common_name(cert.as_ref())
+}
+
+/// Finds the subject's CN in a DER certificate: the UTF8String or PrintableString that follows
+/// the CN attribute's OID (2.5.4.3). Enough for mapping a certificate to a user name.
+fn common_name(der: &[u8]) -> Option<String> {
+    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    // The last CN in the certificate is the subject's (the issuer's comes first).
+    let at = der.windows(CN_OID.len()).rposition(|w| w == CN_OID)? + CN_OID.len();
+    let (&tag, rest) = der.get(at..)?.split_first()?;
+    if tag != 0x0c && tag != 0x13 {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let len = usize::from(len);
+    if len >= 0x80 {
+        return None;
+    }
+    std::str::from_utf8(rest.get(..len)?).ok().map(str::to_string)
+}

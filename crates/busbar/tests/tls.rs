@@ -1,0 +1,169 @@
+//! TLS with certificates generated at test time (rcgen): round trip, TLS required, optional TLS,
+//! mutual TLS with a right and a wrong client certificate, and a certificate mapped to a user.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use busbar::{Client, ClientOptions, ClientTls, ErrorCode, EventBus};
+use busbar_broker::{AuthConfig, Broker, Permissions, Rules, TlsOptions, User};
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA, a server certificate for localhost signed by it, client certificates "shop"
+    /// (signed by the CA) and "intruder" (signed by another CA).
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "busbar-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("busbar test CA");
+        let (other_cert, other_key) = ca("someone else's CA");
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+        write("ca.pem", ca_cert.pem());
+        let leaf =
+            |cn: &str, sans: Vec<String>, issuer: &rcgen::Certificate, issuer_key: &KeyPair, file: &str| {
+                let key = KeyPair::generate().unwrap();
+                let mut params = CertificateParams::new(sans).unwrap();
+                params.distinguished_name.push(DnType::CommonName, cn);
+                let cert = params.signed_by(&key, issuer, issuer_key).unwrap();
+                write(&format!("{file}.pem"), cert.pem());
+                write(&format!("{file}.key"), key.serialize_pem());
+            };
+        leaf("localhost", vec!["localhost".into()], &ca_cert, &ca_key, "server");
+        leaf("shop", vec![], &ca_cert, &ca_key, "shop");
+        leaf("intruder", vec![], &other_cert, &other_key, "intruder");
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn server(&self, required: bool, mutual: bool) -> TlsOptions {
+        TlsOptions {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: mutual.then(|| self.path("ca.pem")),
+            required,
+        }
+    }
+
+    fn client(&self, cert: Option<&str>) -> ClientTls {
+        ClientTls {
+            ca: Some(self.path("ca.pem")),
+            client_cert: cert.map(|c| (self.path(&format!("{c}.pem")), self.path(&format!("{c}.key")))),
+            server_name: Some("localhost".into()),
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn tls_broker(tls: TlsOptions, auth: AuthConfig) -> Broker {
+    let mut config = config();
+    config.tls = Some(tls);
+    config.auth = auth;
+    broker_with(config).await
+}
+
+fn options(broker: &Broker, tls: Option<ClientTls>) -> ClientOptions {
+    let scheme = if tls.is_some() { "busbars" } else { "busbar" };
+    let mut o = ClientOptions::new(format!("{scheme}://{}", broker.local_addr())).no_reconnect();
+    o.tls = tls;
+    o
+}
+
+async fn round_trip(client: &Client) {
+    let mut sub = client.subscribe("secure.>").await.unwrap();
+    client.publish("secure.hello", "over tls").await.unwrap();
+    assert_eq!(sub.next().await.unwrap().payload_str(), Some("over tls"));
+}
+
+#[tokio::test]
+async fn tls_round_trip_and_plain_clients_refused_when_required() {
+    let pki = Pki::new();
+    let broker = tls_broker(pki.server(true, false), AuthConfig::default()).await;
+    let client = Client::connect_with(options(&broker, Some(pki.client(None)))).await.unwrap();
+    round_trip(&client).await;
+    let plain = Client::connect_with(options(&broker, None)).await.unwrap_err();
+    assert_eq!(plain.code(), Some(ErrorCode::TlsRequired), "{plain}");
+}
+
+#[tokio::test]
+async fn optional_tls_accepts_both_on_one_port() {
+    let pki = Pki::new();
+    let broker = tls_broker(pki.server(false, false), AuthConfig::default()).await;
+    round_trip(&Client::connect_with(options(&broker, Some(pki.client(None)))).await.unwrap()).await;
+    round_trip(&Client::connect_with(options(&broker, None)).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn an_untrusted_server_certificate_is_refused() {
+    let pki = Pki::new();
+    let broker = tls_broker(pki.server(true, false), AuthConfig::default()).await;
+    let mut wrong_ca = pki.client(None);
+    wrong_ca.ca = Some(pki.path("intruder.pem")); // not the CA that signed the server
+    let e = Client::connect_with(options(&broker, Some(wrong_ca))).await.unwrap_err();
+    assert!(matches!(e, busbar::Error::Tls(_)), "{e}");
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_a_wrong_client_certificate_and_maps_a_right_one_to_a_user() {
+    let pki = Pki::new();
+    let shop = Permissions { publish: Rules::only(["orders.>"]), ..Permissions::default() };
+    let auth = AuthConfig {
+        users: vec![User {
+            name: "shop".into(),
+            password_hash: busbar_broker::hash_password("x"),
+            permissions: Some(shop),
+        }],
+        tls_identity: true,
+        ..AuthConfig::default()
+    };
+    let broker = tls_broker(pki.server(true, true), auth).await;
+    for missing_or_wrong in [None, Some("intruder")] {
+        let refused = Client::connect_with(options(&broker, Some(pki.client(missing_or_wrong)))).await;
+        assert!(refused.is_err(), "{missing_or_wrong:?} admitted");
+    }
+    // The certificate says "shop": no password needed, and shop's permissions apply.
+    let client = Client::connect_with(options(&broker, Some(pki.client(Some("shop"))))).await.unwrap();
+    let mut own = client.subscribe("orders.>").await.unwrap();
+    client.publish("orders.new", "ok").await.unwrap();
+    assert_eq!(own.next().await.unwrap().payload_str(), Some("ok"));
+    let denied = client.request("billing.x", "", std::time::Duration::from_secs(30)).await.unwrap_err();
+    assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied));
+    assert!(Path::new(&pki.path("ca.pem")).exists());
+}
+
+#[tokio::test]
+async fn missing_certificate_files_are_a_clear_startup_error() {
+    let mut config = config();
+    config.tls = Some(TlsOptions {
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+        client_ca: None,
+        required: true,
+    });
+    let e = Broker::start(config).await.unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/cert.pem"), "{e}");
+}
