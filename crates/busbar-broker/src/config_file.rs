@@ -36,6 +36,21 @@ struct File {
     heartbeat: HeartbeatSection,
     slow_consumer: SlowConsumerSection,
     auth: AuthSection,
+    tls: Option<TlsSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    client_ca: Option<std::path::PathBuf>,
+    #[serde(default = "yes")]
+    required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Default)]
@@ -43,6 +58,7 @@ struct File {
 struct AuthSection {
     token: Option<String>,
     disconnect_on_violation: bool,
+    tls_identity: bool,
     default_permissions: Option<PermissionsSection>,
     users: Vec<UserSection>,
 }
@@ -189,6 +205,18 @@ impl Config {
         let a = file.auth;
         c.auth.token = a.token;
         c.auth.disconnect_on_violation = a.disconnect_on_violation;
+        c.auth.tls_identity = a.tls_identity;
+        c.tls = file.tls.map(|t| crate::tls::TlsOptions {
+            cert: t.cert,
+            key: t.key,
+            client_ca: t.client_ca,
+            required: t.required,
+        });
+        if c.auth.tls_identity && c.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            let reason =
+                "needs [tls] with client_ca: only verified client certificates name users".to_string();
+            return Err(ConfigError::Invalid { key: "auth.tls_identity", reason });
+        }
         if let Some(p) = a.default_permissions {
             c.auth.default_permissions = p.into_permissions()?;
         }
@@ -287,11 +315,20 @@ max_missed = {max_missed}
 # "disconnect" (close it with SlowConsumer) or "drop" (keep it, drop and count its messages).
 policy = "disconnect"
 
+# TLS on the native listener (clients use busbars://host:port). Off when this section is absent.
+# [tls]
+# cert = "/etc/busbar/server.pem"          # certificate chain, PEM
+# key = "/etc/busbar/server.key"           # private key, PEM
+# client_ca = "/etc/busbar/clients-ca.pem" # mutual TLS: clients need a certificate from this CA
+# required = true                          # false: plain and TLS clients on the same port
+
 # Authentication: with neither a token nor users, anyone may connect (with default_permissions).
 [auth]
 # token = "a long random string"
 # Close a connection that breaks its permissions (default: refuse that one thing, go on).
 disconnect_on_violation = false
+# With mutual TLS: a client certificate whose common name is a user's name logs in as that user.
+tls_identity = false
 
 # Permissions of token clients and of users without their own. Lists of topic patterns; deny
 # wins; a missing allow list allows everything not denied. Uncomment for deny-by-default:
@@ -409,6 +446,15 @@ mod tests {
         let e =
             Config::from_toml("[auth.default_permissions]\npublish = { allow = [\"a..b\"] }\n").unwrap_err();
         assert!(e.to_string().contains("publish"), "{e}");
+    }
+
+    #[test]
+    fn tls_section() {
+        let c = Config::from_toml("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.required, tls.client_ca), (Some("c.pem"), true, None));
+        let e = Config::from_toml("[auth]\ntls_identity = true\n").unwrap_err();
+        assert!(e.to_string().contains("client_ca"), "{e}");
     }
 
     #[test]

@@ -167,6 +167,15 @@ struct ConnectArgs {
     /// The user's password.
     #[arg(long, env = "BUSBAR_PASSWORD")]
     password: Option<String>,
+    /// CA certificate (PEM) to trust for TLS; TLS is used with it, or with a busbars:// server.
+    #[arg(long, env = "BUSBAR_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for brokers that require one (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +410,13 @@ async fn connect(args: &ConnectArgs, name: &str) -> Result<Client> {
     }
     if let (Some(user), Some(password)) = (&args.user, &args.password) {
         options = options.user(user.clone(), password.clone());
+    }
+    if args.tls_ca.is_some() || args.tls_cert.is_some() {
+        options.tls = Some(busbar::ClientTls {
+            ca: args.tls_ca.clone(),
+            client_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
+            server_name: None,
+        });
     }
     Client::connect_with(options)
         .await
