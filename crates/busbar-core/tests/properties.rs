@@ -210,6 +210,27 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// `covers` and `intersects` (used for subscribe permissions) agree with the matcher on
+    /// sampled topics: coverage is never wrong the permissive way, and a shared topic always
+    /// means the patterns intersect.
+    #[test]
+    fn covers_and_intersects_agree_with_matching(a in pattern(), b in pattern(),
+                                                 topics in proptest::collection::vec(topic(), 1..40)) {
+        use busbar_core::topic::{covers, intersects};
+        for t in &topics {
+            if covers(&a, &b) && matches(&b, t) {
+                prop_assert!(matches(&a, t), "{} covers {} but not {}", a, b, t);
+            }
+            if matches(&a, t) && matches(&b, t) {
+                prop_assert!(intersects(&a, &b), "{} and {} share {}", a, b, t);
+            }
+        }
+    }
+}
+
 #[test]
 fn oversized_frame_is_refused_from_its_prefix_alone() {
     let prefix = ((DEFAULT_MAX_FRAME_SIZE + 1) as u32).to_be_bytes();
