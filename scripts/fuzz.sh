@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds="${1:-60}"
-target=frame_decode
+target="${TARGET:-frame_decode}"
 mkdir -p "corpus/$target"
 if cargo fuzz --version >/dev/null 2>&1; then
     exec cargo +nightly fuzz run "$target" "corpus/$target" "seeds/$target" -- -max_total_time="$seconds" -max_len=4096
