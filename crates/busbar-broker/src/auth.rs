@@ -50,6 +50,8 @@ pub struct Permissions {
     pub subscribe: Rules,
     /// Service names it may register.
     pub services: Rules,
+    /// Group names it may join (a member takes a share of the group's messages).
+    pub groups: Rules,
     /// May reply to requests it received even without publish rights on their topic.
     pub allow_responses: bool,
 }
@@ -61,6 +63,7 @@ impl Default for Permissions {
             publish: Rules::default(),
             subscribe: Rules::default(),
             services: Rules::default(),
+            groups: Rules::default(),
             allow_responses: true,
         }
     }
@@ -73,6 +76,7 @@ impl Permissions {
             publish: Rules::none(),
             subscribe: Rules::none(),
             services: Rules::none(),
+            groups: Rules::none(),
             allow_responses: false,
         }
     }
@@ -170,8 +174,12 @@ impl AuthConfig {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$KZu6Jd0X3u5sW2UAB8ydKKzVxjOAZ1yWvOuq0eH3HXo";
 
+/// Compares digests of the two values in constant time, so that neither the contents nor the
+/// length of the token leak through timing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use blake2::Digest;
+    let (x, y) = (blake2::Blake2b512::digest(a), blake2::Blake2b512::digest(b));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
 #[cfg(test)]

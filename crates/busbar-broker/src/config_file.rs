@@ -77,6 +77,7 @@ struct PermissionsSection {
     publish: RulesSection,
     subscribe: RulesSection,
     services: RulesSection,
+    groups: RulesSection,
     allow_responses: Option<bool>,
 }
 
@@ -103,6 +104,7 @@ impl PermissionsSection {
             publish: self.publish.into_rules("auth.*.publish")?,
             subscribe: self.subscribe.into_rules("auth.*.subscribe")?,
             services: self.services.into_rules("auth.*.services")?,
+            groups: self.groups.into_rules("auth.*.groups")?,
             allow_responses: self.allow_responses.unwrap_or(true),
         })
     }
@@ -162,7 +164,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     match unit.trim() {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| format!("{text:?} is too long")),
         other => Err(format!("unknown unit {other:?} in {text:?}: use ms, s or m")),
     }
 }
@@ -260,6 +262,21 @@ impl Config {
         if self.heartbeat_max_missed == 0 {
             return invalid("heartbeat.max_missed", "must be at least 1");
         }
+        if self.heartbeat_interval.checked_mul(self.heartbeat_max_missed).is_none() {
+            return invalid("heartbeat.interval", "interval x max_missed is too long");
+        }
+        if self.auth.token.as_ref().is_some_and(|t| t.len() < 16) {
+            return invalid("auth.token", "must be at least 16 characters");
+        }
+        if let Some(tls) = &self.tls
+            && tls.client_ca.is_some()
+            && !tls.required
+        {
+            return invalid(
+                "tls.required",
+                "must be true with client_ca: plain clients would skip the certificate check",
+            );
+        }
         Ok(())
     }
 }
@@ -336,6 +353,7 @@ tls_identity = false
 # publish = {{ allow = [] }}
 # subscribe = {{ allow = [] }}
 # services = {{ allow = [] }}
+# groups = {{ allow = [] }}
 # allow_responses = false
 
 # [[auth.users]]
@@ -345,6 +363,7 @@ tls_identity = false
 # publish = {{ allow = ["orders.>"], deny = ["orders.internal.>"] }}
 # subscribe = {{ allow = ["orders.>"] }}
 # services = {{ allow = ["shop"] }}
+# groups = {{ allow = ["shop-workers"] }}    # group names it may join
 # allow_responses = true                   # may answer requests without publish rights
 "#,
         name = c.server_name,
@@ -422,7 +441,7 @@ mod tests {
         let text = format!(
             r#"
             [auth]
-            token = "t"
+            token = "0123456789abcdef"
             disconnect_on_violation = true
             [auth.default_permissions]
             publish = {{ allow = [] }}
@@ -435,7 +454,7 @@ mod tests {
             "#
         );
         let c = Config::from_toml(&text).unwrap();
-        assert_eq!(c.auth.token.as_deref(), Some("t"));
+        assert_eq!(c.auth.token.as_deref(), Some("0123456789abcdef"));
         assert!(c.auth.disconnect_on_violation);
         assert_eq!(c.auth.default_permissions.publish, Rules::none());
         let p = c.auth.users[0].permissions.as_ref().unwrap();

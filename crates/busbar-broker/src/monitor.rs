@@ -123,7 +123,7 @@ struct ConnView {
 }
 
 async fn connz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    let subs = shared.router().subscriptions();
+    let counts = shared.router().subscription_counts();
     let mut conns: Vec<ConnView> = shared
         .conns()
         .iter()
@@ -135,7 +135,7 @@ async fn connz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
                 service: m.service.clone(),
                 address: m.addr.to_string(),
                 connected_secs: SystemTime::now().duration_since(m.since).unwrap_or_default().as_secs(),
-                subscriptions: subs.iter().filter(|s| s.conn == id).count(),
+                subscriptions: counts.get(&id).copied().unwrap_or(0),
                 pending_bytes: c.pending_bytes.load(Ordering::Relaxed),
                 msgs_in: c.msgs_in.load(Ordering::Relaxed),
                 bytes_in: c.bytes_in.load(Ordering::Relaxed),
@@ -149,9 +149,16 @@ async fn connz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "count": conns.len(), "connections": conns }))
 }
 
+/// Most subscriptions listed by `/subsz` (the count is always exact).
+const SUBSZ_LIMIT: usize = 10_000;
+
 async fn subsz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    let subs = shared.router().subscriptions();
-    Json(serde_json::json!({ "count": subs.len(), "subscriptions": subs }))
+    let (count, subs) = {
+        let router = shared.router();
+        (router.subscription_count(), router.subscriptions_limited(SUBSZ_LIMIT))
+    };
+    let truncated = subs.len() < count;
+    Json(serde_json::json!({ "count": count, "truncated": truncated, "subscriptions": subs }))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -90,11 +90,26 @@ impl Requests {
 
     /// A reply from `responder` to request `id` of `requester`: forwards it and returns true, or
     /// returns false when no such request waits for this responder (late, or forged).
-    pub(crate) fn reply(&mut self, requester: u32, responder: u32, mut reply: Reply) -> bool {
+    /// The REPLY's topic is replaced by the request's (the responder does not choose it), and
+    /// `may_reply(topic)` decides whether this responder may answer on it; if not, the requester
+    /// gets PermissionDenied instead.
+    pub(crate) fn reply(
+        &mut self,
+        requester: u32,
+        responder: u32,
+        mut reply: Reply,
+        may_reply: impl FnOnce(&str) -> bool,
+    ) -> bool {
         let key = (requester, reply.id);
         let Some(p) = self.pending.get_mut(&key) else { return false };
         let Some(i) = p.responders.iter().position(|&r| r == responder) else { return false };
         p.responders.swap_remove(i);
+        reply.message.topic = p.topic.clone();
+        if !may_reply(&p.topic) {
+            reply.error = Some(ErrorCode::PermissionDenied);
+            reply.message.payload = "the responder may not reply on this topic".into();
+            reply.message.headers = Default::default();
+        }
         reply.remaining = p.responders.len() as u32;
         reply.message.source = responder;
         reply.message.destination = requester;
@@ -173,9 +188,9 @@ mod tests {
         let mut r = Requests::default();
         r.insert(1, 7, Outbox::detached(), "a".into(), vec![2, 3], Duration::from_secs(5), 10).unwrap();
         let reply = || Reply { id: 7, error: None, remaining: 0, message: Message::new("a", "") };
-        assert!(!r.reply(1, 4, reply()), "4 was not asked");
-        assert!(r.reply(1, 2, reply()));
-        assert!(!r.reply(1, 2, reply()), "2 already answered");
+        assert!(!r.reply(1, 4, reply(), |_| true), "4 was not asked");
+        assert!(r.reply(1, 2, reply(), |_| true));
+        assert!(!r.reply(1, 2, reply(), |_| true), "2 already answered");
         r.remove_connection(3);
         assert_eq!(r.len(), 0, "3 disconnected: nothing left to wait for");
     }

@@ -201,8 +201,13 @@ impl Router {
         }
     }
 
+    /// How many subscriptions each connection holds.
+    pub(crate) fn subscription_counts(&self) -> HashMap<u32, usize> {
+        self.conns.iter().map(|(&conn, c)| (conn, c.subs.len())).collect()
+    }
+
     /// Every subscription, for monitoring: (connection, id, pattern, group, kind).
-    pub(crate) fn subscriptions(&self) -> Vec<SubView> {
+    pub(crate) fn subscriptions_limited(&self, limit: usize) -> Vec<SubView> {
         let mut out: Vec<SubView> = self
             .conns
             .iter()
@@ -218,6 +223,7 @@ impl Router {
                     },
                 })
             })
+            .take(limit)
             .collect();
         out.sort_by_key(|v| (v.conn, v.sid));
         out

@@ -42,6 +42,9 @@ pub enum BrokerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config_file::ConfigError),
     /// The TLS files are missing or unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -49,6 +52,9 @@ pub enum BrokerError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
+
+/// Argon2 checks that may run at once (each takes ~19 MiB and a core for tens of ms).
+const AUTH_CHECKS_AT_ONCE: usize = 4;
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -132,6 +138,8 @@ pub(crate) struct Shared {
     /// Who is connected, for monitoring.
     pub(crate) conns: Mutex<HashMap<u32, ConnMeta>>,
     pub(crate) started: SystemTime,
+    /// Password checks allowed to run at once.
+    pub(crate) auth_slots: Arc<tokio::sync::Semaphore>,
     open: AtomicU64,
     next_id: AtomicU32,
 }
@@ -199,6 +207,7 @@ pub async fn serve(
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    config.validate()?;
     let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let shared = new_shared(config);
     serve_shared(listener, http, acceptor, shared, shutdown).await
@@ -213,6 +222,7 @@ fn new_shared(config: Config) -> Arc<Shared> {
         stats: Arc::default(),
         conns: Mutex::default(),
         started: SystemTime::now(),
+        auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_CHECKS_AT_ONCE)),
         open: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
     })
@@ -343,6 +353,7 @@ pub struct Broker {
 impl Broker {
     /// Binds `config.listen` and starts serving on the current tokio runtime.
     pub async fn start(config: Config) -> Result<Self, BrokerError> {
+        config.validate()?;
         let listener = bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let http = match config.http {

@@ -241,22 +241,23 @@ pub(crate) async fn accept(
     shared: Arc<Shared>,
     tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
 ) {
+    // One deadline for the whole handshake: first byte, TLS, HELLO and authentication.
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     let Some((acceptor, required)) = tls else {
         let (rd, wr) = stream.into_split();
-        return run(Box::new(rd), Box::new(wr), peer, id, None, shared).await;
+        return run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
     };
-    let limit = shared.config.handshake_timeout;
     let mut first = [0u8; 1];
-    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         _ => return,
     }
     if first[0] == 0x16 {
-        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 let identity = crate::tls::peer_common_name(tls.get_ref().1);
                 let (rd, wr) = tokio::io::split(tls);
-                run(Box::new(rd), Box::new(wr), peer, id, identity, shared).await;
+                run(Box::new(rd), Box::new(wr), peer, id, identity, deadline, shared).await;
             }
             Ok(Err(e)) => {
                 shared.stats.auth_failures.inc();
@@ -276,16 +277,18 @@ pub(crate) async fn accept(
         let _ = stream.shutdown().await;
     } else {
         let (rd, wr) = stream.into_split();
-        run(Box::new(rd), Box::new(wr), peer, id, None, shared).await;
+        run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     rd: ReadHalf,
     wr: WriteHalf,
     peer: SocketAddr,
     id: u32,
     tls_identity: Option<String>,
+    deadline: tokio::time::Instant,
     shared: Arc<Shared>,
 ) {
     let max = shared.config.max_frame_size;
@@ -297,7 +300,7 @@ pub(crate) async fn run(
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
 
-    let registered = match handshake(&mut reader, &outbox, id, &shared, tls_identity).await {
+    let registered = match handshake(&mut reader, &outbox, id, &shared, tls_identity, deadline).await {
         Some((name, service, permissions)) => {
             tracing::Span::current().record("name", name.as_str());
             info!(service = service.as_deref(), "client connected");
@@ -345,9 +348,10 @@ async fn handshake(
     id: u32,
     shared: &Shared,
     tls_identity: Option<String>,
+    deadline: tokio::time::Instant,
 ) -> Option<(String, Option<ByteString>, Arc<Permissions>)> {
     let first = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => r,
+        r = tokio::time::timeout_at(deadline, reader.next()) => r,
         () = shared.shutdown.cancelled() => {
             outbox.control.fail(error(ErrorCode::ShuttingDown, 0, "server shutting down"));
             return None;
@@ -385,12 +389,18 @@ async fn handshake(
     };
     let auth = shared.config.auth.clone();
     let properties = hello.properties.clone();
-    // Argon2 is slow on purpose: verify off the reactor threads.
-    let permissions =
-        tokio::task::spawn_blocking(move || auth.authenticate(&properties, tls_identity.as_deref()))
-            .await
-            .ok()
-            .flatten();
+    // Argon2 is slow (and memory-hungry) on purpose: verify off the reactor threads, a few at a
+    // time, within the handshake deadline, so that a crowd of strangers cannot exhaust the host.
+    let permissions = async {
+        let slot =
+            tokio::time::timeout_at(deadline, shared.auth_slots.clone().acquire_owned()).await.ok()?.ok()?;
+        let check = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            auth.authenticate(&properties, tls_identity.as_deref())
+        });
+        tokio::time::timeout_at(deadline, check).await.ok()?.ok()?
+    }
+    .await;
     let Some(permissions) = permissions else {
         shared.stats.auth_failures.inc();
         warn!(client = %hello.name, "authentication failed");
@@ -411,7 +421,7 @@ async fn handshake(
 
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared, perms: &Permissions) {
     let beat = shared.config.heartbeat_interval;
-    let dead_after = beat * shared.config.heartbeat_max_missed.max(1);
+    let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
     // Check four times an interval, so that a dead peer is found soon after `dead_after`.
     let period = (beat / 4).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -498,6 +508,9 @@ async fn apply(
         Frame::Sub(s) if !perms.subscribe.permits_pattern(&s.pattern) => {
             denied(s.sid, format!("may not subscribe to {:?}", shown(&s.pattern)))?
         }
+        Frame::Sub(s) if s.group.as_ref().is_some_and(|g| !perms.groups.permits_topic(&g.name)) => {
+            denied(s.sid, "may not join that group".to_string())?
+        }
         Frame::Request(r) if !perms.publish.permits_topic(&r.message.topic) => {
             shared.stats.permission_denied.inc();
             if shared.config.auth.disconnect_on_violation {
@@ -538,21 +551,24 @@ async fn apply(
             shared.stats.deliveries.add(delivered as u64);
         }
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
-        Frame::Reply(mut reply) => {
-            if !perms.allow_responses && !perms.publish.permits_topic(&reply.message.topic) {
-                // The requester learns at once instead of waiting for its timeout.
-                shared.stats.permission_denied.inc();
-                reply.error = Some(ErrorCode::PermissionDenied);
-                reply.message.payload = "the responder may not reply on this topic".into();
-                reply.message.headers = Default::default();
-            }
+        Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester == 0 {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
                 outbox.send(Outbound::Frame(Frame::Error(e))).await;
-            } else if !shared.requests().reply(requester, id, reply) {
-                shared.stats.late_replies.inc();
+            } else {
+                // Judged on the request's own topic: the responder cannot pick another.
+                let may_reply = |topic: &str| {
+                    let ok = perms.allow_responses || perms.publish.permits_topic(topic);
+                    if !ok {
+                        shared.stats.permission_denied.inc();
+                    }
+                    ok
+                };
+                if !shared.requests().reply(requester, id, reply, may_reply) {
+                    shared.stats.late_replies.inc();
+                }
             }
         }
         Frame::Sub(sub) => {

@@ -77,20 +77,11 @@ pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String
     common_name(cert.as_ref())
 }
 
-/// Finds the subject's CN in a DER certificate: the UTF8String or PrintableString that follows
-/// the CN attribute's OID (2.5.4.3). Enough for mapping a certificate to a user name.
+/// The subject's common name of a DER certificate: exactly one CN, as text; anything else (no
+/// CN, several, not text, an unparsable certificate) names nobody.
 fn common_name(der: &[u8]) -> Option<String> {
-    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
-    // The last CN in the certificate is the subject's (the issuer's comes first).
-    let at = der.windows(CN_OID.len()).rposition(|w| w == CN_OID)? + CN_OID.len();
-    let (&tag, rest) = der.get(at..)?.split_first()?;
-    if tag != 0x0c && tag != 0x13 {
-        return None;
-    }
-    let (&len, rest) = rest.split_first()?;
-    let len = usize::from(len);
-    if len >= 0x80 {
-        return None;
-    }
-    std::str::from_utf8(rest.get(..len)?).ok().map(str::to_string)
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut names = cert.subject().iter_common_name();
+    let cn = names.next()?.as_str().ok()?.to_string();
+    names.next().is_none().then_some(cn)
 }

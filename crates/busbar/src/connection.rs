@@ -358,7 +358,7 @@ impl ConnectionTask {
             return End::Lost(e);
         }
         let beat = self.options.heartbeat_interval;
-        let dead_after = beat * self.options.heartbeat_max_missed.max(1);
+        let dead_after = beat.checked_mul(self.options.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
         let period = (beat / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

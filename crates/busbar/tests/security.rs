@@ -16,6 +16,7 @@ fn orders_only() -> Permissions {
         publish: Rules::only(["orders.>"]),
         subscribe: Rules::only(["orders.>"]),
         services: Rules::none(),
+        groups: Rules::none(),
         allow_responses: true,
     }
 }
@@ -43,6 +44,7 @@ fn users() -> AuthConfig {
                     publish: Rules::none(),
                     subscribe: Rules::only(["jobs.>"]),
                     services: Rules::only(["worker"]),
+                    groups: Rules::default(),
                     allow_responses: true,
                 }),
             },
@@ -53,6 +55,7 @@ fn users() -> AuthConfig {
                     publish: Rules::none(),
                     subscribe: Rules::only(["jobs.>"]),
                     services: Rules::none(),
+                    groups: Rules::default(),
                     allow_responses: false,
                 }),
             },
@@ -70,9 +73,10 @@ async fn login(broker: &Broker, user: &str, password: &str) -> Result<Client, Er
 
 #[tokio::test]
 async fn tokens_are_checked() {
-    let broker = secured(AuthConfig { token: Some("s3cret".into()), ..AuthConfig::default() }).await;
+    let broker =
+        secured(AuthConfig { token: Some("s3cret-token-1234".into()), ..AuthConfig::default() }).await;
     let addr = broker.local_addr().to_string();
-    let ok = Client::connect_with(ClientOptions::new(addr.clone()).token("s3cret")).await.unwrap();
+    let ok = Client::connect_with(ClientOptions::new(addr.clone()).token("s3cret-token-1234")).await.unwrap();
     ok.publish("any.thing", "").await.unwrap();
     for options in [ClientOptions::new(addr.clone()).token("wrong"), ClientOptions::new(addr.clone())] {
         match Client::connect_with(options).await {
@@ -172,14 +176,15 @@ async fn responses_are_allowed_only_when_configured() {
 #[tokio::test]
 async fn deny_by_default_and_service_names() {
     let auth = AuthConfig {
-        token: Some("t".into()),
+        token: Some("guest-token-12345".into()),
         default_permissions: Permissions::none(),
         users: users().users,
         ..AuthConfig::default()
     };
     let broker = secured(auth).await;
     let addr = broker.local_addr().to_string();
-    let guest = Client::connect_with(ClientOptions::new(addr.clone()).token("t")).await.unwrap();
+    let guest =
+        Client::connect_with(ClientOptions::new(addr.clone()).token("guest-token-12345")).await.unwrap();
     assert_eq!(guest.subscribe("a").await.unwrap_err().code(), Some(ErrorCode::PermissionDenied));
     assert_eq!(guest.request("a", "", LONG).await.unwrap_err().code(), Some(ErrorCode::PermissionDenied));
     // The worker may register the service name "worker", not another.
@@ -201,4 +206,60 @@ async fn violations_can_close_the_connection_when_configured() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_responder_cannot_choose_the_topic_its_reply_is_judged_on() {
+    let mut auth = users();
+    // "mute" may publish on allowed.> only, and may not answer on other topics.
+    auth.users[3].permissions.as_mut().unwrap().publish = Rules::only(["allowed.>"]);
+    let broker = secured(auth).await;
+    let admin = login(&broker, "admin", "admin-pw").await.unwrap();
+    let mut raw = Raw::connect(&broker).await;
+    let mut hello = Hello { name: "forger".into(), properties: Default::default() };
+    hello.properties.insert("user", "mute");
+    hello.properties.insert("password", "mute-pw");
+    raw.send(Frame::Hello(hello)).await;
+    assert!(matches!(raw.read().await, Some(Frame::Welcome(_))));
+    let sub = busbar_core::Sub {
+        sid: 1,
+        pattern: "jobs.crop".into(),
+        group: None,
+        kind: busbar_core::SubKind::Requests,
+    };
+    raw.send(Frame::Sub(sub)).await;
+    raw.send(Frame::Ping).await;
+    assert_eq!(raw.read().await, Some(Frame::Pong));
+    let pending = tokio::spawn(async move { admin.request("jobs.crop", "", LONG).await });
+    let Some(Frame::Call(call)) = raw.read().await else { panic!("expected a CALL") };
+    // The forged reply names a topic the responder may publish on.
+    let mut forged = Message::new("allowed.x", "sneaky");
+    forged.destination = call.message.source;
+    raw.send(Frame::Reply(busbar_core::Reply { id: call.id, error: None, remaining: 0, message: forged }))
+        .await;
+    let answer = tokio::time::timeout(PATIENCE, pending).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap_err().code(), Some(ErrorCode::PermissionDenied));
+}
+
+#[tokio::test]
+async fn group_names_are_permission_checked() {
+    let broker = secured(users()).await;
+    let shop = login(&broker, "shop", "shop-pw").await.unwrap();
+    let grouped = busbar::Pattern::new("orders.new").group("fulfilment", busbar::GroupPolicy::RoundRobin);
+    assert_eq!(shop.subscribe(grouped).await.unwrap_err().code(), Some(ErrorCode::PermissionDenied));
+}
+
+#[tokio::test]
+async fn inconsistent_security_settings_are_refused_at_start() {
+    let mut config = config();
+    config.auth.token = Some("short".into());
+    assert!(Broker::start(config).await.unwrap_err().to_string().contains("auth.token"));
+    let mut config = common::config();
+    config.tls = Some(busbar_broker::TlsOptions {
+        cert: "c.pem".into(),
+        key: "k.pem".into(),
+        client_ca: Some("ca.pem".into()),
+        required: false,
+    });
+    assert!(Broker::start(config).await.unwrap_err().to_string().contains("tls.required"));
 }
