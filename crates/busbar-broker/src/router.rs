@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use busbar_core::group::Balancer;
 use busbar_core::{ByteString, ErrorCode, GroupPolicy, Message, SubKind, SubscriptionTrie};
+use smallvec::SmallVec;
 
 use crate::session::Outbox;
 
@@ -238,7 +239,8 @@ impl Router {
     /// Returns how many deliveries were queued.
     pub(crate) fn route(&self, msg: &Arc<Message>, only: Option<u32>) -> usize {
         let mut delivered = 0;
-        let mut grouped: Vec<&SubRef> = Vec::new();
+        // On the stack for the usual handful of group members: no allocation per message.
+        let mut grouped: SmallVec<[&SubRef; 16]> = SmallVec::new();
         self.events.for_each_match(&msg.topic, |s| {
             if only.is_some_and(|c| c != s.conn) {
                 return;
@@ -253,13 +255,10 @@ impl Router {
             return delivered;
         }
         // Stable order (by group, then member) so that round-robin and hashing are deterministic.
-        grouped.sort_unstable_by(|a, b| {
-            let (ga, gb) = (a.group.as_ref().map(|g| &g.name), b.group.as_ref().map(|g| &g.name));
-            ga.cmp(&gb).then(a.conn.cmp(&b.conn)).then(a.sid.cmp(&b.sid))
-        });
-        for members in
-            grouped.chunk_by(|a, b| a.group.as_ref().map(|g| &g.name) == b.group.as_ref().map(|g| &g.name))
-        {
+        // Members of one group share one GroupState, so its address identifies the group.
+        let group_of = |s: &SubRef| s.group.as_ref().map_or(std::ptr::null(), Arc::as_ptr);
+        grouped.sort_unstable_by_key(|s| (group_of(s), s.conn, s.sid));
+        for members in grouped.chunk_by(|a, b| group_of(a) == group_of(b)) {
             let Some(state) = members[0].group.as_ref() else { continue };
             let chosen = state.balancer.pick(state.policy, msg.key, members.len(), |i| member_id(members[i]));
             let m = members[chosen];
