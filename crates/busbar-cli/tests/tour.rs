@@ -47,9 +47,12 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
     }
 }
 
-fn start_broker() -> (Reap, String, mpsc::Receiver<String>) {
+/// Runs `busbar serve` with `args` until it says where it listens: the process, what it printed
+/// so far (ending with the "listening on" line), and the rest of its output.
+fn serve(args: &[&std::ffi::OsStr]) -> (Reap, Vec<String>, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("serve")
+        .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -57,9 +60,18 @@ fn start_broker() -> (Reap, String, mpsc::Receiver<String>) {
         .expect("busbar serve starts");
     let stdout: ChildStdout = child.stdout.take().unwrap();
     let rx = lines(stdout);
-    let first = wait_for(&rx, "listening on").pop().unwrap();
-    let addr = first.rsplit(' ').next().unwrap().to_string();
-    (Reap(child), addr, rx)
+    let seen = wait_for(&rx, "listening on");
+    (Reap(child), seen, rx)
+}
+
+/// The address at the end of the "listening on" line.
+fn listen_addr(seen: &[String]) -> String {
+    seen.last().unwrap().rsplit(' ').next().unwrap().to_string()
+}
+
+fn start_broker() -> (Reap, String, mpsc::Receiver<String>) {
+    let (child, seen, rx) = serve(&["--listen".as_ref(), "127.0.0.1:0".as_ref()]);
+    (child, listen_addr(&seen), rx)
 }
 
 #[test]
@@ -180,18 +192,11 @@ fn bench_runs_every_scenario_against_an_embedded_broker() {
 
 #[test]
 fn stats_and_connections_read_the_monitoring_listener() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = lines(child.stdout.take().unwrap());
-    let _broker = Reap(child);
-    let seen = wait_for(&out, "listening on");
+    let (_broker, seen, _out) =
+        serve(&["--listen".as_ref(), "127.0.0.1:0".as_ref(), "--http".as_ref(), "127.0.0.1:0".as_ref()]);
     let http = seen.iter().find(|l| l.contains("monitoring on")).unwrap();
     let http = http.trim_end_matches('/').rsplit("//").next().unwrap().to_string();
-    let addr = seen.last().unwrap().rsplit(' ').next().unwrap().to_string();
+    let addr = listen_addr(&seen);
     let mut sub = Command::new(BIN)
         .args(["sub", "watched.>", "--server", &addr])
         .stdout(Stdio::null())
@@ -226,16 +231,8 @@ fn config_generate_check_and_serve_with_a_file() {
     std::fs::write(&file, text.replace("listen = \"127.0.0.1:4900\"", "listen = \"127.0.0.1:0\"")).unwrap();
     let check = Command::new(BIN).args(["config", "check"]).arg(&file).output().unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = lines(child.stdout.take().unwrap());
-    let _broker = Reap(child);
-    wait_for(&out, "listening on 127.0.0.1:");
+    let (_broker, seen, _out) = serve(&["--config".as_ref(), file.as_os_str()]);
+    assert!(seen.last().unwrap().contains("listening on 127.0.0.1:"));
     // A misspelt key is an error that names it.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[limits]\nmax_conections = 5\n").unwrap();
@@ -258,16 +255,8 @@ fn a_secured_broker_from_a_config_file_with_a_hashed_password() {
         "[server]\nlisten = \"127.0.0.1:0\"\n[[auth.users]]\nname = \"shop\"\npassword_hash = \"{hash}\"\n[auth.users.permissions]\npublish = {{ allow = [\"orders.>\"] }}\n"
     );
     std::fs::write(&file, config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = lines(child.stdout.take().unwrap());
-    let _broker = Reap(child);
-    let addr = wait_for(&out, "listening on").pop().unwrap().rsplit(' ').next().unwrap().to_string();
+    let (_broker, seen, _out) = serve(&["--config".as_ref(), file.as_os_str()]);
+    let addr = listen_addr(&seen);
     let ok = Command::new(BIN)
         .args(["pub", "orders.new", "x", "--server", &addr, "--user", "shop", "--password", "shop-pw"])
         .output()

@@ -221,14 +221,7 @@ fn payload<'a>(
 pub mod write {
     /// `MSG <subject> <sid> [reply-to] <#bytes>␍␊<payload>␍␊`
     pub fn msg(out: &mut Vec<u8>, subject: &str, sid: &str, reply: Option<&str>, payload: &[u8]) {
-        out.extend_from_slice(b"MSG ");
-        out.extend_from_slice(subject.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(sid.as_bytes());
-        if let Some(r) = reply {
-            out.push(b' ');
-            out.extend_from_slice(r.as_bytes());
-        }
+        head(out, "MSG", subject, sid, reply);
         out.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
@@ -243,7 +236,17 @@ pub mod write {
         headers: &[u8],
         payload: &[u8],
     ) {
-        out.extend_from_slice(b"HMSG ");
+        head(out, "HMSG", subject, sid, reply);
+        out.extend_from_slice(format!(" {} {}\r\n", headers.len(), headers.len() + payload.len()).as_bytes());
+        out.extend_from_slice(headers);
+        out.extend_from_slice(payload);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// `<op> <subject> <sid> [reply-to]`, the part MSG and HMSG share.
+    fn head(out: &mut Vec<u8>, op: &str, subject: &str, sid: &str, reply: Option<&str>) {
+        out.extend_from_slice(op.as_bytes());
+        out.push(b' ');
         out.extend_from_slice(subject.as_bytes());
         out.push(b' ');
         out.extend_from_slice(sid.as_bytes());
@@ -251,10 +254,6 @@ pub mod write {
             out.push(b' ');
             out.extend_from_slice(r.as_bytes());
         }
-        out.extend_from_slice(format!(" {} {}\r\n", headers.len(), headers.len() + payload.len()).as_bytes());
-        out.extend_from_slice(headers);
-        out.extend_from_slice(payload);
-        out.extend_from_slice(b"\r\n");
     }
 
     /// `-ERR '<text>'␍␊`
