@@ -33,7 +33,7 @@ impl RoutingBench {
         let conn = subscribers + 1;
         router.add_connection(conn, None);
         for i in 0..others {
-            let pattern = if i % 2 == 0 { format!("other{i}.topic") } else { format!("other{i}.>") };
+            let pattern = if i.is_multiple_of(2) { format!("other{i}.topic") } else { format!("other{i}.>") };
             router
                 .subscribe(
                     conn,

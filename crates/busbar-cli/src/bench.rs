@@ -359,7 +359,7 @@ async fn fan(
     let start = Instant::now();
     for seq in 0..args.msgs {
         publisher.publish(subject, payload(seq, args.size)).await?;
-        if seq % 1024 == 0 {
+        if seq.is_multiple_of(1024) {
             bar.set_position(received.load(Ordering::Relaxed));
         }
     }
@@ -437,7 +437,7 @@ async fn requests(args: &BenchArgs, target: &Target, name: &'static str, infligh
             Ok(_) => wrong += 1,
             Err(_) => lost += 1,
         }
-        if done % 256 == 0 {
+        if done.is_multiple_of(256) {
             bar.set_position(done);
         }
     }

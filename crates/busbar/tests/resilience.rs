@@ -186,7 +186,7 @@ async fn a_thousand_malformed_peers_each_get_an_error_and_a_close_while_a_good_c
     let good = tokio::spawn(async move {
         for i in 0..2000u32 {
             publisher.publish("steady", i.to_be_bytes().to_vec()).await.unwrap();
-            if i % 100 == 0 {
+            if i.is_multiple_of(100) {
                 tokio::task::yield_now().await;
             }
         }
@@ -195,8 +195,8 @@ async fn a_thousand_malformed_peers_each_get_an_error_and_a_close_while_a_good_c
 
     let mut seed = 0x5eed_u64;
     let mut attacks = Vec::new();
-    for i in 0..1000 {
-        attacks.push((i % 2 == 0, malformed(i, &mut seed)));
+    for i in 0..1000usize {
+        attacks.push((i.is_multiple_of(2), malformed(i, &mut seed)));
     }
     let mut codes = std::collections::HashMap::new();
     for chunk in attacks.chunks(50) {
