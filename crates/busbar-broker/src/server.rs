@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use busbar_core::{ErrorCode, ErrorFrame, Frame};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use busbar_core::{ErrorCode, ErrorFrame};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -261,7 +260,12 @@ async fn serve_shared(
         if shared.open.load(Ordering::Relaxed) >= shared.config.max_connections as u64 {
             shared.stats.connections_refused.inc();
             warn!(%peer, limit = shared.config.max_connections, "connection limit reached, refusing");
-            tracker.spawn(refuse(stream, shared.config.max_frame_size));
+            let reason = ErrorFrame {
+                code: ErrorCode::TooManyConnections,
+                correlation: 0,
+                message: "connection limit reached".into(),
+            };
+            tracker.spawn(session::refuse(stream, reason, Duration::from_secs(1)));
             continue;
         }
         shared.open.fetch_add(1, Ordering::Relaxed);
@@ -315,19 +319,6 @@ async fn sweep_requests(shared: Arc<Shared>) {
 fn is_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
-}
-
-async fn refuse(mut stream: TcpStream, max: usize) {
-    let frame = Frame::Error(ErrorFrame {
-        code: ErrorCode::TooManyConnections,
-        correlation: 0,
-        message: "connection limit reached".into(),
-    });
-    let mut buf = bytes::BytesMut::new();
-    if frame.encode(&mut buf, max).is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
-    }
-    let _ = stream.shutdown().await;
 }
 
 /// A broker running in the background of this process, for embedding and tests.

@@ -233,6 +233,15 @@ fn frame_error_code(e: &FrameError) -> ErrorCode {
 pub(crate) type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 pub(crate) type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
+/// Writes `reason` to a connection that is not served, within `grace`, and closes it.
+pub(crate) async fn refuse(mut stream: TcpStream, reason: ErrorFrame, grace: Duration) {
+    let mut buf = BytesMut::new();
+    if Frame::Error(reason).encode(&mut buf, usize::MAX).is_ok() {
+        let _ = tokio::time::timeout(grace, stream.write_all(&buf)).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
 /// An accepted socket: TLS handshake first when the broker has TLS, then the session.
 pub(crate) async fn accept(
     stream: TcpStream,
@@ -268,13 +277,8 @@ pub(crate) async fn accept(
     } else if required {
         // A plain client: tell it, in the clear, before closing.
         debug!("plain connection to a TLS-only listener");
-        let mut stream = stream;
-        let e = error(ErrorCode::TlsRequired, 0, "this broker accepts only TLS connections (busbars://)");
-        let mut buf = BytesMut::new();
-        if Frame::Error(e).encode(&mut buf, usize::MAX).is_ok() {
-            let _ = tokio::time::timeout(CLOSE_GRACE, stream.write_all(&buf)).await;
-        }
-        let _ = stream.shutdown().await;
+        let text = "this broker accepts only TLS connections (busbars://)";
+        refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE).await;
     } else {
         let (rd, wr) = stream.into_split();
         run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
@@ -750,9 +754,11 @@ async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control
 /// Encodes one outbound item, releasing its bytes from the connection's budget; true when it
 /// was a closing error.
 fn encode(buf: &mut BytesMut, out: Outbound, max: usize, control: &Control) -> bool {
-    control.pending_bytes.fetch_sub(out.size(), Ordering::Relaxed);
-    if let Outbound::Msg { msg, .. } = &out {
-        let bytes = msg.frame_size() as u64;
+    let size = out.size();
+    control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+    if let Outbound::Msg { .. } = &out {
+        // For a message, its budget size is its frame size.
+        let bytes = size as u64;
         control.msgs_out.fetch_add(1, Ordering::Relaxed);
         control.bytes_out.fetch_add(bytes, Ordering::Relaxed);
         if let Some(counters) = &control.counters {
