@@ -21,6 +21,9 @@ pub enum SlowConsumerPolicy {
 pub struct Config {
     /// Address of the native protocol listener. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Address of the NATS client protocol listener (NATS clients in any language join the bus
+    /// here); off when None. NATS's own port is 4222.
+    pub nats_listen: Option<SocketAddr>,
     /// Address of the monitoring HTTP listener (health, metrics, JSON, dashboard); off when None.
     pub http: Option<SocketAddr>,
     /// TLS for the native listener; plain TCP when None.
@@ -60,6 +63,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
             http: None,
+            nats_listen: None,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             server_name: "busbar".into(),

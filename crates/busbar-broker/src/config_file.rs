@@ -116,6 +116,7 @@ struct ServerSection {
     name: Option<String>,
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    nats_listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -193,6 +194,7 @@ impl Config {
             c.listen = v;
         }
         c.http = s.http.or(c.http);
+        c.nats_listen = s.nats_listen.or(c.nats_listen);
         let l = file.limits;
         set(&mut c.max_frame_size, l.max_frame_size);
         set(&mut c.max_connections, l.max_connections);
@@ -305,6 +307,8 @@ name = "{name}"
 listen = "{listen}"
 # Monitoring HTTP listener (dashboard, /metrics, /varz, /connz, /subsz, /healthz); off when absent.
 # http = "127.0.0.1:8900"
+# NATS client protocol listener (NATS clients in any language join the bus); off when absent.
+# nats_listen = "127.0.0.1:4222"
 
 [limits]
 # Largest frame accepted and sent, in bytes (announced in WELCOME).
@@ -403,6 +407,7 @@ mod tests {
             [server]
             listen = "127.0.0.1:0"
             http = "127.0.0.1:8900"
+            nats_listen = "127.0.0.1:4222"
             [limits]
             max_connections = 10
             handshake_timeout = "250ms"
@@ -415,6 +420,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(c.http, Some("127.0.0.1:8900".parse().unwrap()));
+        assert_eq!(c.nats_listen, Some("127.0.0.1:4222".parse().unwrap()));
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.handshake_timeout, Duration::from_millis(250));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(60));

@@ -21,6 +21,7 @@
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
 //! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, the dashboard at `/` |
+//! | `nats`    | the NATS client protocol listener: NATS clients in any language on the same router; headers, queue groups and requests both ways |
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
 //! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
@@ -33,6 +34,7 @@ pub mod bench_support;
 mod config;
 mod config_file;
 mod monitor;
+mod nats;
 mod requests;
 mod router;
 mod server;

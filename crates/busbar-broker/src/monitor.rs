@@ -110,6 +110,7 @@ async fn varz(State(shared): State<Arc<Shared>>) -> Json<Varz> {
 struct ConnView {
     id: u32,
     name: String,
+    protocol: &'static str,
     service: Option<String>,
     address: String,
     connected_secs: u64,
@@ -132,6 +133,7 @@ async fn connz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
             ConnView {
                 id,
                 name: m.name.clone(),
+                protocol: m.protocol,
                 service: m.service.clone(),
                 address: m.addr.to_string(),
                 connected_secs: SystemTime::now().duration_since(m.since).unwrap_or_default().as_secs(),

@@ -4,6 +4,11 @@
 //! replied, disconnected, or its timeout has passed (a sweeper forgets expired ones). The table is
 //! bounded per requester (`Config::max_requests`): a requester over the limit gets an immediate
 //! `TooManyRequests` reply.
+//!
+//! Requests cross protocols: a native requester is answered with a REPLY frame; a NATS requester
+//! (a PUB with a reply subject, answered by a native responder) is answered by a message routed
+//! to its reply subject. A native request that NATS subscribers serve goes, as NATS does it, to
+//! every matching subscriber, and the first reply wins.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -15,13 +20,48 @@ use tokio::time::Instant;
 
 use crate::session::Outbox;
 
+/// Where the answer to a request goes.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// A native requester: REPLY frames into its outbox.
+    Conn(Outbox),
+    /// A NATS requester: a message routed to this reply subject.
+    Subject(ByteString),
+}
+
+/// A request to remember.
+#[derive(Debug)]
+pub(crate) struct NewRequest {
+    pub(crate) reply_to: ReplyTo,
+    /// The request's topic (replies are judged on it).
+    pub(crate) topic: ByteString,
+    /// The connections asked, once per CALL.
+    pub(crate) responders: Vec<u32>,
+    pub(crate) timeout: Duration,
+    /// The first reply answers it (NATS-style fan-out to several subscribers); otherwise every
+    /// responder asked answers (one, or all for scatter-gather).
+    pub(crate) first_wins: bool,
+}
+
 #[derive(Debug)]
 struct Pending {
-    requester: Outbox,
+    reply_to: ReplyTo,
     topic: ByteString,
     /// Responders that have not answered yet.
     responders: Vec<u32>,
     deadline: Instant,
+    first_wins: bool,
+}
+
+/// What became of a reply.
+#[derive(Debug)]
+pub(crate) enum Replied {
+    /// No such request waits for this responder (late, or forged).
+    Unknown,
+    /// Queued for the native requester.
+    Delivered,
+    /// For a NATS requester: route this message (to its reply subject) once the lock is released.
+    Route(Message),
 }
 
 /// Why a request could not be registered.
@@ -34,23 +74,35 @@ pub(crate) struct Requests {
     per_requester: HashMap<u32, usize>,
 }
 
+/// The header that carries a native error reply's code to a NATS requester.
+pub(crate) const ERROR_HEADER: &str = "Busbar-Error";
+
 /// A REPLY for the requester carrying an error.
 pub(crate) fn error_reply(id: u64, code: ErrorCode, remaining: u32, topic: ByteString, text: &str) -> Frame {
     let message = Message::new(topic, Bytes::copy_from_slice(text.as_bytes()));
     Frame::Reply(Reply { id, error: Some(code), remaining, message })
 }
 
+/// Finishes a reply outside the requests lock: counts an unknown one as late, and routes one for a
+/// NATS requester to its reply subject.
+pub(crate) fn settle(replied: Replied, shared: &crate::server::Shared) {
+    match replied {
+        Replied::Unknown => shared.stats.late_replies.inc(),
+        Replied::Delivered => {}
+        Replied::Route(message) => {
+            let delivered = shared.router().route(&std::sync::Arc::new(message), None);
+            shared.stats.deliveries.add(delivered as u64);
+        }
+    }
+}
+
 impl Requests {
-    /// Registers request `id` of `requester`, routed to `responders`.
-    #[allow(clippy::too_many_arguments)]
+    /// Registers request `id` of `requester`.
     pub(crate) fn insert(
         &mut self,
         requester: u32,
         id: u64,
-        outbox: Outbox,
-        topic: ByteString,
-        responders: Vec<u32>,
-        timeout: Duration,
+        request: NewRequest,
         limit: usize,
     ) -> Result<(), TooMany> {
         let now = Instant::now();
@@ -61,7 +113,8 @@ impl Requests {
                 return Err(TooMany);
             }
         }
-        let pending = Pending { requester: outbox, topic, responders, deadline: now + timeout };
+        let NewRequest { reply_to, topic, responders, timeout, first_wins } = request;
+        let pending = Pending { reply_to, topic, responders, deadline: now + timeout, first_wins };
         if self.pending.insert((requester, id), pending).is_none() {
             *self.per_requester.entry(requester).or_default() += 1;
         }
@@ -88,8 +141,8 @@ impl Requests {
         }
     }
 
-    /// A reply from `responder` to request `id` of `requester`: forwards it and returns true, or
-    /// returns false when no such request waits for this responder (late, or forged).
+    /// A reply from `responder` to request `id` of `requester`: forwards it, or says it is
+    /// unknown (late, or forged: only a responder asked may answer).
     /// The REPLY's topic is replaced by the request's (the responder does not choose it), and
     /// `may_reply(topic)` decides whether this responder may answer on it; if not, the requester
     /// gets PermissionDenied instead.
@@ -99,12 +152,14 @@ impl Requests {
         responder: u32,
         mut reply: Reply,
         may_reply: impl FnOnce(&str) -> bool,
-    ) -> bool {
+    ) -> Replied {
         let key = (requester, reply.id);
-        let Some(p) = self.pending.get_mut(&key) else { return false };
-        let Some(i) = p.responders.iter().position(|&r| r == responder) else { return false };
+        let Some(p) = self.pending.get_mut(&key) else { return Replied::Unknown };
+        let Some(i) = p.responders.iter().position(|&r| r == responder) else { return Replied::Unknown };
         p.responders.swap_remove(i);
-        reply.message.topic = p.topic.clone();
+        if p.first_wins {
+            p.responders.clear();
+        }
         if !may_reply(&p.topic) {
             reply.error = Some(ErrorCode::PermissionDenied);
             reply.message.payload = "the responder may not reply on this topic".into();
@@ -112,12 +167,27 @@ impl Requests {
         }
         reply.remaining = p.responders.len() as u32;
         reply.message.source = responder;
-        reply.message.destination = requester;
-        p.requester.deliver_frame(Frame::Reply(reply));
+        let outcome = match &p.reply_to {
+            ReplyTo::Conn(outbox) => {
+                reply.message.topic = p.topic.clone();
+                reply.message.destination = requester;
+                outbox.deliver_frame(Frame::Reply(reply));
+                Replied::Delivered
+            }
+            ReplyTo::Subject(subject) => {
+                let mut message = reply.message;
+                message.topic = subject.clone();
+                message.destination = 0;
+                if let Some(code) = reply.error {
+                    message.headers.insert(ERROR_HEADER, code.as_u16().to_string());
+                }
+                Replied::Route(message)
+            }
+        };
         if p.responders.is_empty() {
             self.forget(key);
         }
-        true
+        outcome
     }
 
     /// A connection is gone: forget its own requests, and fail the ones it was to answer.
@@ -135,10 +205,17 @@ impl Requests {
             // Once per CALL it owed (a connection may answer through several subscriptions).
             while let Some(i) = p.responders.iter().position(|&r| r == conn) {
                 p.responders.swap_remove(i);
+                // First-wins requests fail only when nobody is left to answer; a NATS requester
+                // has no way to hear of a lost responder and times out by itself.
+                if (p.first_wins && !p.responders.is_empty()) || matches!(p.reply_to, ReplyTo::Subject(_)) {
+                    continue;
+                }
                 let remaining = p.responders.len() as u32;
                 let text = "the responder disconnected before it replied";
                 let reply = error_reply(key.1, ErrorCode::ResponderLost, remaining, p.topic.clone(), text);
-                p.requester.deliver_frame(reply);
+                if let ReplyTo::Conn(outbox) = &p.reply_to {
+                    outbox.deliver_frame(reply);
+                }
             }
             if p.responders.is_empty() {
                 self.forget(key);
@@ -170,28 +247,58 @@ mod tests {
     async fn bounded_per_requester_and_expiring() {
         let mut r = Requests::default();
         let t = Duration::from_secs(1);
-        r.insert(1, 1, Outbox::detached(), "a".into(), vec![2], t, 2).unwrap();
-        r.insert(1, 2, Outbox::detached(), "a".into(), vec![2], t, 2).unwrap();
-        assert_eq!(r.insert(1, 3, Outbox::detached(), "a".into(), vec![2], t, 2), Err(TooMany));
+        r.insert(1, 1, native(vec![2], t), 2).unwrap();
+        r.insert(1, 2, native(vec![2], t), 2).unwrap();
+        assert_eq!(r.insert(1, 3, native(vec![2], t), 2), Err(TooMany));
         // Another requester has its own budget.
-        r.insert(9, 1, Outbox::detached(), "a".into(), vec![2], t * 10, 2).unwrap();
+        r.insert(9, 1, native(vec![2], t * 10), 2).unwrap();
         tokio::time::advance(Duration::from_millis(1500)).await;
         // Over the limit, expired requests are purged first, so there is room again.
-        r.insert(1, 3, Outbox::detached(), "a".into(), vec![2], t, 2).unwrap();
+        r.insert(1, 3, native(vec![2], t), 2).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r.expire(Instant::now() + t), 1);
         assert_eq!(r.len(), 1);
     }
 
+    fn native(responders: Vec<u32>, timeout: Duration) -> NewRequest {
+        let reply_to = ReplyTo::Conn(Outbox::detached());
+        NewRequest { reply_to, topic: "a".into(), responders, timeout, first_wins: false }
+    }
+
+    fn reply(id: u64) -> Reply {
+        Reply { id, error: None, remaining: 0, message: Message::new("a", "") }
+    }
+
     #[test]
     fn replies_only_from_the_responders_asked() {
         let mut r = Requests::default();
-        r.insert(1, 7, Outbox::detached(), "a".into(), vec![2, 3], Duration::from_secs(5), 10).unwrap();
-        let reply = || Reply { id: 7, error: None, remaining: 0, message: Message::new("a", "") };
-        assert!(!r.reply(1, 4, reply(), |_| true), "4 was not asked");
-        assert!(r.reply(1, 2, reply(), |_| true));
-        assert!(!r.reply(1, 2, reply(), |_| true), "2 already answered");
+        r.insert(1, 7, native(vec![2, 3], Duration::from_secs(5)), 10).unwrap();
+        assert!(matches!(r.reply(1, 4, reply(7), |_| true), Replied::Unknown), "4 was not asked");
+        assert!(matches!(r.reply(1, 2, reply(7), |_| true), Replied::Delivered));
+        assert!(matches!(r.reply(1, 2, reply(7), |_| true), Replied::Unknown), "2 already answered");
         r.remove_connection(3);
         assert_eq!(r.len(), 0, "3 disconnected: nothing left to wait for");
+    }
+
+    #[test]
+    fn nats_requests_are_answered_on_their_reply_subject_and_first_reply_wins() {
+        let mut r = Requests::default();
+        let reply_to = ReplyTo::Subject("_INBOX.x".into());
+        let t = Duration::from_secs(5);
+        r.insert(
+            1,
+            7,
+            NewRequest { reply_to, topic: "a".into(), responders: vec![2, 3], timeout: t, first_wins: true },
+            10,
+        )
+        .unwrap();
+        r.remove_connection(3);
+        assert_eq!(r.len(), 1, "2 may still answer");
+        let mut failed = reply(7);
+        failed.error = Some(ErrorCode::NoResponders);
+        let Replied::Route(m) = r.reply(1, 2, failed, |_| true) else { panic!("not routed") };
+        assert_eq!(&*m.topic, "_INBOX.x");
+        assert_eq!(m.headers.get(ERROR_HEADER), Some("400"));
+        assert_eq!(r.len(), 0);
     }
 }

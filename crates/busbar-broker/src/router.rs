@@ -236,23 +236,69 @@ impl Router {
 
     /// Delivers `msg` to every matching plain subscription and to one member of every matching
     /// group; with `only` set (direct addressing), to that connection's subscriptions only.
+    /// A connection that asked not to see its own messages (NATS `echo: false`) is skipped.
     /// Returns how many deliveries were queued.
     pub(crate) fn route(&self, msg: &Arc<Message>, only: Option<u32>) -> usize {
         let mut delivered = 0;
+        let own = |s: &SubRef| s.conn == msg.source && s.outbox.no_echo();
+        self.recipients(
+            &msg.topic,
+            msg.key,
+            only,
+            |s| !own(s),
+            |s| {
+                delivered += usize::from(s.outbox.deliver(s.sid, msg));
+            },
+        );
+        delivered
+    }
+
+    /// The NATS subscriptions a native request goes to when no native responder serves its topic:
+    /// as NATS does it, every matching subscription, one member per queue group.
+    pub(crate) fn nats_responders(&self, topic: &str, key: Option<u64>, only: Option<u32>) -> Vec<Target> {
+        let mut out = Vec::new();
+        self.recipients(
+            topic,
+            key,
+            only,
+            |s| s.outbox.is_nats(),
+            |s| {
+                out.push(Target { conn: s.conn, sid: s.sid, outbox: s.outbox.clone() });
+            },
+        );
+        out
+    }
+
+    /// The policy of group `name`, while it has members.
+    pub(crate) fn group_policy(&self, name: &str) -> Option<GroupPolicy> {
+        self.groups.get(name).map(|(g, _)| g.policy)
+    }
+
+    /// Calls `visit` for each event subscription that gets a message on `topic`: every matching
+    /// plain one, and one member of each matching group (chosen by the group's policy), among
+    /// those that pass `keep` and belong to `only` when it is set.
+    fn recipients(
+        &self,
+        topic: &str,
+        key: Option<u64>,
+        only: Option<u32>,
+        keep: impl Fn(&SubRef) -> bool,
+        mut visit: impl FnMut(&SubRef),
+    ) {
         // On the stack for the usual handful of group members: no allocation per message.
         let mut grouped: SmallVec<[&SubRef; 16]> = SmallVec::new();
-        self.events.for_each_match(&msg.topic, |s| {
-            if only.is_some_and(|c| c != s.conn) {
+        self.events.for_each_match(topic, |s| {
+            if only.is_some_and(|c| c != s.conn) || !keep(s) {
                 return;
             }
             if s.group.is_none() {
-                delivered += usize::from(s.outbox.deliver(s.sid, msg));
+                visit(s);
             } else {
                 grouped.push(s);
             }
         });
         if grouped.is_empty() {
-            return delivered;
+            return;
         }
         // Stable order (by group, then member) so that round-robin and hashing are deterministic.
         // Members of one group share one GroupState, so its address identifies the group.
@@ -260,11 +306,9 @@ impl Router {
         grouped.sort_unstable_by_key(|s| (group_of(s), s.conn, s.sid));
         for members in grouped.chunk_by(|a, b| group_of(a) == group_of(b)) {
             let Some(state) = members[0].group.as_ref() else { continue };
-            let chosen = state.balancer.pick(state.policy, msg.key, members.len(), |i| member_id(members[i]));
-            let m = members[chosen];
-            delivered += usize::from(m.outbox.deliver(m.sid, msg));
+            let chosen = state.balancer.pick(state.policy, key, members.len(), |i| member_id(members[i]));
+            visit(members[chosen]);
         }
-        delivered
     }
 
     /// The responders a request goes to: every matching one for scatter-gather (`all`), else one,

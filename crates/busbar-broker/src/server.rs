@@ -24,6 +24,8 @@ use crate::session::{self, Control};
 #[derive(Debug)]
 pub(crate) struct ConnMeta {
     pub(crate) name: String,
+    /// "native" or "nats".
+    pub(crate) protocol: &'static str,
     pub(crate) service: Option<String>,
     pub(crate) addr: SocketAddr,
     pub(crate) since: SystemTime,
@@ -137,6 +139,8 @@ pub(crate) struct Shared {
     /// Who is connected, for monitoring.
     pub(crate) conns: Mutex<HashMap<u32, ConnMeta>>,
     pub(crate) started: SystemTime,
+    /// This broker's id, announced to NATS clients.
+    pub(crate) server_id: String,
     /// Password checks allowed to run at once.
     pub(crate) auth_slots: Arc<tokio::sync::Semaphore>,
     open: AtomicU64,
@@ -202,14 +206,40 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
-    let http = match config.http {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
     config.validate()?;
+    let http = bind_opt(config.http).await?;
+    let nats = bind_opt(config.nats_listen).await?;
     let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let shared = new_shared(config);
-    serve_shared(listener, http, acceptor, shared, shutdown).await
+    serve_shared(Listeners { native: listener, nats, http }, acceptor, shared, shutdown).await
+}
+
+async fn bind_opt(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, BrokerError> {
+    match addr {
+        Some(addr) => Ok(Some(bind(addr).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The broker's listeners: native clients, NATS clients, monitoring.
+struct Listeners {
+    native: TcpListener,
+    nats: Option<TcpListener>,
+    http: Option<TcpListener>,
+}
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Native,
+    Nats,
+}
+
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn new_shared(config: Config) -> Arc<Shared> {
@@ -221,6 +251,7 @@ fn new_shared(config: Config) -> Arc<Shared> {
         stats: Arc::default(),
         conns: Mutex::default(),
         started: SystemTime::now(),
+        server_id: format!("BUSBAR{:016X}", rand::random::<u64>()),
         auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_CHECKS_AT_ONCE)),
         open: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
@@ -228,14 +259,17 @@ fn new_shared(config: Config) -> Arc<Shared> {
 }
 
 async fn serve_shared(
-    listener: TcpListener,
-    http: Option<TcpListener>,
+    listeners: Listeners,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    let Listeners { native: listener, nats, http } = listeners;
     let addr = listener.local_addr()?;
     info!(%addr, "busbar broker listening");
+    if let Some(nats) = &nats {
+        info!(addr = %nats.local_addr()?, "NATS protocol listening");
+    }
     let tracker = TaskTracker::new();
     if let Some(http) = http {
         tracker.spawn(crate::monitor::serve(http, shared.clone()));
@@ -243,18 +277,20 @@ async fn serve_shared(
     tracker.spawn(sweep_requests(shared.clone()));
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (accepted, protocol) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    // Most likely out of file descriptors: back off instead of spinning.
-                    error!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = listener.accept() => (accepted, Protocol::Native),
+            accepted = accept_on(nats.as_ref()) => (accepted, Protocol::Nats),
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Most likely out of file descriptors: back off instead of spinning.
+                error!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         if shared.open.load(Ordering::Relaxed) >= shared.config.max_connections as u64 {
@@ -265,7 +301,12 @@ async fn serve_shared(
                 correlation: 0,
                 message: "connection limit reached".into(),
             };
-            tracker.spawn(session::refuse(stream, reason, Duration::from_secs(1)));
+            tracker.spawn(session::refuse(
+                stream,
+                reason,
+                Duration::from_secs(1),
+                protocol == Protocol::Nats,
+            ));
             continue;
         }
         shared.open.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +321,10 @@ async fn serve_shared(
         let s = shared.clone();
         tracker.spawn(
             async move {
-                session::accept(stream, peer, id, s.clone(), tls).await;
+                match protocol {
+                    Protocol::Native => session::accept(stream, peer, id, s.clone(), tls).await,
+                    Protocol::Nats => crate::nats::accept(stream, peer, id, s.clone(), tls).await,
+                }
                 s.open.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
@@ -288,6 +332,7 @@ async fn serve_shared(
     }
     info!(connections = shared.open.load(Ordering::Relaxed), "shutting down: draining connections");
     drop(listener);
+    drop(nats);
     shared.shutdown.cancel();
     tracker.close();
     let grace = shared.config.drain_timeout + Duration::from_secs(1);
@@ -336,6 +381,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 pub struct Broker {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    nats_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), BrokerError>>>,
@@ -347,19 +393,24 @@ impl Broker {
         config.validate()?;
         let listener = bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let http = match config.http {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
+        let http = bind_opt(config.http).await?;
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let nats = bind_opt(config.nats_listen).await?;
+        let nats_addr = nats.as_ref().and_then(|l| l.local_addr().ok());
         // Certificates are checked here, so that a bad file is an error of `start` itself.
         let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let shared = new_shared(config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_shared(listener, http, acceptor, shared.clone(), async move {
+        let listeners = Listeners { native: listener, nats, http };
+        let task = tokio::spawn(serve_shared(listeners, acceptor, shared.clone(), async move {
             let _ = stopped.await;
         }));
-        Ok(Self { addr, http_addr, shared, stop: Some(stop), task: Some(task) })
+        Ok(Self { addr, http_addr, nats_addr, shared, stop: Some(stop), task: Some(task) })
+    }
+
+    /// The address of the NATS protocol listener, when `Config::nats_listen` is set.
+    pub fn nats_addr(&self) -> Option<SocketAddr> {
+        self.nats_addr
     }
 
     /// The address of the monitoring listener, when `Config::http` is set.

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Permissions;
 use crate::config::SlowConsumerPolicy;
+use crate::requests::{NewRequest, ReplyTo};
 use crate::server::{ConnMeta, Counters, Shared};
 
 /// Initial size of a connection's read buffer: one read takes many small frames.
@@ -54,6 +55,8 @@ pub(crate) enum Outbound {
     Frame(Frame),
     /// Write this error after everything queued before it, then close.
     Close(ErrorFrame),
+    /// NATS connections only: protocol lines and the writer's subscription bookkeeping.
+    Nats(crate::nats::NatsOut),
 }
 
 impl Outbound {
@@ -63,6 +66,7 @@ impl Outbound {
             Outbound::Msg { msg, .. } => msg.frame_size(),
             Outbound::Frame(Frame::Error(e)) | Outbound::Close(e) => 32 + e.message.len(),
             Outbound::Frame(f) => f.message().map_or(64, Message::frame_size),
+            Outbound::Nats(n) => n.size(),
         }
     }
 }
@@ -85,11 +89,26 @@ pub(crate) struct Control {
     pub(crate) msgs_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     counters: Option<Arc<Counters>>,
+    /// A NATS client connection (it receives native requests as messages with a reply subject).
+    nats: bool,
+    /// The client asked not to receive its own messages (NATS `echo: false`).
+    pub(crate) no_echo: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
-    pub(crate) fn new(max_bytes: usize, policy: SlowConsumerPolicy, counters: Arc<Counters>) -> Self {
-        Self { max_bytes, policy, counters: Some(counters), ..Self::default() }
+    pub(crate) fn new(config: &crate::Config, counters: Arc<Counters>, nats: bool) -> Self {
+        Self {
+            max_bytes: config.max_pending_bytes,
+            policy: config.slow_consumer,
+            counters: Some(counters),
+            nats,
+            ..Self::default()
+        }
+    }
+
+    /// Completes when the connection is being closed.
+    pub(crate) async fn killed(&self) {
+        self.kill.cancelled().await;
     }
 
     /// Stops the connection, abandoning what is queued; `reason` is written if the socket takes it.
@@ -119,6 +138,26 @@ impl Outbox {
     /// An outbox that leads nowhere (used as a lookup key, and in unit tests).
     pub(crate) fn detached() -> Self {
         Self { tx: None, control: Arc::default() }
+    }
+
+    /// An outbox into `tx` with its connection's control.
+    pub(crate) fn with_control(tx: mpsc::Sender<Outbound>, control: Arc<Control>) -> Self {
+        Self { tx: Some(tx), control }
+    }
+
+    /// The connection's control.
+    pub(crate) fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// True for a NATS client connection.
+    pub(crate) fn is_nats(&self) -> bool {
+        self.control.nats
+    }
+
+    /// True when the connection does not want its own messages back.
+    pub(crate) fn no_echo(&self) -> bool {
+        self.control.no_echo.load(Ordering::Relaxed)
     }
 
     /// Queues a message without waiting. A full queue makes the connection a slow consumer: it is
@@ -183,7 +222,7 @@ impl Outbox {
     /// Queues a frame, waiting for room (the client's own replies: backpressure on its reads),
     /// but at most `SEND_PATIENCE`: a client that reads nothing for that long while the broker
     /// owes it an answer is a slow consumer, whatever the policy for messages.
-    async fn send(&self, out: Outbound) -> bool {
+    pub(crate) async fn send(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
         let size = out.size();
@@ -209,14 +248,14 @@ impl Outbox {
 
 /// A peer-supplied text as it is quoted in an error: at most 100 characters, so that a client
 /// cannot make the broker queue error frames many times the size of what it sent.
-fn shown(text: &str) -> &str {
+pub(crate) fn shown(text: &str) -> &str {
     match text.char_indices().nth(100) {
         Some((at, _)) => &text[..at],
         None => text,
     }
 }
 
-fn error(code: ErrorCode, correlation: u64, message: impl Into<String>) -> ErrorFrame {
+pub(crate) fn error(code: ErrorCode, correlation: u64, message: impl Into<String>) -> ErrorFrame {
     ErrorFrame { code, correlation, message: message.into().into() }
 }
 
@@ -233,12 +272,16 @@ fn frame_error_code(e: &FrameError) -> ErrorCode {
 pub(crate) type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 pub(crate) type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
-/// Writes `reason` to a connection that is not served, within `grace`, and closes it.
-pub(crate) async fn refuse(mut stream: TcpStream, reason: ErrorFrame, grace: Duration) {
+/// Writes `reason` (as a native ERROR frame or a NATS -ERR) to a connection that is not served,
+/// within `grace`, and closes it.
+pub(crate) async fn refuse(mut stream: TcpStream, reason: ErrorFrame, grace: Duration, nats: bool) {
     let mut buf = BytesMut::new();
-    if Frame::Error(reason).encode(&mut buf, usize::MAX).is_ok() {
-        let _ = tokio::time::timeout(grace, stream.write_all(&buf)).await;
+    if nats {
+        busbar_core::nats::write::err(&mut buf, crate::nats::closing_text(&reason).unwrap_or(""));
+    } else if Frame::Error(reason).encode(&mut buf, usize::MAX).is_err() {
+        buf.clear();
     }
+    let _ = tokio::time::timeout(grace, stream.write_all(&buf)).await;
     let _ = stream.shutdown().await;
 }
 
@@ -278,7 +321,7 @@ pub(crate) async fn accept(
         // A plain client: tell it, in the clear, before closing.
         debug!("plain connection to a TLS-only listener");
         let text = "this broker accepts only TLS connections (busbars://)";
-        refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE).await;
+        refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE, false).await;
     } else {
         let (rd, wr) = stream.into_split();
         run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
@@ -298,11 +341,9 @@ pub(crate) async fn run(
     let max = shared.config.max_frame_size;
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
-    let config = &shared.config;
-    let control =
-        Arc::new(Control::new(config.max_pending_bytes, config.slow_consumer, shared.stats.clone()));
+    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), false));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
-    let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max));
+    let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max, Native));
 
     let registered = match handshake(&mut reader, &outbox, id, &shared, tls_identity, deadline).await {
         Some((name, service, permissions)) => {
@@ -310,6 +351,7 @@ pub(crate) async fn run(
             info!(service = service.as_deref(), "client connected");
             let meta = ConnMeta {
                 name,
+                protocol: "native",
                 service: service.as_deref().map(str::to_string),
                 addr: peer,
                 since: std::time::SystemTime::now(),
@@ -391,20 +433,7 @@ async fn handshake(
         server_version: env!("CARGO_PKG_VERSION").into(),
         properties: Default::default(),
     };
-    let auth = shared.config.auth.clone();
-    let properties = hello.properties.clone();
-    // Argon2 is slow (and memory-hungry) on purpose: verify off the reactor threads, a few at a
-    // time, within the handshake deadline, so that a crowd of strangers cannot exhaust the host.
-    let permissions = async {
-        let slot =
-            tokio::time::timeout_at(deadline, shared.auth_slots.clone().acquire_owned()).await.ok()?.ok()?;
-        let check = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            auth.authenticate(&properties, tls_identity.as_deref())
-        });
-        tokio::time::timeout_at(deadline, check).await.ok()?.ok()?
-    }
-    .await;
+    let permissions = authenticate(shared, hello.properties.clone(), tls_identity, deadline).await;
     let Some(permissions) = permissions else {
         shared.stats.auth_failures.inc();
         warn!(client = %hello.name, "authentication failed");
@@ -421,6 +450,25 @@ async fn handshake(
     }
     let ok = outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await;
     ok.then(|| (hello.name.to_string(), service, Arc::new(permissions)))
+}
+
+/// Checks credentials (`token`, or `user` and `password`) or the TLS identity; None: refused.
+/// Argon2 is slow (and memory-hungry) on purpose: verify off the reactor threads, a few at a time,
+/// within the handshake deadline, so that a crowd of strangers cannot exhaust the host.
+pub(crate) async fn authenticate(
+    shared: &Shared,
+    properties: busbar_core::Headers,
+    tls_identity: Option<String>,
+    deadline: tokio::time::Instant,
+) -> Option<Permissions> {
+    let auth = shared.config.auth.clone();
+    let slot =
+        tokio::time::timeout_at(deadline, shared.auth_slots.clone().acquire_owned()).await.ok()?.ok()?;
+    let check = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        auth.authenticate(&properties, tls_identity.as_deref())
+    });
+    tokio::time::timeout_at(deadline, check).await.ok()?.ok()?
 }
 
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared, perms: &Permissions) {
@@ -570,9 +618,8 @@ async fn apply(
                     }
                     ok
                 };
-                if !shared.requests().reply(requester, id, reply, may_reply) {
-                    shared.stats.late_replies.inc();
-                }
+                let replied = shared.requests().reply(requester, id, reply, may_reply);
+                crate::requests::settle(replied, shared);
             }
         }
         Frame::Sub(sub) => {
@@ -633,7 +680,7 @@ fn destination(message: &Message, shared: &Shared) -> Option<Option<u32>> {
 
 /// Routes a request to its responders, or answers at once when there are none.
 /// Counts a message received from the client, for the connection and the broker.
-fn count_in(outbox: &Outbox, shared: &Shared, message: &Message) {
+pub(crate) fn count_in(outbox: &Outbox, shared: &Shared, message: &Message) {
     let bytes = message.frame_size() as u64;
     shared.stats.messages_in.inc();
     shared.stats.bytes_in.add(bytes);
@@ -663,13 +710,30 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
     // its cleanup takes the write lock, then fails what it owes.
     let (targets, registered) = {
         let router = shared.router();
-        let targets = match only {
-            Some(only) => router.select_responders(&message.topic, message.key, only, all),
-            None => Vec::new(),
+        let (targets, first_wins) = match only {
+            Some(only) => {
+                let native = router.select_responders(&message.topic, message.key, only, all);
+                if native.is_empty() {
+                    // NATS services answer requests through plain subscriptions, all of which
+                    // see the request; the first reply wins (unless all are wanted).
+                    let nats = router.nats_responders(&message.topic, message.key, only);
+                    let several = nats.len() > 1;
+                    (nats, several && !all)
+                } else {
+                    (native, false)
+                }
+            }
+            None => (Vec::new(), false),
         };
         let registered = (!targets.is_empty()).then(|| {
-            let responders = targets.iter().map(|t| t.conn).collect();
-            shared.requests().insert(id, req_id, outbox.clone(), topic.clone(), responders, timeout, limit)
+            let request = NewRequest {
+                reply_to: ReplyTo::Conn(outbox.clone()),
+                topic: topic.clone(),
+                responders: targets.iter().map(|t| t.conn).collect(),
+                timeout,
+                first_wins,
+            };
+            shared.requests().insert(id, req_id, request, limit)
         });
         (targets, registered)
     };
@@ -697,7 +761,13 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
 }
 
 /// Owns the write half: batches queued frames into one buffer per write.
-async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control: Arc<Control>, max: usize) {
+pub(crate) async fn write_loop(
+    mut wr: WriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    control: Arc<Control>,
+    max: usize,
+    mut encoder: impl Encoder,
+) {
     // Grows to what the connection needs (up to about WRITE_BATCH), so idle ones stay small.
     let mut buf = BytesMut::new();
     let mut written = 0;
@@ -710,10 +780,10 @@ async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control
             next = rx.recv() => next,
         };
         let Some(first) = first else { break 'run };
-        let mut closing = encode(&mut buf, first, max, &control);
+        let mut closing = encode(&mut buf, first, max, &control, &mut encoder);
         while !closing && buf.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(next) => closing = encode(&mut buf, next, max, &control),
+                Ok(next) => closing = encode(&mut buf, next, max, &control, &mut encoder),
                 Err(_) => break,
             }
         }
@@ -741,9 +811,8 @@ async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control
         wr.write_all(&buf[written..]).await?;
         if let Some(reason) = reason {
             let mut tail = BytesMut::new();
-            if Frame::Error(reason).encode(&mut tail, max).is_ok() {
-                wr.write_all(&tail).await?;
-            }
+            encoder.encode(&mut tail, Outbound::Close(reason), max);
+            wr.write_all(&tail).await?;
         }
         wr.shutdown().await
     })
@@ -751,9 +820,41 @@ async fn write_loop(mut wr: WriteHalf, mut rx: mpsc::Receiver<Outbound>, control
     control.kill.cancel();
 }
 
+/// How a connection's protocol puts outbound items into bytes.
+pub(crate) trait Encoder: Send + 'static {
+    /// Appends `out` to `buf`; true when it was a closing error.
+    fn encode(&mut self, buf: &mut BytesMut, out: Outbound, max: usize) -> bool;
+}
+
+/// The native "eb" protocol.
+#[derive(Debug)]
+pub(crate) struct Native;
+
+impl Encoder for Native {
+    fn encode(&mut self, buf: &mut BytesMut, out: Outbound, max: usize) -> bool {
+        let (result, closing) = match out {
+            Outbound::Msg { sid, msg } => (frame::encode_msg(buf, sid, &msg, max), false),
+            Outbound::Frame(f) => (f.encode(buf, max), false),
+            Outbound::Close(e) => (Frame::Error(e).encode(buf, max), true),
+            Outbound::Nats(_) => (Ok(()), false),
+        };
+        if let Err(e) = result {
+            // Only a frame that grew past the limit on the way can fail here; skip it, keep going.
+            warn!(error = %e, "dropping an outbound frame that cannot be encoded");
+        }
+        closing
+    }
+}
+
 /// Encodes one outbound item, releasing its bytes from the connection's budget; true when it
 /// was a closing error.
-fn encode(buf: &mut BytesMut, out: Outbound, max: usize, control: &Control) -> bool {
+fn encode(
+    buf: &mut BytesMut,
+    out: Outbound,
+    max: usize,
+    control: &Control,
+    encoder: &mut impl Encoder,
+) -> bool {
     let size = out.size();
     control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
     if let Outbound::Msg { .. } = &out {
@@ -766,14 +867,5 @@ fn encode(buf: &mut BytesMut, out: Outbound, max: usize, control: &Control) -> b
             counters.bytes_out.add(bytes);
         }
     }
-    let (result, closing) = match out {
-        Outbound::Msg { sid, msg } => (frame::encode_msg(buf, sid, &msg, max), false),
-        Outbound::Frame(f) => (f.encode(buf, max), false),
-        Outbound::Close(e) => (Frame::Error(e).encode(buf, max), true),
-    };
-    if let Err(e) = result {
-        // Only a frame that grew past the limit on the way can fail here; skip it, keep going.
-        warn!(error = %e, "dropping an outbound frame that cannot be encoded");
-    }
-    closing
+    encoder.encode(buf, out, max)
 }

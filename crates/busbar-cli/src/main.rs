@@ -122,6 +122,10 @@ struct ServeArgs {
     /// 127.0.0.1:8900.
     #[arg(long, env = "BUSBAR_HTTP_LISTEN")]
     http: Option<SocketAddr>,
+    /// Also speak the NATS client protocol on this address (NATS's port is 4222), so that NATS
+    /// clients in any language join the bus; off by default.
+    #[arg(long, env = "BUSBAR_NATS_LISTEN")]
+    nats_listen: Option<SocketAddr>,
     /// Largest frame accepted, in bytes.
     #[arg(long)]
     max_frame_size: Option<usize>,
@@ -274,6 +278,7 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
     set(&mut config.listen, args.listen);
     set(&mut config.server_name, args.name);
     config.http = args.http.or(config.http);
+    config.nats_listen = args.nats_listen.or(config.nats_listen);
     set(&mut config.max_frame_size, args.max_frame_size);
     set(&mut config.max_connections, args.max_connections);
     set(&mut config.max_subscriptions, args.max_subscriptions);
@@ -318,6 +323,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // Printed with the real ports, so that port 0 is usable from scripts.
     if let Some(http) = broker.http_addr() {
         println!("busbar monitoring on http://{http}/");
+    }
+    if let Some(nats) = broker.nats_addr() {
+        println!("busbar NATS protocol on nats://{nats}");
     }
     println!("busbar listening on {}", broker.local_addr());
     std::io::stdout().flush()?;

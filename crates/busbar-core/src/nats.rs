@@ -217,19 +217,96 @@ fn payload<'a>(
     Ok(Some(&buf[start..end]))
 }
 
-/// Writers for what the server sends.
+/// The header block of HPUB and HMSG: `NATS/1.0[ <status>[ <description>]]␍␊(<name>: <value>␍␊)*␍␊`.
+pub mod headers {
+    /// A parsed header block, borrowing from the input.
+    #[derive(Debug, Clone, PartialEq, Eq, Default)]
+    pub struct Block<'a> {
+        /// The status code of the version line (`503` for "no responders"), if any.
+        pub status: Option<u16>,
+        /// The description after the status code.
+        pub description: &'a str,
+        /// Name/value pairs in order; names may repeat.
+        pub pairs: Vec<(&'a str, &'a str)>,
+    }
+
+    /// Parses a header block; `None` when it is not one (wrong version line, a line without a
+    /// colon, not UTF-8).
+    pub fn parse(block: &[u8]) -> Option<Block<'_>> {
+        let text = std::str::from_utf8(block).ok()?;
+        let text = text.strip_suffix("\r\n\r\n").or_else(|| text.strip_suffix("\r\n"))?;
+        let mut lines = text.split("\r\n");
+        let version = lines.next()?;
+        let rest = version.strip_prefix("NATS/1.0")?;
+        let mut out = Block::default();
+        let rest = rest.trim_start_matches([' ', '\t']);
+        if !rest.is_empty() {
+            let (code, description) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
+            if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            out.status = code.parse().ok();
+            out.description = description.trim();
+        }
+        for line in lines {
+            let (name, value) = line.split_once(':')?;
+            let name = name.trim();
+            if name.is_empty() || name.contains([' ', '\t']) {
+                return None;
+            }
+            out.pairs.push((name, value.trim()));
+        }
+        Some(out)
+    }
+
+    /// Writes a header block. Names and values must not contain CR or LF (they are dropped if
+    /// they do), names no colon.
+    pub fn write<'a>(
+        out: &mut impl bytes::BufMut,
+        status: Option<(u16, &str)>,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        out.put_slice(b"NATS/1.0");
+        if let Some((code, description)) = status {
+            out.put_u8(b' ');
+            super::write::put_number(out, u64::from(code));
+            if !description.is_empty() {
+                out.put_u8(b' ');
+                out.put_slice(description.as_bytes());
+            }
+        }
+        out.put_slice(b"\r\n");
+        let clean = |s: &str| !s.contains(['\r', '\n']);
+        for (name, value) in pairs {
+            if clean(name) && clean(value) && !name.contains(':') && !name.is_empty() {
+                out.put_slice(name.as_bytes());
+                out.put_slice(b": ");
+                out.put_slice(value.as_bytes());
+                out.put_slice(b"\r\n");
+            }
+        }
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// Writers for what the server sends, into any [`bytes::BufMut`] (a `Vec<u8>`, a `BytesMut`),
+/// without allocating.
 pub mod write {
+    use bytes::BufMut;
+
     /// `MSG <subject> <sid> [reply-to] <#bytes>␍␊<payload>␍␊`
-    pub fn msg(out: &mut Vec<u8>, subject: &str, sid: &str, reply: Option<&str>, payload: &[u8]) {
+    pub fn msg(out: &mut impl BufMut, subject: &str, sid: &str, reply: Option<&str>, payload: &[u8]) {
         head(out, "MSG", subject, sid, reply);
-        out.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
-        out.extend_from_slice(payload);
-        out.extend_from_slice(b"\r\n");
+        out.put_u8(b' ');
+        put_number(out, payload.len() as u64);
+        out.put_slice(b"\r\n");
+        out.put_slice(payload);
+        out.put_slice(b"\r\n");
     }
 
     /// `HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>␍␊<headers><payload>␍␊`
     pub fn hmsg(
-        out: &mut Vec<u8>,
+        out: &mut impl BufMut,
         subject: &str,
         sid: &str,
         reply: Option<&str>,
@@ -237,37 +314,58 @@ pub mod write {
         payload: &[u8],
     ) {
         head(out, "HMSG", subject, sid, reply);
-        out.extend_from_slice(format!(" {} {}\r\n", headers.len(), headers.len() + payload.len()).as_bytes());
-        out.extend_from_slice(headers);
-        out.extend_from_slice(payload);
-        out.extend_from_slice(b"\r\n");
+        out.put_u8(b' ');
+        put_number(out, headers.len() as u64);
+        out.put_u8(b' ');
+        put_number(out, (headers.len() + payload.len()) as u64);
+        out.put_slice(b"\r\n");
+        out.put_slice(headers);
+        out.put_slice(payload);
+        out.put_slice(b"\r\n");
     }
 
     /// `<op> <subject> <sid> [reply-to]`, the part MSG and HMSG share.
-    fn head(out: &mut Vec<u8>, op: &str, subject: &str, sid: &str, reply: Option<&str>) {
-        out.extend_from_slice(op.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(subject.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(sid.as_bytes());
+    fn head(out: &mut impl BufMut, op: &str, subject: &str, sid: &str, reply: Option<&str>) {
+        out.put_slice(op.as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(subject.as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(sid.as_bytes());
         if let Some(r) = reply {
-            out.push(b' ');
-            out.extend_from_slice(r.as_bytes());
+            out.put_u8(b' ');
+            out.put_slice(r.as_bytes());
         }
     }
 
-    /// `-ERR '<text>'␍␊`
-    pub fn err(out: &mut Vec<u8>, text: &str) {
-        out.extend_from_slice(b"-ERR '");
-        out.extend(text.bytes().filter(|&b| b != b'\'' && b != b'\r' && b != b'\n'));
-        out.extend_from_slice(b"'\r\n");
+    /// A decimal number, without allocating.
+    pub fn put_number(out: &mut impl BufMut, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.put_slice(&digits[at..]);
+    }
+
+    /// `-ERR '<text>'␍␊` (quotes, CR and LF in the text are dropped).
+    pub fn err(out: &mut impl BufMut, text: &str) {
+        out.put_slice(b"-ERR '");
+        for b in text.bytes().filter(|&b| b != b'\'' && b != b'\r' && b != b'\n') {
+            out.put_u8(b);
+        }
+        out.put_slice(b"'\r\n");
     }
 
     /// `INFO {json}␍␊`
-    pub fn info(out: &mut Vec<u8>, json: &str) {
-        out.extend_from_slice(b"INFO ");
-        out.extend_from_slice(json.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    pub fn info(out: &mut impl BufMut, json: &str) {
+        out.put_slice(b"INFO ");
+        out.put_slice(json.as_bytes());
+        out.put_slice(b"\r\n");
     }
 }
 
@@ -346,5 +444,31 @@ mod tests {
         write::msg(&mut out, "a.b", "1", Some("_INBOX.x"), b"hi");
         write::err(&mut out, "Permissions Violation for Publish to 'x'");
         assert_eq!(out, b"MSG a.b 1 _INBOX.x 2\r\nhi\r\n-ERR 'Permissions Violation for Publish to x'\r\n");
+        out.clear();
+        write::hmsg(&mut out, "a", "22", None, b"NATS/1.0\r\n\r\n", b"x");
+        assert_eq!(out, b"HMSG a 22 12 13\r\nNATS/1.0\r\n\r\nx\r\n");
+        out.clear();
+        write::put_number(&mut out, 0);
+        write::put_number(&mut out, u64::MAX);
+        assert_eq!(out, b"018446744073709551615");
+    }
+
+    #[test]
+    fn header_blocks_round_trip() {
+        let mut out = Vec::new();
+        headers::write(&mut out, Some((503, "")), [("A", "1"), ("Bad\r\n", "x"), ("B", "two words")]);
+        assert_eq!(out, b"NATS/1.0 503\r\nA: 1\r\nB: two words\r\n\r\n");
+        let block = headers::parse(&out).unwrap();
+        assert_eq!(block.status, Some(503));
+        assert_eq!(block.pairs, vec![("A", "1"), ("B", "two words")]);
+        let plain = headers::parse(b"NATS/1.0\r\nX-Id: 7\r\nX-Id:8\r\n\r\n").unwrap();
+        assert_eq!((plain.status, plain.pairs), (None, vec![("X-Id", "7"), ("X-Id", "8")]));
+        let status = headers::parse(b"NATS/1.0 408 Request Timeout\r\n\r\n").unwrap();
+        assert_eq!((status.status, status.description), (Some(408), "Request Timeout"));
+        for bad in
+            [&b"HTTP/1.1\r\n\r\n"[..], b"NATS/1.0\r\nnocolon\r\n\r\n", b"NATS/1.0 5x3\r\n\r\n", b"\xff"]
+        {
+            assert_eq!(headers::parse(bad), None, "{bad:?}");
+        }
     }
 }

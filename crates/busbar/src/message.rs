@@ -55,6 +55,11 @@ impl Message {
     pub fn timestamp_ns(&self) -> u64 {
         self.inner.envelope.map_or(0, |e| e.timestamp_ns)
     }
+    /// Where the publisher waits for an answer, when it sent one: the reply subject of a NATS
+    /// client's request. Publishing there answers it.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.inner.headers.get(":reply")
+    }
     /// Id of the subscription it arrived on.
     pub fn subscription_id(&self) -> u64 {
         self.sid
