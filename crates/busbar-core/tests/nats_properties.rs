@@ -131,4 +131,25 @@ proptest! {
         let pieces = feed(&data, &cuts, &mut |_, _| {});
         prop_assert_eq!(whole, pieces);
     }
+
+    #[test]
+    fn header_blocks_round_trip(pairs in proptest::collection::vec(("[A-Za-z0-9-]{1,10}", "[ -~]{0,20}"), 0..6),
+                                status in proptest::option::of(100u16..1000)) {
+        let mut block = Vec::new();
+        let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        nats::headers::write(&mut block, status.map(|s| (s, "")), borrowed.iter().copied());
+        let parsed = nats::headers::parse(&block).expect("a written block parses");
+        prop_assert_eq!(parsed.status, status);
+        // Values are trimmed on both sides, as HTTP-style headers are.
+        let expected: Vec<(&str, &str)> = borrowed.iter().map(|&(k, v)| (k, v.trim())).collect();
+        prop_assert_eq!(parsed.pairs, expected);
+    }
+
+    #[test]
+    fn random_header_blocks_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = nats::headers::parse(&data);
+        let mut text = b"NATS/1.0".to_vec();
+        text.extend_from_slice(&data);
+        let _ = nats::headers::parse(&text);
+    }
 }

@@ -167,3 +167,38 @@ async fn missing_certificate_files_are_a_clear_startup_error() {
     let e = Broker::start(config).await.unwrap_err();
     assert!(e.to_string().contains("/nonexistent/cert.pem"), "{e}");
 }
+
+#[tokio::test]
+async fn nats_clients_connect_over_tls_and_plain_ones_are_told_it_is_required() {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let pki = Pki::new();
+    let mut config = config();
+    config.tls = Some(pki.server(true, false));
+    config.nats_listen = Some("127.0.0.1:0".parse().unwrap());
+    let broker = broker_with(config).await;
+    let port = broker.nats_addr().unwrap().port();
+    let nc = async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.path("ca.pem"))
+        .require_tls(true)
+        .connect(format!("tls://localhost:{port}"))
+        .await
+        .expect("TLS NATS client connects");
+    let mut sub = nc.subscribe("secure").await.unwrap();
+    nc.publish("secure", "sealed".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    let m = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload, "sealed");
+
+    // In the clear: INFO says TLS is required, and anything else is refused.
+    let stream = tokio::net::TcpStream::connect(broker.nats_addr().unwrap()).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut info = String::new();
+    stream.read_line(&mut info).await.unwrap();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    stream.get_mut().write_all(b"CONNECT {}\r\n").await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_line(&mut line)).await.unwrap().unwrap();
+    assert_eq!(line, "-ERR 'Secure Connection - TLS Required'\r\n");
+}
