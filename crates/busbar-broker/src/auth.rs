@@ -176,7 +176,7 @@ const DUMMY_HASH: &str =
 
 /// Compares digests of the two values in constant time, so that neither the contents nor the
 /// length of the token leak through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use blake2::Digest;
     let (x, y) = (blake2::Blake2b512::digest(a), blake2::Blake2b512::digest(b));
     x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0

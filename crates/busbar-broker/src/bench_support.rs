@@ -24,14 +24,13 @@ impl RoutingBench {
         let mut inboxes = Vec::new();
         for conn in 1..=subscribers {
             let (tx, rx) = mpsc::channel(1024);
-            router.add_connection(conn, None);
-            router
-                .subscribe(conn, 1, "bench.topic".into(), None, SubKind::Events, Outbox::new(tx), 16)
-                .unwrap();
+            let outbox = Outbox::new(tx);
+            router.add_connection(conn, None, outbox.clone());
+            router.subscribe(conn, 1, "bench.topic".into(), None, SubKind::Events, outbox, 16).unwrap();
             inboxes.push(rx);
         }
         let conn = subscribers + 1;
-        router.add_connection(conn, None);
+        router.add_connection(conn, None, Outbox::detached());
         for i in 0..others {
             let pattern = if i.is_multiple_of(2) { format!("other{i}.topic") } else { format!("other{i}.>") };
             router

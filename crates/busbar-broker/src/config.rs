@@ -24,6 +24,8 @@ pub struct Config {
     /// Address of the NATS client protocol listener (NATS clients in any language join the bus
     /// here); off when None. NATS's own port is 4222.
     pub nats_listen: Option<SocketAddr>,
+    /// Joining other brokers into one bus; a lone broker when None.
+    pub cluster: Option<ClusterConfig>,
     /// Address of the monitoring HTTP listener (health, metrics, JSON, dashboard); off when None.
     pub http: Option<SocketAddr>,
     /// TLS for the native listener; plain TCP when None.
@@ -64,6 +66,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4900)),
             http: None,
             nats_listen: None,
+            cluster: None,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             server_name: "busbar".into(),
@@ -79,6 +82,32 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// How a broker joins a cluster (docs/CLUSTER.md).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Name of the cluster: routes from brokers of another cluster are refused.
+    pub name: String,
+    /// This broker's number in the cluster, 1–255, unique among its brokers. It is the top byte
+    /// of every service id this broker assigns, so that ids are unique cluster-wide and a
+    /// message addressed to an id finds its broker.
+    pub node_id: u8,
+    /// Address of the route listener, where other brokers connect. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Seed routes: route listeners of other brokers to connect to. The rest of the cluster is
+    /// learned from them.
+    pub routes: Vec<SocketAddr>,
+    /// A shared secret every broker of the cluster must present (at least 16 characters);
+    /// routes are not authenticated when None.
+    pub token: Option<String>,
+}
+
+impl ClusterConfig {
+    /// A cluster named `name` with this broker as node `node_id`, routes on `listen`.
+    pub fn new(name: impl Into<String>, node_id: u8, listen: SocketAddr) -> Self {
+        Self { name: name.into(), node_id, listen, routes: Vec::new(), token: None }
     }
 }
 

@@ -37,6 +37,7 @@ struct File {
     slow_consumer: SlowConsumerSection,
     auth: AuthSection,
     tls: Option<TlsSection>,
+    cluster: Option<ClusterSection>,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +62,17 @@ struct AuthSection {
     tls_identity: bool,
     default_permissions: Option<PermissionsSection>,
     users: Vec<UserSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    name: String,
+    node_id: u8,
+    listen: SocketAddr,
+    #[serde(default)]
+    routes: Vec<SocketAddr>,
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +245,13 @@ impl Config {
             let permissions = u.permissions.map(PermissionsSection::into_permissions).transpose()?;
             c.auth.users.push(User { name: u.name, password_hash: u.password_hash, permissions });
         }
+        c.cluster = file.cluster.map(|k| crate::config::ClusterConfig {
+            name: k.name,
+            node_id: k.node_id,
+            listen: k.listen,
+            routes: k.routes,
+            token: k.token,
+        });
         if let Some(p) = file.slow_consumer.policy {
             c.slow_consumer = match p {
                 Policy::Disconnect => SlowConsumerPolicy::Disconnect,
@@ -269,6 +288,17 @@ impl Config {
         }
         if self.auth.token.as_ref().is_some_and(|t| t.len() < 16) {
             return invalid("auth.token", "must be at least 16 characters");
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.node_id == 0 {
+                return invalid("cluster.node_id", "must be 1 to 255, unique among the cluster's brokers");
+            }
+            if cluster.name.is_empty() {
+                return invalid("cluster.name", "must not be empty");
+            }
+            if cluster.token.as_ref().is_some_and(|t| t.len() < 16) {
+                return invalid("cluster.token", "must be at least 16 characters");
+            }
         }
         if let Some(tls) = &self.tls
             && tls.client_ca.is_some()
@@ -342,6 +372,14 @@ policy = "disconnect"
 # key = "/etc/busbar/server.key"           # private key, PEM
 # client_ca = "/etc/busbar/clients-ca.pem" # mutual TLS: clients need a certificate from this CA
 # required = true                          # false: plain and TLS clients on the same port
+
+# Several brokers as one bus (docs/CLUSTER.md). Off when this section is absent.
+# [cluster]
+# name = "main"                            # routes from another cluster are refused
+# node_id = 1                              # 1-255, unique per broker: the top byte of its service ids
+# listen = "127.0.0.1:4901"                # where the other brokers connect
+# routes = ["10.0.0.2:4901"]               # seeds; the rest of the cluster is learned from them
+# token = "a shared secret of 16+ chars"   # brokers must present it
 
 # Authentication: with neither a token nor users, anyone may connect (with default_permissions).
 [auth]

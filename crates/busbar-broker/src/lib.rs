@@ -13,6 +13,7 @@
 //!
 //! | module    | what it holds |
 //! |-----------|---------------|
+//! | `cluster` | routes between brokers: handshake, gossip of route addresses, interest and traffic from peers, dialers with backoff |
 //! | `auth`    | authentication in the handshake (token, users with argon2 hashes) and per-user permissions |
 //! | `config`  | [`Config`]: listen address and every limit |
 //! | `config_file` | the TOML file: [`Config::from_toml`] (unknown keys and bad values are errors naming the key), [`default_toml`] |
@@ -20,7 +21,7 @@
 //! | `tls`     | rustls on the native listener: certificates from PEM, mutual TLS, TLS required or optional on one port |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
-//! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, the dashboard at `/` |
+//! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, `/routez`, the dashboard at `/` |
 //! | `nats`    | the NATS client protocol listener: NATS clients in any language on the same router; headers, queue groups and requests both ways |
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
@@ -31,6 +32,7 @@
 mod auth;
 #[doc(hidden)]
 pub mod bench_support;
+mod cluster;
 mod config;
 mod config_file;
 mod monitor;
@@ -42,7 +44,8 @@ mod session;
 mod tls;
 
 pub use auth::{AuthConfig, Permissions, Rules, User, hash_password};
-pub use config::{Config, SlowConsumerPolicy};
+pub use cluster::RouteView;
+pub use config::{ClusterConfig, Config, SlowConsumerPolicy};
 pub use config_file::{ConfigError, default_toml, parse_duration};
 pub use server::{Broker, BrokerError, Stats, run, serve};
 pub use tls::TlsOptions;

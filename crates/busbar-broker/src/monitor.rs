@@ -8,6 +8,7 @@
 //! | `/varz` | server: name, version, uptime, limits, and the counters of [`crate::Stats`] |
 //! | `/connz` | connections: id, name, service, address, subscriptions, pending bytes, traffic |
 //! | `/subsz` | subscriptions: connection, id, pattern, group, kind |
+//! | `/routez` | the cluster: this node, and each route with its peer, direction, age, remote clients and subscriptions, traffic |
 //! | `/` | the dashboard: one self-contained HTML page polling `/varz` and `/connz` |
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/varz", get(varz))
         .route("/connz", get(connz))
         .route("/subsz", get(subsz))
+        .route("/routez", get(routez))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         warn!(error = %e, "monitoring listener failed");
@@ -161,6 +163,14 @@ async fn subsz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     };
     let truncated = subs.len() < count;
     Json(serde_json::json!({ "count": count, "truncated": truncated, "subscriptions": subs }))
+}
+
+async fn routez(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let routes = crate::cluster::views(&shared);
+    let cluster = shared.cluster.as_ref().map(|c| {
+        serde_json::json!({ "name": c.config.name, "node": c.node(), "cluster_url": c.cluster_url.to_string() })
+    });
+    Json(serde_json::json!({ "cluster": cluster, "count": routes.len(), "routes": routes }))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

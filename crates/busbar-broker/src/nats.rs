@@ -191,7 +191,7 @@ fn info_json(shared: &Shared, id: u32, peer: SocketAddr, tls_required: Option<bo
         "auth_required": shared.config.auth.required(),
         "tls_required": tls_required.unwrap_or(false),
         "tls_available": tls_required.is_some(),
-        "connect_urls": [],
+        "connect_urls": shared.cluster.as_ref().map(|c| c.connect_urls(true)).unwrap_or_default(),
     })
     .to_string()
 }
@@ -206,7 +206,7 @@ async fn run(
     shared: Arc<Shared>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(shared.config.max_pending.max(1));
-    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), true));
+    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), session::Link::Nats));
     let outbox = Outbox::with_control(tx, control.clone());
     // One message per subscription that reaches its max_msgs, at most: bounded by the
     // subscription limit.
@@ -438,7 +438,7 @@ impl Conn<'_> {
             control: self.outbox.control().clone(),
         };
         self.shared.conns().insert(self.id, meta);
-        self.shared.router_mut().add_connection(self.id, None);
+        self.shared.router_mut().add_connection(self.id, None, self.outbox.clone());
         self.perms = Some(perms);
     }
 
@@ -769,6 +769,7 @@ impl Encoder for NatsEncoder {
                     let _ = self.done.send(sid);
                 }
             }
+            Outbound::Route(_) => {}
             Outbound::Nats(NatsOut::Forget(sid)) => {
                 self.names.remove(&sid);
                 self.subs.remove(&sid);

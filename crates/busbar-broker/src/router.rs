@@ -4,16 +4,58 @@
 //! (many at once) and change subscriptions under the write lock. Delivery never waits: a message is
 //! handed to each subscriber's bounded outbox with `try_send`, and a full outbox marks that
 //! subscriber a slow consumer instead of slowing the publisher.
+//!
+//! In a cluster the router also holds the subscriptions of other brokers' clients, learned over
+//! routes and stored under those clients' (cluster-wide unique) ids with the route's outbox.
+//! A message matching remote plain subscriptions goes once to each broker that has them (which
+//! fans it out to its own clients); a group picks one member cluster-wide (a local one when it
+//! has any, except under the hash policy, which picks the same member on every broker) and sends
+//! the message to exactly that member. Every change to a local subscription is announced to
+//! every route while the write lock is held, so that a new route's snapshot and the
+//! announcements that follow never miss or reorder a change.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use busbar_core::group::Balancer;
-use busbar_core::{ByteString, ErrorCode, GroupPolicy, Message, SubKind, SubscriptionTrie};
+use busbar_core::{ByteString, ErrorCode, Group, GroupPolicy, Message, Sub, SubKind, SubscriptionTrie};
 use smallvec::SmallVec;
 
-use crate::session::Outbox;
+use crate::session::{Outbound, Outbox};
+
+/// The sid of a message forwarded to another broker for all its matching plain subscriptions.
+pub(crate) const FANOUT: u64 = u64::MAX;
+/// The sid of a route UNSUB saying that a client is gone with all its subscriptions.
+pub(crate) const GONE: u64 = u64::MAX;
+
+/// The broker (cluster node) that assigned service id `conn`: its top byte.
+pub(crate) fn node_of(conn: u32) -> u8 {
+    (conn >> 24) as u8
+}
+
+/// What a route carries besides data frames: interest, and messages with a target.
+#[derive(Debug)]
+pub(crate) enum RouteOut {
+    /// Client `conn` of this broker subscribed.
+    Sub { conn: u32, sub: Sub },
+    /// Client `conn` unsubscribed `sid` ([`GONE`]: disconnected).
+    Unsub { conn: u32, sid: u64 },
+    /// A message for subscription `sid` of client `target`, or with `sid` [`FANOUT`] for every
+    /// matching plain subscription of the peer's clients (`target` then restricts it to one
+    /// client when the message is directly addressed, 0 otherwise).
+    Msg { target: u32, sid: u64, msg: Arc<Message> },
+}
+
+impl RouteOut {
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            RouteOut::Sub { sub, .. } => 64 + sub.pattern.len(),
+            RouteOut::Unsub { .. } => 32,
+            RouteOut::Msg { msg, .. } => msg.frame_size(),
+        }
+    }
+}
 
 /// One subscription as stored in the trie: where to deliver, and under which id.
 #[derive(Debug, Clone)]
@@ -43,6 +85,10 @@ pub(crate) struct GroupState {
 struct ConnSubs {
     subs: HashMap<u64, SubEntry>,
     service: Option<ByteString>,
+    /// Where it is reached: its own outbox, or the route to its broker.
+    outbox: Outbox,
+    /// For a client of another broker: that broker's node id.
+    remote: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -100,19 +146,24 @@ pub(crate) struct Router {
     services: HashMap<ByteString, Vec<u32>>,
     /// Round-robin position for responders that are in no group.
     ungrouped: Balancer,
+    /// Routes to the other brokers of the cluster, by node id.
+    routes: Vec<(u8, Outbox)>,
 }
 
 impl Router {
-    pub(crate) fn add_connection(&mut self, conn: u32, service: Option<ByteString>) {
+    pub(crate) fn add_connection(&mut self, conn: u32, service: Option<ByteString>, outbox: Outbox) {
         if let Some(name) = &service {
             self.services.entry(name.clone()).or_default().push(conn);
         }
-        self.conns.insert(conn, ConnSubs { subs: HashMap::new(), service });
+        self.conns.insert(conn, ConnSubs { subs: HashMap::new(), service, outbox, remote: None });
     }
 
     /// Removes a connection and every subscription it held.
     pub(crate) fn remove_connection(&mut self, conn: u32) {
         let Some(entry) = self.conns.remove(&conn) else { return };
+        if entry.remote.is_none() {
+            self.announce(RouteOut::Unsub { conn, sid: GONE });
+        }
         if let Some(name) = entry.service
             && let Entry::Occupied(mut e) = self.services.entry(name)
         {
@@ -143,6 +194,7 @@ impl Router {
         limit: usize,
     ) -> Result<(), SubError> {
         let Some(entry) = self.conns.get_mut(&conn) else { return Ok(()) };
+        let local = entry.remote.is_none();
         if entry.subs.contains_key(&sid) {
             return Err(SubError::Duplicate);
         }
@@ -173,8 +225,104 @@ impl Router {
             SubKind::Requests => &mut self.responders,
         };
         trie.insert(&pattern, SubRef { conn, sid, group: group.clone(), outbox });
+        if local {
+            let group_frame = group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
+            let sub = Sub { sid, pattern: pattern.clone(), group: group_frame, kind };
+            self.announce(RouteOut::Sub { conn, sub });
+        }
+        let Some(entry) = self.conns.get_mut(&conn) else { return Ok(()) };
         entry.subs.insert(sid, SubEntry { pattern, group, kind });
         Ok(())
+    }
+
+    /// A subscription of client `conn` of broker `node`, learned over the route `outbox`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn subscribe_remote(
+        &mut self,
+        node: u8,
+        conn: u32,
+        sub: Sub,
+        outbox: &Outbox,
+        limit: usize,
+    ) -> Result<(), SubError> {
+        let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
+            subs: HashMap::new(),
+            service: None,
+            outbox: outbox.clone(),
+            remote: Some(node),
+        });
+        if entry.remote != Some(node) {
+            // Not a client of that broker: a confused or hostile peer.
+            return Err(SubError::Duplicate);
+        }
+        let group = sub.group.map(|g| (g.name, g.policy));
+        self.subscribe(conn, sub.sid, sub.pattern, group, sub.kind, outbox.clone(), limit)
+    }
+
+    /// Sends `out` to every route (interest in a local subscription changed). Under the write
+    /// lock, so that a route's snapshot and later announcements stay in order.
+    fn announce(&self, out: RouteOut) {
+        match self.routes.as_slice() {
+            [] => {}
+            [(_, only)] => {
+                only.push(Outbound::Route(out));
+            }
+            routes => {
+                for (_, route) in routes {
+                    let copy = match &out {
+                        RouteOut::Sub { conn, sub } => RouteOut::Sub { conn: *conn, sub: sub.clone() },
+                        RouteOut::Unsub { conn, sid } => RouteOut::Unsub { conn: *conn, sid: *sid },
+                        RouteOut::Msg { target, sid, msg } => {
+                            RouteOut::Msg { target: *target, sid: *sid, msg: msg.clone() }
+                        }
+                    };
+                    route.push(Outbound::Route(copy));
+                }
+            }
+        }
+    }
+
+    /// A route to broker `node` is up: remember it and send it every local subscription.
+    pub(crate) fn add_route(&mut self, node: u8, outbox: Outbox) {
+        for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
+            for (&sid, s) in &c.subs {
+                let group = s.group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
+                let sub = Sub { sid, pattern: s.pattern.clone(), group, kind: s.kind };
+                outbox.push(Outbound::Route(RouteOut::Sub { conn, sub }));
+            }
+        }
+        self.routes.retain(|(n, _)| *n != node);
+        self.routes.push((node, outbox));
+    }
+
+    /// The route to broker `node` is down: forget it and its clients' subscriptions. Returns
+    /// those clients, whose requests in flight must fail.
+    pub(crate) fn remove_route(&mut self, node: u8) -> Vec<u32> {
+        self.routes.retain(|(n, _)| *n != node);
+        let gone: Vec<u32> =
+            self.conns.iter().filter(|(_, c)| c.remote == Some(node)).map(|(&conn, _)| conn).collect();
+        for &conn in &gone {
+            self.remove_connection(conn);
+        }
+        gone
+    }
+
+    /// The route outbox to broker `node`.
+    pub(crate) fn route_to(&self, node: u8) -> Option<&Outbox> {
+        self.routes.iter().find(|(n, _)| *n == node).map(|(_, o)| o)
+    }
+
+    /// Remote clients known, and their subscriptions, per broker node.
+    pub(crate) fn remote_counts(&self) -> HashMap<u8, (usize, usize)> {
+        let mut out: HashMap<u8, (usize, usize)> = HashMap::new();
+        for c in self.conns.values() {
+            if let Some(node) = c.remote {
+                let e = out.entry(node).or_default();
+                e.0 += 1;
+                e.1 += c.subs.len();
+            }
+        }
+        out
     }
 
     /// Removes one subscription; false when the connection had no such id.
@@ -186,6 +334,10 @@ impl Router {
     }
 
     fn drop_sub(&mut self, conn: u32, sid: u64, sub: SubEntry) {
+        // A local client's unsubscribe (one being removed is gone from `conns`: GONE said it all).
+        if self.conns.get(&conn).is_some_and(|c| c.remote.is_none()) {
+            self.announce(RouteOut::Unsub { conn, sid });
+        }
         // Only `conn` and `sid` take part in SubRef equality; the outbox is a placeholder.
         let probe = SubRef { conn, sid, group: None, outbox: Outbox::detached() };
         match sub.kind {
@@ -237,20 +389,68 @@ impl Router {
     /// Delivers `msg` to every matching plain subscription and to one member of every matching
     /// group; with `only` set (direct addressing), to that connection's subscriptions only.
     /// A connection that asked not to see its own messages (NATS `echo: false`) is skipped.
-    /// Returns how many deliveries were queued.
+    /// Remote subscriptions cost one copy per broker that has any, plus one per group member
+    /// chosen there. Returns how many deliveries were queued.
     pub(crate) fn route(&self, msg: &Arc<Message>, only: Option<u32>) -> usize {
         let mut delivered = 0;
+        // Brokers that already got the message for their plain subscriptions.
+        let mut forwarded: SmallVec<[u8; 8]> = SmallVec::new();
         let own = |s: &SubRef| s.conn == msg.source && s.outbox.no_echo();
         self.recipients(
             &msg.topic,
             msg.key,
             only,
             |s| !own(s),
-            |s| {
-                delivered += usize::from(s.outbox.deliver(s.sid, msg));
+            |s, grouped| {
+                let queued = if !s.outbox.is_route() {
+                    s.outbox.deliver(s.sid, msg)
+                } else if grouped {
+                    let out = RouteOut::Msg { target: s.conn, sid: s.sid, msg: msg.clone() };
+                    s.outbox.push(Outbound::Route(out))
+                } else {
+                    let node = node_of(s.conn);
+                    if forwarded.contains(&node) {
+                        return;
+                    }
+                    forwarded.push(node);
+                    let out = RouteOut::Msg { target: msg.destination, sid: FANOUT, msg: msg.clone() };
+                    s.outbox.push(Outbound::Route(out))
+                };
+                delivered += usize::from(queued);
             },
         );
         delivered
+    }
+
+    /// Delivers a message another broker forwarded: to subscription `sid` of client `target`, or
+    /// with `sid` [`FANOUT`] to every matching plain subscription of this broker's clients (of
+    /// client `target` only, when it is not 0). Never to groups (the sender chose the member)
+    /// nor to other routes (one hop).
+    pub(crate) fn route_from_peer(&self, msg: &Arc<Message>, target: u32, sid: u64) -> usize {
+        if sid != FANOUT {
+            let Some(c) = self.conns.get(&target) else { return 0 };
+            let subscribed = c.subs.get(&sid).is_some_and(|s| s.kind == SubKind::Events);
+            if c.remote.is_some() || !subscribed {
+                return 0;
+            }
+            return usize::from(c.outbox.deliver(sid, msg));
+        }
+        let only = (target != 0).then_some(target);
+        let mut delivered = 0;
+        let own = |s: &SubRef| s.conn == msg.source && s.outbox.no_echo();
+        let keep = |s: &SubRef| s.group.is_none() && !s.outbox.is_route() && !own(s);
+        self.recipients(&msg.topic, msg.key, only, keep, |s, _| {
+            delivered += usize::from(s.outbox.deliver(s.sid, msg));
+        });
+        delivered
+    }
+
+    /// The local connection `conn` with a requests subscription `sid`, for a CALL another broker
+    /// forwarded.
+    pub(crate) fn local_responder(&self, conn: u32, sid: u64) -> Option<&Outbox> {
+        let c = self.conns.get(&conn)?;
+        let ok = c.remote.is_none() && c.subs.get(&sid).is_some_and(|s| s.kind == SubKind::Requests);
+        ok.then_some(&c.outbox)
     }
 
     /// The NATS subscriptions a native request goes to when no native responder serves its topic:
@@ -262,7 +462,7 @@ impl Router {
             key,
             only,
             |s| s.outbox.is_nats(),
-            |s| {
+            |s, _| {
                 out.push(Target { conn: s.conn, sid: s.sid, outbox: s.outbox.clone() });
             },
         );
@@ -274,16 +474,16 @@ impl Router {
         self.groups.get(name).map(|(g, _)| g.policy)
     }
 
-    /// Calls `visit` for each event subscription that gets a message on `topic`: every matching
-    /// plain one, and one member of each matching group (chosen by the group's policy), among
-    /// those that pass `keep` and belong to `only` when it is set.
+    /// Calls `visit(subscription, grouped)` for each event subscription that gets a message on
+    /// `topic`: every matching plain one, and one member of each matching group (chosen by the
+    /// group's policy), among those that pass `keep` and belong to `only` when it is set.
     fn recipients(
         &self,
         topic: &str,
         key: Option<u64>,
         only: Option<u32>,
         keep: impl Fn(&SubRef) -> bool,
-        mut visit: impl FnMut(&SubRef),
+        mut visit: impl FnMut(&SubRef, bool),
     ) {
         // On the stack for the usual handful of group members: no allocation per message.
         let mut grouped: SmallVec<[&SubRef; 16]> = SmallVec::new();
@@ -292,7 +492,7 @@ impl Router {
                 return;
             }
             if s.group.is_none() {
-                visit(s);
+                visit(s, false);
             } else {
                 grouped.push(s);
             }
@@ -306,13 +506,15 @@ impl Router {
         grouped.sort_unstable_by_key(|s| (group_of(s), s.conn, s.sid));
         for members in grouped.chunk_by(|a, b| group_of(a) == group_of(b)) {
             let Some(state) = members[0].group.as_ref() else { continue };
+            let members = prefer_local(members, state.policy);
             let chosen = state.balancer.pick(state.policy, key, members.len(), |i| member_id(members[i]));
-            visit(members[chosen]);
+            visit(members[chosen], true);
         }
     }
 
     /// The responders a request goes to: every matching one for scatter-gather (`all`), else one,
-    /// picked by the policy of the first grouped candidate, or round-robin when none is grouped.
+    /// picked by the policy of the first grouped candidate, or round-robin when none is grouped
+    /// (among this broker's own responders when it has any, except under the hash policy).
     /// `only` restricts candidates to one connection (direct addressing).
     pub(crate) fn select_responders(
         &self,
@@ -321,7 +523,7 @@ impl Router {
         only: Option<u32>,
         all: bool,
     ) -> Vec<Target> {
-        let mut candidates: Vec<&SubRef> = Vec::new();
+        let mut candidates: SmallVec<[&SubRef; 16]> = SmallVec::new();
         self.responders.for_each_match(topic, |s| {
             if only.is_none_or(|c| c == s.conn) {
                 candidates.push(s);
@@ -340,9 +542,22 @@ impl Router {
             Some(g) => (&g.balancer, g.policy),
             None => (&self.ungrouped, GroupPolicy::RoundRobin),
         };
+        let candidates = prefer_local(&candidates, policy);
         let chosen = balancer.pick(policy, key, candidates.len(), |i| member_id(candidates[i]));
         vec![target(candidates[chosen])]
     }
+}
+
+/// The members to choose among: this broker's own when it has any (cheaper, and on a broker that
+/// dies only its own clients' share is lost), except under the hash policy, whose choice must be
+/// the same on every broker and so is made among all.
+fn prefer_local<'a>(members: &[&'a SubRef], policy: GroupPolicy) -> SmallVec<[&'a SubRef; 16]> {
+    let all = || members.iter().copied().collect();
+    if policy == GroupPolicy::Hash || members.iter().all(|s| !s.outbox.is_route()) {
+        return all();
+    }
+    let local: SmallVec<[&SubRef; 16]> = members.iter().copied().filter(|s| !s.outbox.is_route()).collect();
+    if local.is_empty() { all() } else { local }
 }
 
 /// A stable identity of a member, for the hash policy.
@@ -358,7 +573,7 @@ mod tests {
     fn subscribe_unsubscribe_and_cleanup_keep_counts_right() {
         let mut r = Router::default();
         let ev = SubKind::Events;
-        r.add_connection(1, Some("svc".into()));
+        r.add_connection(1, Some("svc".into()), Outbox::detached());
         assert_eq!(r.resolve_service("svc"), Some(1));
         r.subscribe(1, 1, "a.>".into(), None, ev, Outbox::detached(), 10).unwrap();
         let g = Some(("g".into(), GroupPolicy::Random));

@@ -126,6 +126,8 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Refused publishes, subscriptions, requests and replies since start.
     pub permission_denied: u64,
+    /// Routes to other brokers of the cluster that are up now.
+    pub routes: u64,
 }
 
 /// State shared by the accept loop and every session.
@@ -141,6 +143,8 @@ pub(crate) struct Shared {
     pub(crate) started: SystemTime,
     /// This broker's id, announced to NATS clients.
     pub(crate) server_id: String,
+    /// Routes to the other brokers, when this one is in a cluster.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
     /// Password checks allowed to run at once.
     pub(crate) auth_slots: Arc<tokio::sync::Semaphore>,
     open: AtomicU64,
@@ -160,6 +164,19 @@ impl Shared {
 
     pub(crate) fn requests(&self) -> MutexGuard<'_, Requests> {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new service id: never 0 ("nobody"), also after the counter wraps; in a cluster, the
+    /// node id in the top byte, so that ids are unique cluster-wide.
+    pub(crate) fn next_service_id(&self) -> u32 {
+        let node = self.cluster.as_ref().map_or(0, |c| u32::from(c.node()));
+        loop {
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = if node == 0 { n } else { (node << 24) | (n & 0x00FF_FFFF) };
+            if id & 0x00FF_FFFF != 0 || (node == 0 && id != 0) {
+                return id;
+            }
+        }
     }
 
     pub(crate) fn conns(&self) -> MutexGuard<'_, HashMap<u32, ConnMeta>> {
@@ -183,6 +200,7 @@ impl Shared {
             dropped: self.stats.dropped.get(),
             auth_failures: self.stats.auth_failures.get(),
             permission_denied: self.stats.permission_denied.get(),
+            routes: self.cluster.as_ref().map_or(0, |c| c.routes().len() as u64),
         }
     }
 }
@@ -209,9 +227,11 @@ pub async fn serve(
     config.validate()?;
     let http = bind_opt(config.http).await?;
     let nats = bind_opt(config.nats_listen).await?;
+    let cluster = bind_opt(config.cluster.as_ref().map(|c| c.listen)).await?;
     let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-    let shared = new_shared(config);
-    serve_shared(Listeners { native: listener, nats, http }, acceptor, shared, shutdown).await
+    let listeners = Listeners { native: listener, nats, http, cluster };
+    let shared = new_shared(config, &listeners)?;
+    serve_shared(listeners, acceptor, shared, shutdown).await
 }
 
 async fn bind_opt(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, BrokerError> {
@@ -226,6 +246,7 @@ struct Listeners {
     native: TcpListener,
     nats: Option<TcpListener>,
     http: Option<TcpListener>,
+    cluster: Option<TcpListener>,
 }
 
 /// Which protocol a connection speaks.
@@ -242,8 +263,17 @@ async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(tokio::ne
     }
 }
 
-fn new_shared(config: Config) -> Arc<Shared> {
-    Arc::new(Shared {
+fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, BrokerError> {
+    let cluster = match (&config.cluster, &listeners.cluster) {
+        (Some(c), Some(l)) => Some(crate::cluster::Cluster::new(
+            c.clone(),
+            l.local_addr()?,
+            listeners.native.local_addr()?,
+            listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?,
+        )),
+        _ => None,
+    };
+    Ok(Arc::new(Shared {
         config,
         router: RwLock::default(),
         requests: Mutex::default(),
@@ -252,10 +282,11 @@ fn new_shared(config: Config) -> Arc<Shared> {
         conns: Mutex::default(),
         started: SystemTime::now(),
         server_id: format!("BUSBAR{:016X}", rand::random::<u64>()),
+        cluster,
         auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_CHECKS_AT_ONCE)),
         open: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
-    })
+    }))
 }
 
 async fn serve_shared(
@@ -264,7 +295,7 @@ async fn serve_shared(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
-    let Listeners { native: listener, nats, http } = listeners;
+    let Listeners { native: listener, nats, http, cluster } = listeners;
     let addr = listener.local_addr()?;
     info!(%addr, "busbar broker listening");
     if let Some(nats) = &nats {
@@ -275,6 +306,13 @@ async fn serve_shared(
         tracker.spawn(crate::monitor::serve(http, shared.clone()));
     }
     tracker.spawn(sweep_requests(shared.clone()));
+    if let (Some(routes), Some(c)) = (cluster, shared.cluster.as_ref()) {
+        info!(addr = %c.cluster_url, node = c.node(), cluster = %c.config.name, "route listener up");
+        tracker.spawn(crate::cluster::listen(routes, shared.clone()));
+        for &seed in &c.config.routes {
+            crate::cluster::ensure_dialer(&shared, seed, true);
+        }
+    }
     tokio::pin!(shutdown);
     loop {
         let (accepted, protocol) = tokio::select! {
@@ -311,11 +349,7 @@ async fn serve_shared(
         }
         shared.open.fetch_add(1, Ordering::Relaxed);
         shared.stats.connections_total.inc();
-        // Service ids are never 0 ("nobody"), also after the counter wraps.
-        let id = match shared.next_id.fetch_add(1, Ordering::Relaxed) {
-            0 => shared.next_id.fetch_add(1, Ordering::Relaxed),
-            id => id,
-        };
+        let id = shared.next_service_id();
         let span = info_span!("conn", id, %peer, name = tracing::field::Empty);
         let tls = acceptor.clone().map(|a| (a, shared.config.tls.as_ref().is_none_or(|t| t.required)));
         let s = shared.clone();
@@ -397,15 +431,26 @@ impl Broker {
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let nats = bind_opt(config.nats_listen).await?;
         let nats_addr = nats.as_ref().and_then(|l| l.local_addr().ok());
+        let cluster = bind_opt(config.cluster.as_ref().map(|c| c.listen)).await?;
         // Certificates are checked here, so that a bad file is an error of `start` itself.
         let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-        let shared = new_shared(config);
+        let listeners = Listeners { native: listener, nats, http, cluster };
+        let shared = new_shared(config, &listeners)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = Listeners { native: listener, nats, http };
         let task = tokio::spawn(serve_shared(listeners, acceptor, shared.clone(), async move {
             let _ = stopped.await;
         }));
         Ok(Self { addr, http_addr, nats_addr, shared, stop: Some(stop), task: Some(task) })
+    }
+
+    /// The address of the route listener, when the broker is in a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.shared.cluster.as_ref().map(|c| c.cluster_url)
+    }
+
+    /// The routes to other brokers that are up.
+    pub fn routes(&self) -> Vec<crate::cluster::RouteView> {
+        crate::cluster::views(&self.shared)
     }
 
     /// The address of the NATS protocol listener, when `Config::nats_listen` is set.

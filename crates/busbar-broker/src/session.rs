@@ -57,6 +57,20 @@ pub(crate) enum Outbound {
     Close(ErrorFrame),
     /// NATS connections only: protocol lines and the writer's subscription bookkeeping.
     Nats(crate::nats::NatsOut),
+    /// Routes only: interest, and messages with a target.
+    Route(crate::router::RouteOut),
+}
+
+/// What is at the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Link {
+    /// A native client.
+    #[default]
+    Client,
+    /// A NATS client (it receives native requests as messages with a reply subject).
+    Nats,
+    /// Another broker of the cluster.
+    Route,
 }
 
 impl Outbound {
@@ -67,6 +81,7 @@ impl Outbound {
             Outbound::Frame(Frame::Error(e)) | Outbound::Close(e) => 32 + e.message.len(),
             Outbound::Frame(f) => f.message().map_or(64, Message::frame_size),
             Outbound::Nats(n) => n.size(),
+            Outbound::Route(r) => r.size(),
         }
     }
 }
@@ -89,19 +104,18 @@ pub(crate) struct Control {
     pub(crate) msgs_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     counters: Option<Arc<Counters>>,
-    /// A NATS client connection (it receives native requests as messages with a reply subject).
-    nats: bool,
+    link: Link,
     /// The client asked not to receive its own messages (NATS `echo: false`).
     pub(crate) no_echo: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
-    pub(crate) fn new(config: &crate::Config, counters: Arc<Counters>, nats: bool) -> Self {
+    pub(crate) fn new(config: &crate::Config, counters: Arc<Counters>, link: Link) -> Self {
         Self {
             max_bytes: config.max_pending_bytes,
             policy: config.slow_consumer,
             counters: Some(counters),
-            nats,
+            link,
             ..Self::default()
         }
     }
@@ -152,7 +166,12 @@ impl Outbox {
 
     /// True for a NATS client connection.
     pub(crate) fn is_nats(&self) -> bool {
-        self.control.nats
+        self.control.link == Link::Nats
+    }
+
+    /// True for a route to another broker.
+    pub(crate) fn is_route(&self) -> bool {
+        self.control.link == Link::Route
     }
 
     /// True when the connection does not want its own messages back.
@@ -171,7 +190,8 @@ impl Outbox {
         self.push(Outbound::Frame(frame))
     }
 
-    fn push(&self, out: Outbound) -> bool {
+    /// Queues anything without waiting, with the slow-consumer rule of [`Outbox::deliver`].
+    pub(crate) fn push(&self, out: Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
         let size = out.size();
@@ -341,7 +361,7 @@ pub(crate) async fn run(
     let max = shared.config.max_frame_size;
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
-    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), false));
+    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Client));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max, Native));
 
@@ -358,7 +378,7 @@ pub(crate) async fn run(
                 control: control.clone(),
             };
             shared.conns().insert(id, meta);
-            shared.router_mut().add_connection(id, service);
+            shared.router_mut().add_connection(id, service, outbox.clone());
             read_loop(&mut reader, &outbox, id, &shared, &permissions).await;
             true
         }
@@ -431,7 +451,11 @@ async fn handshake(
         heartbeat_ms: u32::try_from(shared.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
         server_name: shared.config.server_name.clone().into(),
         server_version: env!("CARGO_PKG_VERSION").into(),
-        properties: Default::default(),
+        properties: match &shared.cluster {
+            // Where else this client can go when this broker is gone.
+            Some(cluster) => [("connect_urls", cluster.connect_urls(false).join(","))].into_iter().collect(),
+            None => Default::default(),
+        },
     };
     let permissions = authenticate(shared, hello.properties.clone(), tls_identity, deadline).await;
     let Some(permissions) = permissions else {
@@ -605,7 +629,22 @@ async fn apply(
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
-            if requester == 0 {
+            if requester != 0 && crate::cluster::is_remote(shared, requester) {
+                // Judged here, on the topic the reply names; the requester's broker checks that
+                // it is the request's.
+                let mut reply = reply;
+                let topic = reply.message.topic.clone();
+                if !(perms.allow_responses || perms.publish.permits_topic(&topic)) {
+                    shared.stats.permission_denied.inc();
+                    reply.error = Some(ErrorCode::PermissionDenied);
+                    reply.message.payload = "the responder may not reply on this topic".into();
+                    reply.message.headers = Default::default();
+                }
+                reply.message.source = id;
+                if !crate::cluster::forward_reply(shared, reply) {
+                    shared.stats.late_replies.inc();
+                }
+            } else if requester == 0 {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
                 outbox.send(Outbound::Frame(Frame::Error(e))).await;
@@ -752,7 +791,11 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
         Some(Ok(())) => {}
     }
     for t in targets {
-        let call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
+        let mut call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
+        if t.outbox.is_route() {
+            // The responder's broker finds it by the destination id.
+            call.message.destination = t.conn;
+        }
         if !t.outbox.deliver_frame(Frame::Call(call)) {
             // The responder is going away; its cleanup fails this request with ResponderLost.
             debug!(responder = t.conn, "request not delivered");
@@ -837,6 +880,7 @@ impl Encoder for Native {
             Outbound::Frame(f) => (f.encode(buf, max), false),
             Outbound::Close(e) => (Frame::Error(e).encode(buf, max), true),
             Outbound::Nats(_) => (Ok(()), false),
+            Outbound::Route(r) => (encode_route(buf, r, max), false),
         };
         if let Err(e) = result {
             // Only a frame that grew past the limit on the way can fail here; skip it, keep going.
@@ -844,6 +888,28 @@ impl Encoder for Native {
         }
         closing
     }
+}
+
+/// Encodes what only routes carry: native frames whose header ids name the client concerned.
+fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) -> Result<(), FrameError> {
+    use crate::router::RouteOut;
+    let start = buf.len();
+    let (source, destination) = match out {
+        RouteOut::Sub { conn, sub } => {
+            Frame::Sub(sub).encode(buf, max)?;
+            (conn, 0)
+        }
+        RouteOut::Unsub { conn, sid } => {
+            Frame::Unsub { sid }.encode(buf, max)?;
+            (conn, 0)
+        }
+        RouteOut::Msg { target, sid, msg } => {
+            frame::encode_msg(buf, sid, &msg, max)?;
+            (msg.source, target)
+        }
+    };
+    frame::set_ids(&mut buf[start..], source, destination);
+    Ok(())
 }
 
 /// Encodes one outbound item, releasing its bytes from the connection's budget; true when it
@@ -857,7 +923,7 @@ fn encode(
 ) -> bool {
     let size = out.size();
     control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
-    if let Outbound::Msg { .. } = &out {
+    if let Outbound::Msg { .. } | Outbound::Route(crate::router::RouteOut::Msg { .. }) = &out {
         // For a message, its budget size is its frame size.
         let bytes = size as u64;
         control.msgs_out.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,8 @@ enum Command {
     Stats(MonitorArgs),
     /// List a running broker's connections (from its monitoring listener).
     Connections(MonitorArgs),
+    /// List a running broker's routes to the other brokers of its cluster.
+    Routes(MonitorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +128,21 @@ struct ServeArgs {
     /// clients in any language join the bus; off by default.
     #[arg(long, env = "BUSBAR_NATS_LISTEN")]
     nats_listen: Option<SocketAddr>,
+    /// Join a cluster: listen for other brokers' routes on this address (needs --node-id).
+    #[arg(long, env = "BUSBAR_CLUSTER_LISTEN", requires = "node_id")]
+    cluster_listen: Option<SocketAddr>,
+    /// This broker's node id in the cluster, 1-255, unique among its brokers.
+    #[arg(long, env = "BUSBAR_NODE_ID")]
+    node_id: Option<u8>,
+    /// Name of the cluster (routes from another cluster are refused).
+    #[arg(long, env = "BUSBAR_CLUSTER_NAME", default_value = "busbar")]
+    cluster_name: String,
+    /// Seed routes: other brokers' route listeners, comma-separated.
+    #[arg(long, env = "BUSBAR_ROUTES", value_delimiter = ',')]
+    routes: Vec<SocketAddr>,
+    /// Shared secret of the cluster's routes (16+ characters).
+    #[arg(long, env = "BUSBAR_CLUSTER_TOKEN")]
+    cluster_token: Option<String>,
     /// Largest frame accepted, in bytes.
     #[arg(long)]
     max_frame_size: Option<usize>,
@@ -256,6 +273,7 @@ fn main() -> Result<()> {
             Command::Config(command) => config_command(command),
             Command::Stats(args) => stats(args).await,
             Command::Connections(args) => connections(args).await,
+            Command::Routes(args) => routes(args).await,
         }
     })
 }
@@ -279,6 +297,20 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
     set(&mut config.server_name, args.name);
     config.http = args.http.or(config.http);
     config.nats_listen = args.nats_listen.or(config.nats_listen);
+    if let Some(listen) = args.cluster_listen {
+        let node = args.node_id.context("--cluster-listen needs --node-id")?;
+        let mut cluster = busbar_broker::ClusterConfig::new(args.cluster_name.clone(), node, listen);
+        cluster.routes = args.routes.clone();
+        cluster.token = args.cluster_token.clone();
+        config.cluster = Some(cluster);
+    } else if let Some(cluster) = config.cluster.as_mut() {
+        if let Some(node) = args.node_id {
+            cluster.node_id = node;
+        }
+        if !args.routes.is_empty() {
+            cluster.routes = args.routes.clone();
+        }
+    }
     set(&mut config.max_frame_size, args.max_frame_size);
     set(&mut config.max_connections, args.max_connections);
     set(&mut config.max_subscriptions, args.max_subscriptions);
@@ -326,6 +358,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(nats) = broker.nats_addr() {
         println!("busbar NATS protocol on nats://{nats}");
+    }
+    if let Some(routes) = broker.cluster_addr() {
+        println!("busbar routes on {routes}");
     }
     println!("busbar listening on {}", broker.local_addr());
     std::io::stdout().flush()?;
@@ -408,6 +443,40 @@ async fn connections(args: MonitorArgs) -> Result<()> {
         );
     }
     println!("{} connection(s)", connz["count"]);
+    Ok(())
+}
+
+async fn routes(args: MonitorArgs) -> Result<()> {
+    let routez = get_json(&args.http, "/routez").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&routez)?);
+        return Ok(());
+    }
+    match routez["cluster"].as_object() {
+        None => println!("not in a cluster"),
+        Some(c) => {
+            println!("cluster {} · this node {} · routes on {}", c["name"], c["node"], c["cluster_url"])
+        }
+    }
+    println!(
+        "{:>4} {:<16} {:<22} {:<9} {:>8} {:>8} {:>6} {:>10} {:>10}",
+        "node", "name", "route url", "direction", "up (s)", "clients", "subs", "msgs in", "msgs out"
+    );
+    for r in routez["routes"].as_array().into_iter().flatten() {
+        println!(
+            "{:>4} {:<16} {:<22} {:<9} {:>8} {:>8} {:>6} {:>10} {:>10}",
+            r["node"],
+            r["name"].as_str().unwrap_or(""),
+            r["cluster_url"].as_str().unwrap_or(""),
+            r["direction"].as_str().unwrap_or(""),
+            r["connected_secs"],
+            r["remote_clients"],
+            r["remote_subscriptions"],
+            r["msgs_in"],
+            r["msgs_out"]
+        );
+    }
+    println!("{} route(s)", routez["count"]);
     Ok(())
 }
 

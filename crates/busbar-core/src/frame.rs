@@ -762,6 +762,26 @@ pub fn decode(buf: &mut BytesMut, max_frame_size: usize) -> Result<Option<Frame>
     }
 }
 
+/// Where the source id starts in an encoded frame (counted from its length prefix).
+const SOURCE_AT: usize = LEN_PREFIX + 4;
+
+/// The source and destination ids in the header of the encoded frame at the start of `buf`, once
+/// that much has arrived. Broker-to-broker routes use them on SUB and UNSUB (whose decoded form
+/// has no ids) to name the client a subscription belongs to.
+pub fn ids(buf: &[u8]) -> Option<(u32, u32)> {
+    let at = buf.get(SOURCE_AT..SOURCE_AT + 8)?;
+    Some((u32::from_be_bytes([at[0], at[1], at[2], at[3]]), u32::from_be_bytes([at[4], at[5], at[6], at[7]])))
+}
+
+/// Sets the source and destination ids in the header of the encoded frame at the start of
+/// `frame` (see [`ids`]); does nothing to a buffer too short to hold a header.
+pub fn set_ids(frame: &mut [u8], source: u32, destination: u32) {
+    if let Some(at) = frame.get_mut(SOURCE_AT..SOURCE_AT + 8) {
+        at[..4].copy_from_slice(&source.to_be_bytes());
+        at[4..].copy_from_slice(&destination.to_be_bytes());
+    }
+}
+
 /// Parses one frame from exactly its bytes after the length prefix.
 pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
     if b.len() < HEADER_LEN {

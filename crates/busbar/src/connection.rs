@@ -179,7 +179,13 @@ pub(crate) struct ConnectionTask {
     pub(crate) requests: HashMap<u64, ReplySink>,
     pongs: VecDeque<PongWaiter>,
     offline: VecDeque<busbar_core::Message>,
+    /// Brokers of the cluster learned from WELCOME (`connect_urls`), tried after the configured
+    /// ones when reconnecting.
+    learned: Vec<String>,
 }
+
+/// Most broker addresses learned from a cluster.
+const MAX_LEARNED: usize = 64;
 
 impl ConnectionTask {
     #[allow(clippy::too_many_arguments)]
@@ -206,10 +212,31 @@ impl ConnectionTask {
             requests: HashMap::new(),
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
+            learned: Vec::new(),
+        }
+    }
+
+    /// Remembers the cluster's other brokers that `welcome` names, to fail over to them.
+    fn learn(&mut self, welcome: &Welcome) {
+        let Some(urls) = welcome.properties.get("connect_urls") else { return };
+        let tls = self.options.servers.first().is_some_and(|s| s.starts_with("busbars://"));
+        let mut learned = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let url = if tls { format!("busbars://{url}") } else { url.to_string() };
+            if !self.options.servers.contains(&url) && !learned.contains(&url) && learned.len() < MAX_LEARNED
+            {
+                learned.push(url);
+            }
+        }
+        if learned != self.learned {
+            debug!(?learned, "cluster brokers learned");
+            self.learned = learned;
         }
     }
 
     pub(crate) async fn run(mut self, first: Conn) {
+        let welcome = self.welcome.borrow().clone();
+        self.learn(&welcome);
         let mut conn = Some(first);
         loop {
             let current = match conn.take() {
@@ -286,11 +313,21 @@ impl ConnectionTask {
                 }
             }
             attempt += 1;
-            self.server = (self.server + 1) % self.options.servers.len().max(1);
-            let addr = self.options.servers.get(self.server).cloned().unwrap_or_default();
+            // The configured brokers, then the ones the cluster told of.
+            let known = self.options.servers.len() + self.learned.len();
+            self.server = (self.server + 1) % known.max(1);
+            let addr = self
+                .options
+                .servers
+                .iter()
+                .chain(&self.learned)
+                .nth(self.server)
+                .cloned()
+                .unwrap_or_default();
             match handshake(&self.options, &addr).await {
                 Ok((conn, welcome)) => {
                     info!(%addr, attempt, service_id = welcome.service_id, "reconnected");
+                    self.learn(&welcome);
                     self.welcome.send_replace(Arc::new(welcome));
                     return Some(conn);
                 }

@@ -1,0 +1,658 @@
+//! Routes between the brokers of a cluster: handshake, gossip of route addresses, the route
+//! session that applies a peer's interest and forwarded traffic, and the dialers that keep the
+//! mesh whole.
+//!
+//! ```text
+//!  dialer (seed or learned URL) ─connect─► HELLO{route, node, urls…} ─► WELCOME{…}   (acceptor)
+//!                 both sides: register (one route per peer) ─► Router::add_route (snapshot)
+//!  route read loop: SUB/UNSUB (ids in the header) → remote subscriptions
+//!                   MSG → Router::route_from_peer   CALL → local responder   REPLY → Requests
+//! ```
+//!
+//! A route speaks the native protocol. SUB and UNSUB carry the subscribing client's service id
+//! as the header's source id; UNSUB with sid `u64::MAX` says the client is gone. MSG carries the
+//! target client as the header's destination id and its subscription as sid, or sid `u64::MAX`
+//! for "every matching plain subscription of your clients". Forwarded messages are never
+//! forwarded again: one hop, so no loops and no duplicates in a full mesh.
+//!
+//! At most one route per pair of brokers: when both dialled each other, the connection started
+//! by the broker with the lower node id stays, on both sides alike.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use busbar_core::{ErrorCode, ErrorFrame, Frame, FrameCodec, Headers, Hello, Reply, Welcome, frame};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, FramedRead};
+use tracing::{debug, info, warn};
+
+use crate::config::ClusterConfig;
+use crate::router::{GONE, node_of};
+use crate::server::Shared;
+use crate::session::{self, Control, Link, Native, Outbound, Outbox, error};
+
+/// Longest pause between two attempts to reach a route.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Failed attempts after which a learned (not configured) route address is given up.
+const LEARNED_ATTEMPTS: u32 = 30;
+/// Most route addresses dialled at once (configured and learned).
+const MAX_DIALERS: usize = 256;
+
+/// HELLO/WELCOME properties of a route handshake.
+mod prop {
+    pub(super) const ROUTE: &str = "route";
+    pub(super) const NODE: &str = "node";
+    pub(super) const TOKEN: &str = "token";
+    pub(super) const CLUSTER_URL: &str = "cluster_url";
+    pub(super) const CLIENT_URL: &str = "client_url";
+    pub(super) const NATS_URL: &str = "nats_url";
+    pub(super) const ROUTES: &str = "routes";
+}
+
+/// The cluster side of a broker.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    pub(crate) config: ClusterConfig,
+    /// Where this broker's route listener is (the real port).
+    pub(crate) cluster_url: SocketAddr,
+    /// Where its clients connect (native, and NATS when on).
+    pub(crate) client_url: SocketAddr,
+    pub(crate) nats_url: Option<SocketAddr>,
+    routes: Mutex<HashMap<u8, RouteInfo>>,
+    dialing: Mutex<HashSet<SocketAddr>>,
+    next_link: AtomicU64,
+}
+
+/// A route that is up.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteInfo {
+    pub(crate) node: u8,
+    pub(crate) name: String,
+    pub(crate) cluster_url: SocketAddr,
+    pub(crate) client_url: Option<SocketAddr>,
+    pub(crate) nats_url: Option<SocketAddr>,
+    /// This broker dialled it.
+    pub(crate) outbound: bool,
+    pub(crate) since: SystemTime,
+    pub(crate) control: Arc<Control>,
+    /// Tells this connection from another one to the same broker.
+    link: u64,
+}
+
+/// A route as monitoring shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteView {
+    /// The peer's node id.
+    pub node: u8,
+    /// The peer's server name.
+    pub name: String,
+    /// The peer's route listener.
+    pub cluster_url: String,
+    /// The peer's client listener.
+    pub client_url: Option<String>,
+    /// "outbound" (this broker dialled) or "inbound".
+    pub direction: &'static str,
+    /// Seconds since the route came up.
+    pub connected_secs: u64,
+    /// The peer's clients with subscriptions this broker knows of.
+    pub remote_clients: usize,
+    /// Their subscriptions.
+    pub remote_subscriptions: usize,
+    /// Frames received from the peer.
+    pub msgs_in: u64,
+    /// Messages sent to the peer.
+    pub msgs_out: u64,
+    /// Bytes queued for the peer.
+    pub pending_bytes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Cluster {
+    pub(crate) fn new(
+        config: ClusterConfig,
+        cluster_url: SocketAddr,
+        client_url: SocketAddr,
+        nats_url: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            config,
+            cluster_url,
+            client_url,
+            nats_url,
+            routes: Mutex::default(),
+            dialing: Mutex::default(),
+            next_link: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn node(&self) -> u8 {
+        self.config.node_id
+    }
+
+    /// The routes that are up.
+    pub(crate) fn routes(&self) -> Vec<RouteInfo> {
+        let mut out: Vec<RouteInfo> = lock(&self.routes).values().cloned().collect();
+        out.sort_by_key(|r| r.node);
+        out
+    }
+
+    /// Client addresses of every broker of the cluster, this one first (for WELCOME's
+    /// `connect_urls`, or NATS INFO's with `nats`).
+    pub(crate) fn connect_urls(&self, nats: bool) -> Vec<String> {
+        let own = if nats { self.nats_url } else { Some(self.client_url) };
+        let routes = lock(&self.routes);
+        let peers = routes.values().filter_map(|r| if nats { r.nats_url } else { r.client_url });
+        own.into_iter().chain(peers).map(|a| a.to_string()).collect()
+    }
+
+    fn handshake_properties(&self) -> Headers {
+        let mut p = Headers::new();
+        p.insert(prop::ROUTE, self.config.name.as_str());
+        p.insert(prop::NODE, self.node().to_string());
+        if let Some(token) = &self.config.token {
+            p.insert(prop::TOKEN, token.as_str());
+        }
+        p.insert(prop::CLUSTER_URL, self.cluster_url.to_string());
+        p.insert(prop::CLIENT_URL, self.client_url.to_string());
+        if let Some(nats) = self.nats_url {
+            p.insert(prop::NATS_URL, nats.to_string());
+        }
+        let known: Vec<String> = lock(&self.routes).values().map(|r| r.cluster_url.to_string()).collect();
+        p.insert(prop::ROUTES, known.join(","));
+        p
+    }
+}
+
+/// What a peer said of itself in its handshake.
+struct Peer {
+    node: u8,
+    name: String,
+    cluster_url: SocketAddr,
+    client_url: Option<SocketAddr>,
+    nats_url: Option<SocketAddr>,
+    routes: Vec<SocketAddr>,
+}
+
+/// Checks a peer's handshake properties against this broker's cluster.
+fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
+    if p.get(prop::ROUTE) != Some(cluster.config.name.as_str()) {
+        return Err(format!("not a route of cluster {:?}", cluster.config.name));
+    }
+    if let Some(token) = &cluster.config.token {
+        let given = p.get(prop::TOKEN).unwrap_or("");
+        if !crate::auth::constant_time_eq(token.as_bytes(), given.as_bytes()) {
+            return Err("route authentication failed".into());
+        }
+    }
+    let node: u8 = p.get(prop::NODE).and_then(|n| n.parse().ok()).filter(|&n| n != 0).ok_or("bad node id")?;
+    if node == cluster.node() {
+        return Err(format!("node id {node} is this broker's own"));
+    }
+    let addr = |key| p.get(key).and_then(|a| a.parse::<SocketAddr>().ok());
+    let cluster_url = addr(prop::CLUSTER_URL).ok_or("no cluster_url")?;
+    let routes =
+        p.get(prop::ROUTES).unwrap_or("").split(',').filter_map(|a| a.parse().ok()).take(255).collect();
+    Ok(Peer {
+        node,
+        name: name.to_string(),
+        cluster_url,
+        client_url: addr(prop::CLIENT_URL),
+        nats_url: addr(prop::NATS_URL),
+        routes,
+    })
+}
+
+/// Accepts routes until shutdown.
+pub(crate) async fn listen(listener: TcpListener, shared: Arc<Shared>) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "route accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(accept(stream, addr, shared.clone()));
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+type Reader = FramedRead<session::ReadHalf, RouteCodec>;
+
+/// Frames with the source and destination ids of their header.
+#[derive(Debug)]
+struct RouteCodec(FrameCodec);
+
+impl Decoder for RouteCodec {
+    type Item = ((u32, u32), Frame);
+    type Error = busbar_core::CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        let ids = frame::ids(src).unwrap_or_default();
+        Ok(self.0.decode(src)?.map(|f| (ids, f)))
+    }
+}
+
+fn reader(rd: session::ReadHalf, shared: &Shared) -> Reader {
+    // Routes carry other brokers' traffic: frames up to the limit, plus route headers.
+    FramedRead::with_capacity(rd, RouteCodec(FrameCodec::new(shared.config.max_frame_size + 1024)), 64 * 1024)
+}
+
+async fn accept(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+    let Some(cluster) = shared.cluster.as_ref() else { return };
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = reader(Box::new(rd), &shared);
+    let hello = match tokio::time::timeout_at(deadline, reader.next()).await {
+        Ok(Some(Ok((_, Frame::Hello(h))))) => h,
+        _ => {
+            debug!(%addr, "no route HELLO");
+            return;
+        }
+    };
+    let peer = match peer(cluster, &hello.name, &hello.properties) {
+        Ok(p) => p,
+        Err(why) => {
+            warn!(%addr, why, "route refused");
+            shared.stats.auth_failures.inc();
+            let e = error(ErrorCode::AuthenticationFailed, 0, format!("route refused: {why}"));
+            let _ = write_frame(&mut wr, Frame::Error(e)).await;
+            return;
+        }
+    };
+    let welcome = Welcome {
+        service_id: 0,
+        max_frame_size: u32::try_from(shared.config.max_frame_size).unwrap_or(u32::MAX),
+        heartbeat_ms: u32::try_from(shared.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+        server_name: shared.config.server_name.clone().into(),
+        server_version: env!("CARGO_PKG_VERSION").into(),
+        properties: cluster.handshake_properties(),
+    };
+    if write_frame(&mut wr, Frame::Welcome(welcome)).await.is_err() {
+        return;
+    }
+    run(reader, Box::new(wr), peer, false, shared).await;
+}
+
+async fn write_frame(wr: &mut (impl AsyncWriteExt + Unpin), frame: Frame) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf, usize::MAX).map_err(std::io::Error::other)?;
+    wr.write_all(&buf).await
+}
+
+/// Dials `url` and completes the handshake as the initiator.
+async fn dial(url: SocketAddr, shared: &Arc<Shared>) -> Result<(Reader, session::WriteHalf, Peer), String> {
+    let cluster = shared.cluster.as_ref().ok_or("no cluster")?;
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(url))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let hello =
+        Hello { name: shared.config.server_name.clone().into(), properties: cluster.handshake_properties() };
+    write_frame(&mut wr, Frame::Hello(hello)).await.map_err(|e| e.to_string())?;
+    let mut reader = reader(Box::new(rd), shared);
+    match tokio::time::timeout_at(deadline, reader.next()).await {
+        Ok(Some(Ok((_, Frame::Welcome(w))))) => {
+            let peer = peer(cluster, &w.server_name, &w.properties)?;
+            Ok((reader, Box::new(wr), peer))
+        }
+        Ok(Some(Ok((_, Frame::Error(e))))) => Err(format!("{}: {}", e.code, e.message)),
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(Some(Ok((_, other)))) => Err(format!("unexpected {}", other.name())),
+        Ok(None) => Err("closed during the handshake".into()),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// Starts a dialer for `url` unless one runs, or it is this broker's own address.
+pub(crate) fn ensure_dialer(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
+    let Some(cluster) = shared.cluster.as_ref() else { return };
+    if url == cluster.cluster_url {
+        return;
+    }
+    {
+        let mut dialing = lock(&cluster.dialing);
+        if dialing.len() >= MAX_DIALERS || !dialing.insert(url) {
+            return;
+        }
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        dial_loop(&shared, url, seed).await;
+        if let Some(cluster) = shared.cluster.as_ref() {
+            lock(&cluster.dialing).remove(&url);
+        }
+    });
+}
+
+/// Keeps a route to `url` up: dials when no route to the broker there is up, with backoff.
+/// A learned address is given up after many failures in a row; a seed never is.
+async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
+    let Some(cluster) = shared.cluster.as_ref() else { return };
+    let mut failures: u32 = 0;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let connected = lock(&cluster.routes).values().any(|r| r.cluster_url == url);
+        if connected {
+            failures = 0;
+            backoff = Duration::from_millis(20);
+            tokio::select! {
+                () = shared.shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        }
+        match dial(url, shared).await {
+            Ok((reader, writer, peer)) => {
+                failures = 0;
+                backoff = Duration::from_millis(20);
+                run(reader, writer, peer, true, shared.clone()).await;
+            }
+            Err(why) => {
+                failures += 1;
+                debug!(%url, why, failures, "route attempt failed");
+                if !seed && failures >= LEARNED_ATTEMPTS {
+                    info!(%url, "giving up a learned route address");
+                    return;
+                }
+            }
+        }
+        let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Registers a route that completed its handshake; false when another route to that broker
+/// stays instead (the one started by the lower node id).
+fn register(shared: &Shared, info: RouteInfo, outbox: &Outbox) -> bool {
+    let Some(cluster) = shared.cluster.as_ref() else { return false };
+    let own = cluster.node();
+    let initiator = |r: &RouteInfo| if r.outbound { own } else { r.node };
+    let mut routes = lock(&cluster.routes);
+    if let Some(existing) = routes.get(&info.node) {
+        if initiator(existing) <= initiator(&info) {
+            return false;
+        }
+        existing.control.fail(error(ErrorCode::ShuttingDown, 0, "replaced by another route"));
+        let gone = shared.router_mut().remove_route(info.node);
+        let mut requests = shared.requests();
+        for conn in gone {
+            requests.remove_connection(conn);
+        }
+    }
+    shared.router_mut().add_route(info.node, outbox.clone());
+    routes.insert(info.node, info);
+    true
+}
+
+/// Removes the route `link` to `node`, if it is still the registered one.
+fn unregister(shared: &Shared, node: u8, link: u64) {
+    let Some(cluster) = shared.cluster.as_ref() else { return };
+    let mut routes = lock(&cluster.routes);
+    if routes.get(&node).is_none_or(|r| r.link != link) {
+        return;
+    }
+    routes.remove(&node);
+    let gone = shared.router_mut().remove_route(node);
+    drop(routes);
+    let mut requests = shared.requests();
+    for conn in gone {
+        requests.remove_connection(conn);
+    }
+}
+
+/// Serves a route until it closes.
+async fn run(mut reader: Reader, wr: session::WriteHalf, peer: Peer, outbound: bool, shared: Arc<Shared>) {
+    let Some(cluster) = shared.cluster.as_ref() else { return };
+    let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
+    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
+    let outbox = Outbox::with_control(tx, control.clone());
+    let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), usize::MAX, Native));
+    let link = cluster.next_link.fetch_add(1, Ordering::Relaxed);
+    let info = RouteInfo {
+        node: peer.node,
+        name: peer.name.clone(),
+        cluster_url: peer.cluster_url,
+        client_url: peer.client_url,
+        nats_url: peer.nats_url,
+        outbound,
+        since: SystemTime::now(),
+        control: control.clone(),
+        link,
+    };
+    if register(&shared, info, &outbox) {
+        info!(node = peer.node, name = %peer.name, url = %peer.cluster_url, outbound, "route up");
+        // Gossip: the peer's routes are brokers of this cluster too.
+        for url in &peer.routes {
+            ensure_dialer(&shared, *url, false);
+        }
+        read_loop(&mut reader, &outbox, &peer, &shared).await;
+        unregister(&shared, peer.node, link);
+        info!(node = peer.node, name = %peer.name, "route down");
+    } else {
+        debug!(node = peer.node, "duplicate route closed");
+        control.fail(error(ErrorCode::ShuttingDown, 0, "a route to this broker exists"));
+    }
+    drop(outbox);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
+        abort.abort();
+    }
+}
+
+async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &Shared) {
+    let beat = shared.config.heartbeat_interval;
+    let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
+    let period = (beat / 4).max(Duration::from_millis(5));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
+    let mut heard = false;
+    let mut pinged = false;
+    let control = outbox.control().clone();
+    loop {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = tick.tick(), if !beat.is_zero() => {
+                if std::mem::take(&mut heard) {
+                    last_seen = tokio::time::Instant::now();
+                    pinged = false;
+                }
+                let idle = last_seen.elapsed();
+                if idle >= dead_after {
+                    warn!(node = peer.node, ?idle, "route silent past the heartbeat limit, closing");
+                    control.fail(error(ErrorCode::StaleConnection, 0, "route stale"));
+                    return;
+                }
+                if idle >= beat && !pinged {
+                    pinged = outbox.deliver_frame(Frame::Ping);
+                }
+                continue;
+            }
+            () = control.killed() => return,
+            () = shared.shutdown.cancelled() => {
+                outbox.send(Outbound::Close(error(ErrorCode::ShuttingDown, 0, "server shutting down"))).await;
+                return;
+            }
+        };
+        let ((source, _), frame) = match next {
+            None | Some(Err(busbar_core::CodecError::Io(_))) => return,
+            Some(Err(busbar_core::CodecError::Frame(e))) => {
+                warn!(node = peer.node, error = %e, "malformed frame on a route, closing it");
+                control.fail(error(ErrorCode::MalformedFrame, 0, e.to_string()));
+                return;
+            }
+            Some(Ok(item)) => item,
+        };
+        heard = true;
+        control.msgs_in.fetch_add(1, Ordering::Relaxed);
+        if let Err(fatal) = apply(frame, source, outbox, peer, shared).await {
+            warn!(node = peer.node, error = %fatal.message, "route protocol violation, closing it");
+            control.fail(fatal);
+            return;
+        }
+    }
+}
+
+/// Applies one frame from a peer broker.
+async fn apply(
+    frame: Frame,
+    source: u32,
+    outbox: &Outbox,
+    peer: &Peer,
+    shared: &Shared,
+) -> Result<(), ErrorFrame> {
+    // A peer speaks only for its own clients.
+    let own_client = |conn: u32| {
+        if node_of(conn) == peer.node {
+            Ok(())
+        } else {
+            Err(error(ErrorCode::PermissionDenied, 0, format!("client {conn} is not node {}'s", peer.node)))
+        }
+    };
+    match frame {
+        Frame::Sub(sub) => {
+            own_client(source)?;
+            let limit = shared.config.max_subscriptions;
+            if let Err(e) = shared.router_mut().subscribe_remote(peer.node, source, sub, outbox, limit) {
+                debug!(conn = source, ?e, "remote subscription not taken");
+            }
+        }
+        Frame::Unsub { sid } => {
+            own_client(source)?;
+            if sid == GONE {
+                shared.router_mut().remove_connection(source);
+                shared.requests().remove_connection(source);
+            } else {
+                shared.router_mut().unsubscribe(source, sid);
+            }
+        }
+        Frame::Msg { sid, message } => {
+            let target = message.destination;
+            let delivered = shared.router().route_from_peer(&Arc::new(message), target, sid);
+            shared.stats.deliveries.add(delivered as u64);
+        }
+        Frame::Call(call) => {
+            let target = call.message.destination;
+            let responder = shared.router().local_responder(target, call.sid).cloned();
+            match responder {
+                Some(responder) => {
+                    responder.deliver_frame(Frame::Call(call));
+                }
+                None => {
+                    // Gone since the peer chose it: tell the requester at once.
+                    let text = "the responder disconnected before it replied";
+                    let mut reply = crate::requests::error_reply(
+                        call.id,
+                        ErrorCode::ResponderLost,
+                        0,
+                        call.message.topic,
+                        text,
+                    );
+                    if let Frame::Reply(r) = &mut reply {
+                        r.message.source = target;
+                        r.message.destination = call.message.source;
+                    }
+                    outbox.deliver_frame(reply);
+                }
+            }
+        }
+        Frame::Reply(reply) => {
+            own_client(reply.message.source)?;
+            reply_from_peer(reply, shared);
+        }
+        Frame::Ping => {
+            outbox.send(Outbound::Frame(Frame::Pong)).await;
+        }
+        Frame::Pong => {}
+        Frame::Error(e) => {
+            debug!(node = peer.node, code = %e.code, message = %e.message, "peer reported an error")
+        }
+        other => {
+            return Err(error(
+                ErrorCode::UnexpectedFrame,
+                0,
+                format!("a route may not send {}", other.name()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A REPLY from a responder on another broker for a request made here. The responder's broker
+/// judged its permission on the topic the reply names; here that topic must be the request's.
+fn reply_from_peer(reply: Reply, shared: &Shared) {
+    let requester = reply.message.destination;
+    let responder = reply.message.source;
+    let claimed = reply.message.topic.clone();
+    let replied = shared.requests().reply(requester, responder, reply, |topic| topic == &*claimed);
+    crate::requests::settle(replied, shared);
+}
+
+/// Sends a REPLY from a local responder to a requester on another broker; false when no route
+/// leads there.
+pub(crate) fn forward_reply(shared: &Shared, reply: Reply) -> bool {
+    let node = node_of(reply.message.destination);
+    let router = shared.router();
+    match router.route_to(node) {
+        Some(route) => route.deliver_frame(Frame::Reply(reply)),
+        None => false,
+    }
+}
+
+/// True when `conn` is a client of another broker of this cluster.
+pub(crate) fn is_remote(shared: &Shared, conn: u32) -> bool {
+    shared.cluster.as_ref().is_some_and(|c| node_of(conn) != c.node())
+}
+
+/// The monitoring view of the routes.
+pub(crate) fn views(shared: &Shared) -> Vec<RouteView> {
+    let Some(cluster) = shared.cluster.as_ref() else { return Vec::new() };
+    let routes = cluster.routes();
+    let counts = shared.router().remote_counts();
+    routes
+        .into_iter()
+        .map(|r| {
+            let (clients, subs) = counts.get(&r.node).copied().unwrap_or_default();
+            RouteView {
+                node: r.node,
+                name: r.name,
+                cluster_url: r.cluster_url.to_string(),
+                client_url: r.client_url.map(|a| a.to_string()),
+                direction: if r.outbound { "outbound" } else { "inbound" },
+                connected_secs: SystemTime::now().duration_since(r.since).unwrap_or_default().as_secs(),
+                remote_clients: clients,
+                remote_subscriptions: subs,
+                msgs_in: r.control.msgs_in.load(Ordering::Relaxed),
+                msgs_out: r.control.msgs_out.load(Ordering::Relaxed),
+                pending_bytes: r.control.pending_bytes.load(Ordering::Relaxed),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,334 @@
+//! Three brokers in one process, routed to each other on 127.0.0.1 port-0 listeners: messages,
+//! groups, requests and direct addressing across brokers; interest coming and going; a broker
+//! killed (its clients fail over, the others stop routing to it) and restarted (it rejoins).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use busbar::{Client, ClientOptions, Error, EventBus, GroupPolicy, Outgoing, Status, Subscription};
+use busbar_broker::{Broker, ClusterConfig};
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn node_config(node: u8, seeds: &[SocketAddr]) -> busbar_broker::Config {
+    let mut config = common::config();
+    let mut cluster = ClusterConfig::new("test", node, "127.0.0.1:0".parse().unwrap());
+    cluster.routes = seeds.to_vec();
+    config.cluster = Some(cluster);
+    config.server_name = format!("node-{node}");
+    config
+}
+
+async fn node(node: u8, seeds: &[SocketAddr]) -> Broker {
+    broker_with(node_config(node, seeds)).await
+}
+
+/// A, then B and C seeded with A only: they learn of each other from A.
+async fn three() -> (Broker, Broker, Broker) {
+    let a = node(1, &[]).await;
+    let seed = [a.cluster_addr().unwrap()];
+    let b = node(2, &seed).await;
+    let c = node(3, &seed).await;
+    meshed(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
+async fn meshed(brokers: &[&Broker]) {
+    let want = brokers.len() - 1;
+    eventually("a full mesh", || brokers.iter().all(|b| b.routes().len() == want)).await;
+}
+
+/// Remote subscriptions `broker` knows of, over all its routes.
+fn remote_subs(broker: &Broker) -> usize {
+    broker.routes().iter().map(|r| r.remote_subscriptions).sum()
+}
+
+async fn wait_interest(broker: &Broker, subs: usize) {
+    eventually(&format!("{subs} remote subscriptions known"), || remote_subs(broker) == subs).await;
+}
+
+async fn next(sub: &mut Subscription) -> busbar::Message {
+    tokio::time::timeout(PATIENCE, sub.next()).await.expect("a message in time").expect("open")
+}
+
+/// Everything a subscription receives until it is quiet for a moment.
+async fn drain(sub: &mut Subscription) -> Vec<busbar::Message> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        out.push(m);
+    }
+    out
+}
+
+#[tokio::test]
+async fn messages_cross_brokers_once_per_subscription_in_order() {
+    let (a, b, c) = three().await;
+    let on_a = client(&a).await;
+    let mut wide = on_a.subscribe("orders.>").await.unwrap();
+    let mut narrow = on_a.subscribe("orders.*").await.unwrap();
+    on_a.flush().await.unwrap();
+    let on_b = client(&b).await;
+    let mut exact = on_b.subscribe("orders.created").await.unwrap();
+    on_b.flush().await.unwrap();
+    wait_interest(&c, 3).await;
+
+    let publisher = client(&c).await;
+    for i in 0..20 {
+        publisher.publish("orders.created", i.to_string()).await.unwrap();
+    }
+    publisher.publish("orders.eu.shipped", "deep").await.unwrap();
+    publisher.flush().await.unwrap();
+    for (name, sub, n) in
+        [("orders.>", &mut wide, 21), ("orders.*", &mut narrow, 20), ("exact", &mut exact, 20)]
+    {
+        let got = drain(sub).await;
+        assert_eq!(got.len(), n, "{name}: one copy of each message");
+        let order: Vec<&str> = got.iter().take(20).map(|m| m.payload_str().unwrap()).collect();
+        let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+        assert_eq!(order, expected, "{name}: in publish order");
+    }
+    // One copy per broker on the wire, not one per subscription: A got 21, B got 20.
+    let to = |broker: &Broker, node: u8| broker.routes().iter().find(|r| r.node == node).unwrap().msgs_out;
+    assert_eq!((to(&c, 1), to(&c, 2)), (21, 20));
+}
+
+#[tokio::test]
+async fn unsubscribing_stops_the_forwarding() {
+    let (a, _b, c) = three().await;
+    let on_a = client(&a).await;
+    let sub = on_a.subscribe("temp.*").await.unwrap();
+    on_a.flush().await.unwrap();
+    wait_interest(&c, 1).await;
+    drop(sub);
+    on_a.flush().await.unwrap();
+    wait_interest(&c, 0).await;
+    let publisher = client(&c).await;
+    let before = c.routes().iter().map(|r| r.msgs_out).sum::<u64>();
+    for _ in 0..10 {
+        publisher.publish("temp.x", "nobody").await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    assert_eq!(c.routes().iter().map(|r| r.msgs_out).sum::<u64>(), before, "nothing forwarded");
+    // A client that disconnects takes its interest with it, too.
+    let gone = client(&a).await;
+    let _s = gone.subscribe("temp.*").await.unwrap();
+    gone.flush().await.unwrap();
+    wait_interest(&c, 1).await;
+    gone.disconnect().await.unwrap();
+    wait_interest(&c, 0).await;
+}
+
+#[tokio::test]
+async fn a_group_spread_over_three_brokers_gets_each_message_once() {
+    let (a, b, c) = three().await;
+    let brokers = [&a, &b, &c];
+    let mut members = Vec::new();
+    for broker in brokers {
+        let member = client(broker).await;
+        let sub = member.subscribe_group("work.items", "workers", GroupPolicy::RoundRobin).await.unwrap();
+        member.flush().await.unwrap();
+        members.push((member, sub));
+    }
+    for broker in brokers {
+        wait_interest(broker, 2).await;
+    }
+    // Publishers on every broker: each message reaches one member, and every member works.
+    for (i, broker) in brokers.iter().enumerate() {
+        let publisher = client(broker).await;
+        for j in 0..30 {
+            publisher.publish("work.items", format!("{i}-{j}")).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+    }
+    let mut seen = HashMap::new();
+    let mut shares = Vec::new();
+    for (_, sub) in &mut members {
+        let got = drain(sub).await;
+        shares.push(got.len());
+        for m in got {
+            *seen.entry(m.payload_str().unwrap().to_string()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.len(), 90, "every message delivered");
+    assert!(seen.values().all(|&n| n == 1), "each once cluster-wide");
+    assert!(shares.iter().all(|&n| n > 0), "spread across members: {shares:?}");
+
+    // With no local member, the group is served by remote ones.
+    let (lonely, _) = members.remove(0);
+    lonely.disconnect().await.unwrap();
+    wait_interest(&b, 1).await;
+    let publisher = client(&a).await;
+    for j in 0..10 {
+        publisher.publish("work.items", format!("late-{j}")).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let remote: usize = {
+        let mut n = 0;
+        for (_, sub) in &mut members {
+            n += drain(sub).await.len();
+        }
+        n
+    };
+    assert_eq!(remote, 10);
+}
+
+#[tokio::test]
+async fn the_hash_policy_picks_the_same_member_from_every_broker() {
+    let (a, b, c) = three().await;
+    let mut members = Vec::new();
+    for broker in [&a, &b, &c] {
+        let member = client(broker).await;
+        let sub = member.subscribe_group("acct.*", "ledger", GroupPolicy::Hash).await.unwrap();
+        member.flush().await.unwrap();
+        members.push((member, sub));
+    }
+    for broker in [&a, &b, &c] {
+        wait_interest(broker, 2).await;
+    }
+    for broker in [&a, &c] {
+        let publisher = client(broker).await;
+        for key in 0..60u64 {
+            let m = Outgoing::new("acct.move", key.to_string()).key(key);
+            publisher.publish_message(m).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+    }
+    let mut owner: HashMap<String, HashSet<usize>> = HashMap::new();
+    let mut shares = Vec::new();
+    for (i, (_, sub)) in members.iter_mut().enumerate() {
+        let got = drain(sub).await;
+        shares.push(got.len());
+        for m in got {
+            owner.entry(m.payload_str().unwrap().to_string()).or_default().insert(i);
+        }
+    }
+    assert_eq!(owner.len(), 60);
+    assert!(
+        owner.values().all(|members| members.len() == 1),
+        "a key has one owner, whichever broker published"
+    );
+    assert_eq!(shares.iter().sum::<usize>(), 120, "each message once");
+    assert!(shares.iter().all(|&n| n > 0), "keys spread over members: {shares:?}");
+}
+
+#[tokio::test]
+async fn requests_and_direct_messages_cross_brokers() {
+    let (a, b, c) = three().await;
+    let responder = client(&c).await;
+    let _h = responder
+        .respond("svc.echo", |m| async move { Ok::<_, String>(format!("echo {}", m.payload_str().unwrap())) })
+        .await
+        .unwrap();
+    responder.flush().await.unwrap();
+    wait_interest(&a, 1).await;
+    let requester = client(&a).await;
+    let reply = requester.request("svc.echo", "hi", LONG).await.unwrap();
+    assert_eq!(reply.payload_str(), Some("echo hi"));
+    assert_eq!(reply.source(), responder.service_id(), "the responder's cluster-wide id");
+    assert_eq!(a.stats().requests_pending, 0);
+
+    // Nobody anywhere: NoResponders at once.
+    let none = tokio::time::timeout(PATIENCE, requester.request("svc.nobody", "?", LONG)).await.unwrap();
+    assert!(matches!(none, Err(Error::NoResponders { .. })), "{none:?}");
+
+    // Service ids are unique cluster-wide: the top byte is the broker's node id.
+    let ids: HashSet<u8> = [requester.service_id(), responder.service_id(), client(&b).await.service_id()]
+        .iter()
+        .map(|id| (id >> 24) as u8)
+        .collect();
+    assert_eq!(ids, HashSet::from([1, 3, 2]));
+
+    // Direct to a client on another broker: only it receives.
+    let target = client(&c).await;
+    let mut mine = target.subscribe("direct.>").await.unwrap();
+    target.flush().await.unwrap();
+    let bystander = client(&b).await;
+    let mut theirs = bystander.subscribe("direct.>").await.unwrap();
+    bystander.flush().await.unwrap();
+    wait_interest(&a, 3).await;
+    requester.publish_message(Outgoing::new("direct.note", "for you").to(target.service_id())).await.unwrap();
+    requester.flush().await.unwrap();
+    assert_eq!(next(&mut mine).await.payload_str(), Some("for you"));
+    assert!(drain(&mut theirs).await.is_empty(), "not for the bystander");
+}
+
+#[tokio::test]
+async fn a_responder_lost_on_another_broker_fails_the_request_fast() {
+    let (a, _b, c) = three().await;
+    let responder = client(&c).await;
+    let mut calls = responder.requests("slow.op").await.unwrap();
+    responder.flush().await.unwrap();
+    wait_interest(&a, 1).await;
+    let requester = client(&a).await;
+    let pending = tokio::spawn(async move { requester.request("slow.op", "x", LONG).await });
+    let _call = tokio::time::timeout(PATIENCE, calls.next()).await.unwrap().unwrap();
+    responder.disconnect().await.unwrap();
+    let answer =
+        tokio::time::timeout(PATIENCE, pending).await.expect("fails long before its timeout").unwrap();
+    assert_eq!(answer.unwrap_err().code(), Some(busbar::ErrorCode::ResponderLost));
+}
+
+#[tokio::test]
+async fn a_killed_broker_fails_its_clients_over_and_rejoins_when_restarted() {
+    let (a, b, c) = three().await;
+    // A client that knows only B; it learns A and C from B's WELCOME.
+    let options = ClientOptions::new(b.local_addr().to_string()).name("wanderer");
+    let wanderer = Client::connect_with(options).await.unwrap();
+    let mut sub = wanderer.subscribe("after.>").await.unwrap();
+    wanderer.flush().await.unwrap();
+    wait_interest(&a, 1).await;
+
+    b.stop().await;
+    eventually("A and C drop the route to B", || a.routes().len() == 1 && c.routes().len() == 1).await;
+    assert!(a.routes().iter().all(|r| r.node == 3));
+    // The wanderer reconnects to A or C by itself and its subscription works again.
+    let mut status = wanderer.status_watch();
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| *s == Status::Connected)).await.unwrap().unwrap();
+    assert_ne!((wanderer.service_id() >> 24) as u8, 2, "now on another broker");
+    let publisher = client(&a).await;
+    let got = tokio::time::timeout(PATIENCE, async {
+        loop {
+            publisher.publish("after.failover", "hello again").await.unwrap();
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the subscription works after failover");
+    assert_eq!(got.payload_str(), Some("hello again"));
+
+    // B comes back (on new ports), seeded with A only, and the mesh is whole again.
+    let b = node(2, &[a.cluster_addr().unwrap()]).await;
+    meshed(&[&a, &b, &c]).await;
+    let on_b = client(&b).await;
+    let mut back = on_b.subscribe("after.>").await.unwrap();
+    on_b.flush().await.unwrap();
+    // The wanderer (now on A or C) and on_b: each known on the brokers it is not connected to.
+    eventually("interest known again", || remote_subs(&a) + remote_subs(&c) == 3).await;
+    client(&c).await.publish("after.rejoin", "welcome back").await.unwrap();
+    assert_eq!(next(&mut back).await.payload_str(), Some("welcome back"));
+}
+
+#[tokio::test]
+async fn routes_from_another_cluster_or_without_the_token_are_refused() {
+    let mut config = node_config(1, &[]);
+    config.cluster.as_mut().unwrap().token = Some("cluster-secret-0123".into());
+    let a = broker_with(config).await;
+    let seed = [a.cluster_addr().unwrap()];
+    let mut stranger = node_config(2, &seed);
+    stranger.cluster.as_mut().unwrap().name = "other".into();
+    let _stranger = broker_with(stranger).await;
+    let _tokenless = node(3, &seed).await;
+    let mut friend = node_config(4, &seed);
+    friend.cluster.as_mut().unwrap().token = Some("cluster-secret-0123".into());
+    let friend = broker_with(friend).await;
+    meshed(&[&a, &friend]).await;
+    eventually("both refusals counted", || a.stats().auth_failures >= 2).await;
+    assert_eq!(a.routes().len(), 1);
+    assert_eq!(a.routes()[0].node, 4);
+}
