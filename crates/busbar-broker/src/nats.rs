@@ -52,6 +52,8 @@ pub(crate) const REPLY_HEADER: &str = ":reply";
 const STATUS_HEADER: &str = ":status";
 /// Reply subjects of native requests sent to NATS subscribers: `_BUSBAR.R.<requester>.<id>`.
 const REPLY_PREFIX: &str = "_BUSBAR.R.";
+/// Subjects reserved for the broker: clients may not use them as reply subjects.
+const RESERVED: &str = "_BUSBAR.";
 const ID_HEADER: &str = "Busbar-Id";
 const TX_HEADER: &str = "Busbar-Tx";
 const TIME_HEADER: &str = "Busbar-Time";
@@ -298,7 +300,7 @@ async fn run(
                     pinged = outbox.deliver_frame(Frame::Ping);
                 }
             }
-            () = tokio::time::sleep_until(deadline), if handshaking => {
+            () = tokio::time::sleep_until(deadline), if handshaking && shared.config.auth.required() => {
                 control.fail(error(ErrorCode::HandshakeTimeout, 0, "Authentication Timeout"));
                 break;
             }
@@ -467,7 +469,8 @@ impl Conn<'_> {
             self.ok().await;
             return Ok(());
         }
-        if validate_topic(subject).is_err() || reply.is_some_and(|r| validate_topic(r).is_err()) {
+        let bad_reply = |r: &str| validate_topic(r).is_err() || r.starts_with(RESERVED);
+        if validate_topic(subject).is_err() || reply.is_some_and(bad_reply) {
             self.err("Invalid Publish Subject".into()).await;
             return Ok(());
         }
@@ -573,15 +576,18 @@ impl Conn<'_> {
                 .denied(format!("Permissions Violation for Subscription to {:?}", shown(subject)))
                 .await;
         }
-        let sid = match sid_text.parse::<u64>() {
-            Ok(n) if n < NAMED_SIDS => n,
-            _ => match self.named.get(sid_text) {
+        let mut named = false;
+        let sid = match numeric_sid(sid_text) {
+            Some(n) => n,
+            None => match self.named.get(sid_text) {
                 Some(&sid) => sid,
                 None => {
+                    // Named before any message for it can be queued; taken back if refused.
                     let sid = self.next_named;
                     self.next_named += 1;
                     self.named.insert(sid_text.into(), sid);
                     self.outbox.send(Outbound::Nats(NatsOut::Name { sid, name: sid_text.into() })).await;
+                    named = true;
                     sid
                 }
             },
@@ -594,20 +600,24 @@ impl Conn<'_> {
             let limit = shared.config.max_subscriptions;
             router.subscribe(self.id, sid, subject.into(), group, SubKind::Events, self.outbox.clone(), limit)
         };
+        if result.is_err() && named {
+            self.named.remove(sid_text);
+            self.outbox.send(Outbound::Nats(NatsOut::Forget(sid))).await;
+        }
         match result {
             Ok(()) => self.ok().await,
             Err(crate::router::SubError::Limit) => self.err("Maximum Subscriptions Exceeded".into()).await,
-            Err(e) => self.err(format!("Invalid Subscription: sid {} ({e:?})", shown(sid_text))).await,
+            // nats-server takes a SUB with a sid in use without a word (clients close on an
+            // -ERR they do not know): the first subscription stays.
+            Err(e) => debug!(sid = sid_text, ?e, "SUB not taken"),
         }
         Ok(())
     }
 
     async fn unsubscribe(&mut self, sid_text: &str, max: Option<u64>) {
-        let sid = match sid_text.parse::<u64>() {
-            Ok(n) if n < NAMED_SIDS => Some(n),
-            _ => self.named.get(sid_text).copied(),
-        };
-        if let Some(sid) = sid {
+        let sid = numeric_sid(sid_text).or_else(|| self.named.get(sid_text).copied());
+        // Unknown sids are ignored, as nats-server does (and nothing is kept for them).
+        if let Some(sid) = sid.filter(|&sid| self.shared.router().has_subscription(self.id, sid)) {
             match max {
                 // The writer counts deliveries and tells the read loop when to unsubscribe.
                 Some(max) if max > 0 => {
@@ -628,6 +638,16 @@ impl Conn<'_> {
             self.named.retain(|_, &mut s| s != sid);
         }
     }
+}
+
+/// A sid written as a plain decimal number (no sign, no leading zero) below [`NAMED_SIDS`]: the
+/// number itself. Any other text is a named sid, so that `01` and `1` stay two subscriptions.
+fn numeric_sid(text: &str) -> Option<u64> {
+    let plain = text.bytes().all(|b| b.is_ascii_digit()) && (text == "0" || !text.starts_with('0'));
+    if !plain {
+        return None;
+    }
+    text.parse::<u64>().ok().filter(|&n| n < NAMED_SIDS)
 }
 
 /// Envelope headers from NATS header pairs: `Busbar-*` fill the envelope, the rest are kept.
@@ -704,8 +724,14 @@ impl NatsEncoder {
             Some(name) => name,
             None => number(&mut digits, sid),
         };
-        let reply = reply.or_else(|| msg.headers.get(REPLY_HEADER));
-        let status = msg.headers.get(STATUS_HEADER).and_then(|s| s.parse::<u16>().ok());
+        // A reply subject from a publisher must be a valid subject (it is written raw into the
+        // protocol line) and not one of the broker's own (those are only handed out with CALLs).
+        let reply = reply.or_else(|| {
+            msg.headers.get(REPLY_HEADER).filter(|r| validate_topic(r).is_ok() && !r.starts_with(RESERVED))
+        });
+        // Only the broker (source 0) sets a status.
+        let status =
+            msg.headers.get(STATUS_HEADER).filter(|_| msg.source == 0).and_then(|s| s.parse::<u16>().ok());
         let shown = |(k, _): &(&str, &str)| !k.starts_with(':');
         let has_headers = status.is_some() || msg.envelope.is_some() || msg.headers.iter().any(|p| shown(&p));
         if !(self.headers && has_headers) {

@@ -60,8 +60,9 @@ pub(crate) enum Replied {
     Unknown,
     /// Queued for the native requester.
     Delivered,
-    /// For a NATS requester: route this message (to its reply subject) once the lock is released.
-    Route(Message),
+    /// For a NATS requester: route this message (to its reply subject) to that requester's
+    /// subscriptions, once the lock is released.
+    Route { requester: u32, message: Message },
 }
 
 /// Why a request could not be registered.
@@ -89,8 +90,10 @@ pub(crate) fn settle(replied: Replied, shared: &crate::server::Shared) {
     match replied {
         Replied::Unknown => shared.stats.late_replies.inc(),
         Replied::Delivered => {}
-        Replied::Route(message) => {
-            let delivered = shared.router().route(&std::sync::Arc::new(message), None);
+        Replied::Route { requester, message } => {
+            // Only to the requester: its reply subject is its own inbox, and nobody else's
+            // publish rights are in play.
+            let delivered = shared.router().route(&std::sync::Arc::new(message), Some(requester));
             shared.stats.deliveries.add(delivered as u64);
         }
     }
@@ -156,11 +159,19 @@ impl Requests {
         let key = (requester, reply.id);
         let Some(p) = self.pending.get_mut(&key) else { return Replied::Unknown };
         let Some(i) = p.responders.iter().position(|&r| r == responder) else { return Replied::Unknown };
+        let allowed = may_reply(&p.topic);
         p.responders.swap_remove(i);
+        if p.first_wins && !allowed {
+            // Another subscriber may still answer: this refusal does not end the request.
+            if p.responders.is_empty() {
+                self.forget(key);
+            }
+            return Replied::Unknown;
+        }
         if p.first_wins {
             p.responders.clear();
         }
-        if !may_reply(&p.topic) {
+        if !allowed {
             reply.error = Some(ErrorCode::PermissionDenied);
             reply.message.payload = "the responder may not reply on this topic".into();
             reply.message.headers = Default::default();
@@ -181,7 +192,7 @@ impl Requests {
                 if let Some(code) = reply.error {
                     message.headers.insert(ERROR_HEADER, code.as_u16().to_string());
                 }
-                Replied::Route(message)
+                Replied::Route { requester, message }
             }
         };
         if p.responders.is_empty() {
@@ -296,9 +307,23 @@ mod tests {
         assert_eq!(r.len(), 1, "2 may still answer");
         let mut failed = reply(7);
         failed.error = Some(ErrorCode::NoResponders);
-        let Replied::Route(m) = r.reply(1, 2, failed, |_| true) else { panic!("not routed") };
+        let Replied::Route { requester: 1, message: m } = r.reply(1, 2, failed, |_| true) else {
+            panic!("not routed to the requester")
+        };
         assert_eq!(&*m.topic, "_INBOX.x");
         assert_eq!(m.headers.get(ERROR_HEADER), Some("400"));
+        assert_eq!(r.len(), 0);
+    }
+
+    #[test]
+    fn a_refused_first_reply_does_not_end_a_first_wins_request() {
+        let mut r = Requests::default();
+        let t = Duration::from_secs(5);
+        let request = NewRequest { first_wins: true, ..native(vec![2, 3], t) };
+        r.insert(1, 7, request, 10).unwrap();
+        assert!(matches!(r.reply(1, 2, reply(7), |_| false), Replied::Unknown), "refused, not delivered");
+        assert_eq!(r.len(), 1, "3 may still answer");
+        assert!(matches!(r.reply(1, 3, reply(7), |_| true), Replied::Delivered));
         assert_eq!(r.len(), 0);
     }
 }

@@ -325,6 +325,11 @@ impl Router {
         out
     }
 
+    /// True when connection `conn` holds subscription `sid`.
+    pub(crate) fn has_subscription(&self, conn: u32, sid: u64) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.subs.contains_key(&sid))
+    }
+
     /// Removes one subscription; false when the connection had no such id.
     pub(crate) fn unsubscribe(&mut self, conn: u32, sid: u64) -> bool {
         let Some(entry) = self.conns.get_mut(&conn) else { return false };

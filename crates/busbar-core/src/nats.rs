@@ -278,7 +278,8 @@ pub mod headers {
         out.put_slice(b"\r\n");
         let clean = |s: &str| !s.contains(['\r', '\n']);
         for (name, value) in pairs {
-            if clean(name) && clean(value) && !name.contains(':') && !name.is_empty() {
+            let name_ok = !name.is_empty() && !name.contains([':', ' ', '\t']);
+            if clean(name) && clean(value) && name_ok {
                 out.put_slice(name.as_bytes());
                 out.put_slice(b": ");
                 out.put_slice(value.as_bytes());

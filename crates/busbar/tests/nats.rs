@@ -520,3 +520,55 @@ async fn monitoring_counts_nats_connections() {
     native.flush().await.unwrap();
     assert_eq!(broker.stats().connections, 2);
 }
+
+#[tokio::test]
+async fn sids_are_text_and_unknown_unsubs_are_ignored() {
+    let broker = nats_broker().await;
+    let (mut raw, _) = RawNats::connect(&broker).await;
+    // "01" and "1" are two subscriptions; an UNSUB with a limit for a sid not subscribed leaves
+    // nothing behind that could cut short a later SUB with that sid.
+    raw.send(b"CONNECT {}\r\nUNSUB 7 1\r\nSUB s 01\r\nSUB s 1\r\nSUB s 7\r\nPUB s 1\r\na\r\nPUB s 1\r\nb\r\nPING\r\n").await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let line = raw.line().await.unwrap();
+        raw.payload(1).await;
+        seen.push(line);
+    }
+    seen.sort();
+    assert_eq!(seen, ["MSG s 01 1", "MSG s 01 1", "MSG s 1 1", "MSG s 1 1", "MSG s 7 1", "MSG s 7 1"]);
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+    // A duplicate sid is taken silently (as nats-server does): no -ERR, still one delivery.
+    raw.send(b"SUB s 1\r\nPUB s 1\r\nc\r\nPING\r\n").await;
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        lines.push(raw.line().await.unwrap());
+        raw.payload(1).await;
+    }
+    assert!(lines.iter().all(|l| l.starts_with("MSG s ")), "{lines:?}");
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+}
+
+#[tokio::test]
+async fn reply_subjects_cannot_be_forged_or_injected() {
+    let broker = nats_broker().await;
+    let (mut raw, _) = RawNats::connect(&broker).await;
+    raw.send(b"CONNECT {}\r\nSUB x 1\r\nPUB x _BUSBAR.R.1.1 1\r\na\r\nPING\r\n").await;
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some("-ERR 'Invalid Publish Subject'"),
+        "reserved for the broker"
+    );
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+    // A native publisher's reply header that is not a subject is dropped, never written raw.
+    let native = client(&broker).await;
+    let evil = "a 1\r\nINFO {\"connect_urls\":[\"evil:4222\"]}\r\nMSG x 1 b";
+    native.publish_message(Outgoing::new("x", "z").header(":reply", evil)).await.unwrap();
+    native.publish_message(Outgoing::new("x", "z").header(":status", "503")).await.unwrap();
+    native.flush().await.unwrap();
+    assert_eq!(raw.line().await.as_deref(), Some("MSG x 1 1"));
+    raw.payload(1).await;
+    assert_eq!(raw.line().await.as_deref(), Some("MSG x 1 1"), "no status from a publisher");
+    raw.payload(1).await;
+    raw.send(b"PING\r\n").await;
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+}
