@@ -200,8 +200,7 @@ fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
     }
     let addr = |key| p.get(key).and_then(|a| a.parse::<SocketAddr>().ok());
     let cluster_url = addr(prop::CLUSTER_URL).ok_or("no cluster_url")?;
-    let routes =
-        p.get(prop::ROUTES).unwrap_or("").split(',').filter_map(|a| a.parse().ok()).take(255).collect();
+    let routes = gossip(p);
     Ok(Peer {
         node,
         name: name.to_string(),
@@ -210,6 +209,11 @@ fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
         nats_url: addr(prop::NATS_URL),
         routes,
     })
+}
+
+/// The route addresses a peer says it is connected to.
+fn gossip(p: &Headers) -> Vec<SocketAddr> {
+    p.get(prop::ROUTES).unwrap_or("").split(',').filter_map(|a| a.parse().ok()).take(255).collect()
 }
 
 /// Accepts routes until shutdown.
@@ -351,11 +355,17 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
     let Some(cluster) = shared.cluster.as_ref() else { return };
     let mut failures: u32 = 0;
     let mut backoff = Duration::from_millis(20);
+    // The broker found at `url` last time: connected to it by any address counts.
+    let mut known_node: Option<u8> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             return;
         }
-        let connected = lock(&cluster.routes).values().any(|r| r.cluster_url == url);
+        let connected = {
+            let routes = lock(&cluster.routes);
+            routes.values().any(|r| r.cluster_url == url)
+                || known_node.is_some_and(|n| routes.contains_key(&n))
+        };
         if connected {
             failures = 0;
             backoff = Duration::from_millis(20);
@@ -366,9 +376,12 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
         }
         match dial(url, shared).await {
             Ok((reader, writer, peer)) => {
-                failures = 0;
-                backoff = Duration::from_millis(20);
-                run(reader, writer, peer, true, shared.clone()).await;
+                known_node = Some(peer.node);
+                // A route refused as a duplicate keeps backing off like a failure.
+                if run(reader, writer, peer, true, shared.clone()).await {
+                    failures = 0;
+                    backoff = Duration::from_millis(20);
+                }
             }
             Err(why) => {
                 failures += 1;
@@ -396,7 +409,9 @@ fn register(shared: &Shared, info: RouteInfo, outbox: &Outbox) -> bool {
     let initiator = |r: &RouteInfo| if r.outbound { own } else { r.node };
     let mut routes = lock(&cluster.routes);
     if let Some(existing) = routes.get(&info.node) {
-        if initiator(existing) <= initiator(&info) {
+        // The lower initiator's connection stays; between two from the same initiator, the newer
+        // (the older one is a route that broker has already given up).
+        if initiator(existing) < initiator(&info) {
             return false;
         }
         existing.control.fail(error(ErrorCode::ShuttingDown, 0, "replaced by another route"));
@@ -427,9 +442,15 @@ fn unregister(shared: &Shared, node: u8, link: u64) {
     }
 }
 
-/// Serves a route until it closes.
-async fn run(mut reader: Reader, wr: session::WriteHalf, peer: Peer, outbound: bool, shared: Arc<Shared>) {
-    let Some(cluster) = shared.cluster.as_ref() else { return };
+/// Serves a route until it closes; false when it was refused as a duplicate.
+async fn run(
+    mut reader: Reader,
+    wr: session::WriteHalf,
+    peer: Peer,
+    outbound: bool,
+    shared: Arc<Shared>,
+) -> bool {
+    let Some(cluster) = shared.cluster.as_ref() else { return false };
     let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
     let outbox = Outbox::with_control(tx, control.clone());
@@ -446,11 +467,22 @@ async fn run(mut reader: Reader, wr: session::WriteHalf, peer: Peer, outbound: b
         control: control.clone(),
         link,
     };
-    if register(&shared, info, &outbox) {
+    let registered = register(&shared, info, &outbox);
+    if registered {
         info!(node = peer.node, name = %peer.name, url = %peer.cluster_url, outbound, "route up");
-        // Gossip: the peer's routes are brokers of this cluster too.
+        // Gossip: the peer's routes are brokers of this cluster too; and the other peers hear of
+        // this one (they may have been told of the cluster before it joined).
         for url in &peer.routes {
             ensure_dialer(&shared, *url, false);
+        }
+        let hello = Hello {
+            name: shared.config.server_name.clone().into(),
+            properties: cluster.handshake_properties(),
+        };
+        for (node, route) in shared.router().route_outboxes() {
+            if node != peer.node {
+                route.deliver_frame(Frame::Hello(hello.clone()));
+            }
         }
         read_loop(&mut reader, &outbox, &peer, &shared).await;
         unregister(&shared, peer.node, link);
@@ -464,9 +496,10 @@ async fn run(mut reader: Reader, wr: session::WriteHalf, peer: Peer, outbound: b
     if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
         abort.abort();
     }
+    registered
 }
 
-async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &Shared) {
+async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &Arc<Shared>) {
     let beat = shared.config.heartbeat_interval;
     let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
     let period = (beat / 4).max(Duration::from_millis(5));
@@ -510,6 +543,10 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &S
             }
             Some(Ok(item)) => item,
         };
+        if control.is_killed() {
+            // Replaced or closing: frames still buffered must not be applied.
+            return;
+        }
         heard = true;
         control.msgs_in.fetch_add(1, Ordering::Relaxed);
         if let Err(fatal) = apply(frame, source, outbox, peer, shared).await {
@@ -526,7 +563,7 @@ async fn apply(
     source: u32,
     outbox: &Outbox,
     peer: &Peer,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<(), ErrorFrame> {
     // A peer speaks only for its own clients.
     let own_client = |conn: u32| {
@@ -546,20 +583,37 @@ async fn apply(
         }
         Frame::Unsub { sid } => {
             own_client(source)?;
+            let mut router = shared.router_mut();
+            if !router.is_current_route(peer.node, outbox) {
+                return Ok(());
+            }
             if sid == GONE {
-                shared.router_mut().remove_connection(source);
+                router.remove_connection(source);
+                drop(router);
                 shared.requests().remove_connection(source);
             } else {
-                shared.router_mut().unsubscribe(source, sid);
+                router.unsubscribe(source, sid);
+            }
+        }
+        Frame::Hello(update) => {
+            // Gossip after the handshake: a broker that joined the peer since.
+            for url in gossip(&update.properties) {
+                ensure_dialer(shared, url, false);
             }
         }
         Frame::Msg { sid, message } => {
+            own_client(message.source)?;
             let target = message.destination;
             let delivered = shared.router().route_from_peer(&Arc::new(message), target, sid);
             shared.stats.deliveries.add(delivered as u64);
         }
         Frame::Call(call) => {
+            own_client(call.message.source)?;
             let target = call.message.destination;
+            if shared.cluster.as_ref().is_none_or(|c| node_of(target) != c.node()) {
+                debug!(target, "CALL for a client that is not this broker's; dropped");
+                return Ok(());
+            }
             let responder = shared.router().local_responder(target, call.sid).cloned();
             match responder {
                 Some(responder) => {
@@ -588,7 +642,8 @@ async fn apply(
             reply_from_peer(reply, shared);
         }
         Frame::Ping => {
-            outbox.send(Outbound::Frame(Frame::Pong)).await;
+            // Never waits: a full route queue closes the route anyway.
+            outbox.deliver_frame(Frame::Pong);
         }
         Frame::Pong => {}
         Frame::Error(e) => {

@@ -299,6 +299,10 @@ impl Config {
             if cluster.token.as_ref().is_some_and(|t| t.len() < 16) {
                 return invalid("cluster.token", "must be at least 16 characters");
             }
+            if cluster.token.is_none() && self.auth.required() {
+                // Otherwise anyone reaching the route port would bypass client authentication.
+                return invalid("cluster.token", "must be set when clients must authenticate");
+            }
         }
         if let Some(tls) = &self.tls
             && tls.client_ca.is_some()

@@ -532,6 +532,10 @@ impl Conn<'_> {
         for t in &targets {
             let mut inner = Message::clone(message);
             inner.headers = without_internal(&message.headers);
+            if t.outbox.is_route() {
+                // The responder's broker finds it by the destination id.
+                inner.destination = t.conn;
+            }
             let call = Call { id, sid: t.sid, timeout_ms, message: inner };
             t.outbox.deliver_frame(Frame::Call(call));
         }

@@ -148,7 +148,12 @@ pub(crate) struct Router {
     ungrouped: Balancer,
     /// Routes to the other brokers of the cluster, by node id.
     routes: Vec<(u8, Outbox)>,
+    /// Clients of each other broker known here (bounded per broker).
+    remote_conns: HashMap<u8, usize>,
 }
+
+/// Most clients of one other broker whose subscriptions a broker keeps.
+const MAX_REMOTE_CONNS: usize = 1 << 20;
 
 impl Router {
     pub(crate) fn add_connection(&mut self, conn: u32, service: Option<ByteString>, outbox: Outbox) {
@@ -161,8 +166,16 @@ impl Router {
     /// Removes a connection and every subscription it held.
     pub(crate) fn remove_connection(&mut self, conn: u32) {
         let Some(entry) = self.conns.remove(&conn) else { return };
-        if entry.remote.is_none() {
-            self.announce(RouteOut::Unsub { conn, sid: GONE });
+        match entry.remote {
+            None => self.announce(RouteOut::Unsub { conn, sid: GONE }),
+            Some(node) => {
+                if let Entry::Occupied(mut e) = self.remote_conns.entry(node) {
+                    *e.get_mut() -= 1;
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+            }
         }
         if let Some(name) = entry.service
             && let Entry::Occupied(mut e) = self.services.entry(name)
@@ -245,6 +258,17 @@ impl Router {
         outbox: &Outbox,
         limit: usize,
     ) -> Result<(), SubError> {
+        if !self.is_current_route(node, outbox) {
+            // A route being replaced: its last frames must not touch the new one's state.
+            return Err(SubError::Duplicate);
+        }
+        if !self.conns.contains_key(&conn) {
+            let known = self.remote_conns.entry(node).or_default();
+            if *known >= MAX_REMOTE_CONNS {
+                return Err(SubError::Limit);
+            }
+            *known += 1;
+        }
         let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
             subs: HashMap::new(),
             service: None,
@@ -305,6 +329,16 @@ impl Router {
             self.remove_connection(conn);
         }
         gone
+    }
+
+    /// The routes that are up: node id and outbox.
+    pub(crate) fn route_outboxes(&self) -> impl Iterator<Item = (u8, &Outbox)> {
+        self.routes.iter().map(|(n, o)| (*n, o))
+    }
+
+    /// True when `outbox` is the registered route to broker `node`.
+    pub(crate) fn is_current_route(&self, node: u8, outbox: &Outbox) -> bool {
+        self.route_to(node).is_some_and(|o| Arc::ptr_eq(o.control(), outbox.control()))
     }
 
     /// The route outbox to broker `node`.
@@ -434,7 +468,9 @@ impl Router {
     pub(crate) fn route_from_peer(&self, msg: &Arc<Message>, target: u32, sid: u64) -> usize {
         if sid != FANOUT {
             let Some(c) = self.conns.get(&target) else { return 0 };
-            let subscribed = c.subs.get(&sid).is_some_and(|s| s.kind == SubKind::Events);
+            let subscribed = c.subs.get(&sid).is_some_and(|s| {
+                s.kind == SubKind::Events && busbar_core::topic::matches(&s.pattern, &msg.topic)
+            });
             if c.remote.is_some() || !subscribed {
                 return 0;
             }

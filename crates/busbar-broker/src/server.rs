@@ -173,7 +173,9 @@ impl Shared {
         loop {
             let n = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = if node == 0 { n } else { (node << 24) | (n & 0x00FF_FFFF) };
-            if id & 0x00FF_FFFF != 0 || (node == 0 && id != 0) {
+            let valid = id & 0x00FF_FFFF != 0 || (node == 0 && id != 0);
+            // After the counter wraps, an id may still be held by a long-lived connection.
+            if valid && !self.conns().contains_key(&id) {
                 return id;
             }
         }
@@ -184,23 +186,28 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> Stats {
+        // One lock at a time: guards in a struct literal would all live to its end, and holding
+        // the router while taking the routes lock inverts the order route registration takes.
+        let routes = self.cluster.as_ref().map_or(0, |c| c.routes().len() as u64);
+        let subscriptions = self.router().subscription_count() as u64;
+        let requests_pending = self.requests().len() as u64;
         Stats {
             connections: self.open.load(Ordering::Relaxed),
-            subscriptions: self.router().subscription_count() as u64,
+            subscriptions,
             messages_in: self.stats.messages_in.get(),
             deliveries: self.stats.deliveries.get(),
             connections_total: self.stats.connections_total.get(),
             connections_refused: self.stats.connections_refused.get(),
             requests: self.stats.requests.get(),
             no_responders: self.stats.no_responders.get(),
-            requests_pending: self.requests().len() as u64,
+            requests_pending,
             late_replies: self.stats.late_replies.get(),
             undeliverable: self.stats.undeliverable.get(),
             slow_consumers: self.stats.slow_consumers.get(),
             dropped: self.stats.dropped.get(),
             auth_failures: self.stats.auth_failures.get(),
             permission_denied: self.stats.permission_denied.get(),
-            routes: self.cluster.as_ref().map_or(0, |c| c.routes().len() as u64),
+            routes,
         }
     }
 }

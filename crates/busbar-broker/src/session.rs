@@ -113,11 +113,18 @@ impl Control {
     pub(crate) fn new(config: &crate::Config, counters: Arc<Counters>, link: Link) -> Self {
         Self {
             max_bytes: config.max_pending_bytes,
-            policy: config.slow_consumer,
+            // A route that drops frames would lose interest changes for good: it is closed (and
+            // redialled, with a full resync) instead, whatever the policy for clients.
+            policy: if link == Link::Route { SlowConsumerPolicy::Disconnect } else { config.slow_consumer },
             counters: Some(counters),
             link,
             ..Self::default()
         }
+    }
+
+    /// True once the connection is being closed.
+    pub(crate) fn is_killed(&self) -> bool {
+        self.kill.is_cancelled()
     }
 
     /// Completes when the connection is being closed.

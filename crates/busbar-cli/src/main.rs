@@ -432,14 +432,14 @@ async fn connections(args: MonitorArgs) -> Result<()> {
     for c in connz["connections"].as_array().into_iter().flatten() {
         println!(
             "{:>6} {:<24} {:<22} {:>5} {:>10} {:>10} {:>10} {:>8}",
-            c["id"],
+            c["id"].to_string(),
             c["name"].as_str().unwrap_or(""),
             c["address"].as_str().unwrap_or(""),
-            c["subscriptions"],
-            c["pending_bytes"],
-            c["msgs_in"],
-            c["msgs_out"],
-            c["dropped"]
+            c["subscriptions"].to_string(),
+            c["pending_bytes"].to_string(),
+            c["msgs_in"].to_string(),
+            c["msgs_out"].to_string(),
+            c["dropped"].to_string()
         );
     }
     println!("{} connection(s)", connz["count"]);
@@ -455,7 +455,12 @@ async fn routes(args: MonitorArgs) -> Result<()> {
     match routez["cluster"].as_object() {
         None => println!("not in a cluster"),
         Some(c) => {
-            println!("cluster {} · this node {} · routes on {}", c["name"], c["node"], c["cluster_url"])
+            println!(
+                "cluster {} · this node {} · routes on {}",
+                c["name"].as_str().unwrap_or(""),
+                c["node"],
+                c["cluster_url"].as_str().unwrap_or("")
+            )
         }
     }
     println!(
@@ -465,15 +470,15 @@ async fn routes(args: MonitorArgs) -> Result<()> {
     for r in routez["routes"].as_array().into_iter().flatten() {
         println!(
             "{:>4} {:<16} {:<22} {:<9} {:>8} {:>8} {:>6} {:>10} {:>10}",
-            r["node"],
+            r["node"].to_string(),
             r["name"].as_str().unwrap_or(""),
             r["cluster_url"].as_str().unwrap_or(""),
             r["direction"].as_str().unwrap_or(""),
-            r["connected_secs"],
-            r["remote_clients"],
-            r["remote_subscriptions"],
-            r["msgs_in"],
-            r["msgs_out"]
+            r["connected_secs"].to_string(),
+            r["remote_clients"].to_string(),
+            r["remote_subscriptions"].to_string(),
+            r["msgs_in"].to_string(),
+            r["msgs_out"].to_string()
         );
     }
     println!("{} route(s)", routez["count"]);

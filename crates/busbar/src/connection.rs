@@ -220,17 +220,17 @@ impl ConnectionTask {
     fn learn(&mut self, welcome: &Welcome) {
         let Some(urls) = welcome.properties.get("connect_urls") else { return };
         let tls = self.options.servers.first().is_some_and(|s| s.starts_with("busbars://"));
-        let mut learned = Vec::new();
+        // Merged, not replaced: a broker whose routes are not up yet knows only itself.
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             let url = if tls { format!("busbars://{url}") } else { url.to_string() };
-            if !self.options.servers.contains(&url) && !learned.contains(&url) && learned.len() < MAX_LEARNED
-            {
-                learned.push(url);
+            if self.options.servers.contains(&url) || self.learned.contains(&url) {
+                continue;
             }
-        }
-        if learned != self.learned {
-            debug!(?learned, "cluster brokers learned");
-            self.learned = learned;
+            if self.learned.len() >= MAX_LEARNED {
+                self.learned.remove(0);
+            }
+            debug!(%url, "cluster broker learned");
+            self.learned.push(url);
         }
     }
 

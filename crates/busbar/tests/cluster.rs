@@ -64,6 +64,42 @@ async fn drain(sub: &mut Subscription) -> Vec<busbar::Message> {
     out
 }
 
+/// Exactly `n` messages: waits for them (bounded by PATIENCE, however slow the machine), then
+/// checks that no more follow.
+async fn exactly(sub: &mut Subscription, n: usize) -> Vec<busbar::Message> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(next(sub).await);
+    }
+    out.extend(drain(sub).await);
+    assert_eq!(out.len(), n, "no more than {n}");
+    out
+}
+
+/// What each member of a group receives, `total` in all: waits for them all (bounded by
+/// PATIENCE), then checks that no more follow.
+async fn spread(members: &mut [(Client, Subscription)], total: usize) -> Vec<Vec<busbar::Message>> {
+    let mut got: Vec<Vec<busbar::Message>> = members.iter().map(|_| Vec::new()).collect();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while got.iter().map(Vec::len).sum::<usize>() < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {total} arrived",
+            got.iter().map(Vec::len).sum::<usize>()
+        );
+        for (i, (_, sub)) in members.iter_mut().enumerate() {
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {
+                got[i].push(m);
+            }
+        }
+    }
+    for (i, (_, sub)) in members.iter_mut().enumerate() {
+        got[i].extend(drain(sub).await);
+    }
+    assert_eq!(got.iter().map(Vec::len).sum::<usize>(), total, "no more than {total}");
+    got
+}
+
 #[tokio::test]
 async fn messages_cross_brokers_once_per_subscription_in_order() {
     let (a, b, c) = three().await;
@@ -85,7 +121,7 @@ async fn messages_cross_brokers_once_per_subscription_in_order() {
     for (name, sub, n) in
         [("orders.>", &mut wide, 21), ("orders.*", &mut narrow, 20), ("exact", &mut exact, 20)]
     {
-        let got = drain(sub).await;
+        let got = exactly(sub, n).await;
         assert_eq!(got.len(), n, "{name}: one copy of each message");
         let order: Vec<&str> = got.iter().take(20).map(|m| m.payload_str().unwrap()).collect();
         let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
@@ -144,14 +180,11 @@ async fn a_group_spread_over_three_brokers_gets_each_message_once() {
         }
         publisher.flush().await.unwrap();
     }
+    let got = spread(&mut members, 90).await;
     let mut seen = HashMap::new();
-    let mut shares = Vec::new();
-    for (_, sub) in &mut members {
-        let got = drain(sub).await;
-        shares.push(got.len());
-        for m in got {
-            *seen.entry(m.payload_str().unwrap().to_string()).or_insert(0) += 1;
-        }
+    let shares: Vec<usize> = got.iter().map(Vec::len).collect();
+    for m in got.into_iter().flatten() {
+        *seen.entry(m.payload_str().unwrap().to_string()).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 90, "every message delivered");
     assert!(seen.values().all(|&n| n == 1), "each once cluster-wide");
@@ -166,13 +199,7 @@ async fn a_group_spread_over_three_brokers_gets_each_message_once() {
         publisher.publish("work.items", format!("late-{j}")).await.unwrap();
     }
     publisher.flush().await.unwrap();
-    let remote: usize = {
-        let mut n = 0;
-        for (_, sub) in &mut members {
-            n += drain(sub).await.len();
-        }
-        n
-    };
+    let remote: usize = spread(&mut members, 10).await.iter().map(Vec::len).sum();
     assert_eq!(remote, 10);
 }
 
@@ -198,11 +225,10 @@ async fn the_hash_policy_picks_the_same_member_from_every_broker() {
         publisher.flush().await.unwrap();
     }
     let mut owner: HashMap<String, HashSet<usize>> = HashMap::new();
-    let mut shares = Vec::new();
-    for (i, (_, sub)) in members.iter_mut().enumerate() {
-        let got = drain(sub).await;
-        shares.push(got.len());
-        for m in got {
+    let got = spread(&mut members, 120).await;
+    let shares: Vec<usize> = got.iter().map(Vec::len).collect();
+    for (i, messages) in got.into_iter().enumerate() {
+        for m in messages {
             owner.entry(m.payload_str().unwrap().to_string()).or_default().insert(i);
         }
     }
@@ -286,9 +312,10 @@ async fn a_killed_broker_fails_its_clients_over_and_rejoins_when_restarted() {
     eventually("A and C drop the route to B", || a.routes().len() == 1 && c.routes().len() == 1).await;
     assert!(a.routes().iter().all(|r| r.node == 3));
     // The wanderer reconnects to A or C by itself and its subscription works again.
-    let mut status = wanderer.status_watch();
-    tokio::time::timeout(PATIENCE, status.wait_for(|s| *s == Status::Connected)).await.unwrap().unwrap();
-    assert_ne!((wanderer.service_id() >> 24) as u8, 2, "now on another broker");
+    eventually("the wanderer is on another broker", || {
+        wanderer.status() == Status::Connected && (wanderer.service_id() >> 24) as u8 != 2
+    })
+    .await;
     let publisher = client(&a).await;
     let got = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -331,4 +358,37 @@ async fn routes_from_another_cluster_or_without_the_token_are_refused() {
     eventually("both refusals counted", || a.stats().auth_failures >= 2).await;
     assert_eq!(a.routes().len(), 1);
     assert_eq!(a.routes()[0].node, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_joining_at_once_still_close_the_mesh() {
+    let a = node(1, &[]).await;
+    let seed = [a.cluster_addr().unwrap()];
+    // B and C both join through A at the same moment: each may be told of the cluster before the
+    // other is in it; A's gossip after each join closes the mesh.
+    let (b, c, d) = tokio::join!(node(2, &seed), node(3, &seed), node(4, &seed));
+    meshed(&[&a, &b, &c, &d]).await;
+    let on_d = client(&d).await;
+    let mut sub = on_d.subscribe("mesh.*").await.unwrap();
+    on_d.flush().await.unwrap();
+    wait_interest(&b, 1).await;
+    client(&b).await.publish("mesh.ok", "closed").await.unwrap();
+    assert_eq!(next(&mut sub).await.payload_str(), Some("closed"));
+}
+
+#[tokio::test]
+async fn a_nats_request_reaches_a_native_responder_on_another_broker() {
+    let mut config = node_config(1, &[]);
+    config.nats_listen = Some("127.0.0.1:0".parse().unwrap());
+    let a = broker_with(config).await;
+    let c = node(3, &[a.cluster_addr().unwrap()]).await;
+    meshed(&[&a, &c]).await;
+    let responder = client(&c).await;
+    let _h = responder.respond("far.svc", |_m| async move { Ok::<_, String>("from C") }).await.unwrap();
+    responder.flush().await.unwrap();
+    wait_interest(&a, 1).await;
+    let nc = async_nats::connect(format!("nats://{}", a.nats_addr().unwrap())).await.unwrap();
+    let reply = tokio::time::timeout(PATIENCE, nc.request("far.svc", "?".into())).await.unwrap().unwrap();
+    assert_eq!(reply.payload, "from C");
+    assert_eq!(a.routes().len(), 1, "the route stayed up");
 }
