@@ -13,7 +13,7 @@ use crate::session::{Outbound, Outbox};
 #[derive(Debug)]
 pub struct RoutingBench {
     router: Router,
-    inboxes: Vec<mpsc::Receiver<Outbound>>,
+    inboxes: Vec<mpsc::UnboundedReceiver<Outbound>>,
     message: Arc<Message>,
 }
 
@@ -23,7 +23,7 @@ impl RoutingBench {
         let mut router = Router::default();
         let mut inboxes = Vec::new();
         for conn in 1..=subscribers {
-            let (tx, rx) = mpsc::channel(1024);
+            let (tx, rx) = mpsc::unbounded_channel();
             let outbox = Outbox::new(tx);
             router.add_connection(conn, None, outbox.clone());
             router.subscribe(conn, 1, "bench.topic".into(), None, SubKind::Events, outbox, 16).unwrap();

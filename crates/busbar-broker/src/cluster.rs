@@ -451,7 +451,7 @@ async fn run(
     shared: Arc<Shared>,
 ) -> bool {
     let Some(cluster) = shared.cluster.as_ref() else { return false };
-    let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
+    let (tx, rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
     let outbox = Outbox::with_control(tx, control.clone());
     let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), usize::MAX, Native));

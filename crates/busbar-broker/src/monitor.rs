@@ -185,7 +185,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
     let registry = Registry::new();
     let s = shared.stats();
-    let k = &shared.stats;
+    let k = shared.traffic();
     let counter = |name: &str, help: &str, labels: &[(&str, &str)], value: u64| -> prometheus::Result<()> {
         let mut opts = Opts::new(name, help);
         for (key, v) in labels {
@@ -207,19 +207,9 @@ fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
         &native,
         s.messages_in,
     )?;
-    counter("busbar_bytes_in_total", "Bytes of messages received from clients.", &native, k.bytes_in.get())?;
-    counter(
-        "busbar_messages_out_total",
-        "Messages written to subscribers (MSG).",
-        &native,
-        k.messages_out.get(),
-    )?;
-    counter(
-        "busbar_bytes_out_total",
-        "Bytes of messages written to subscribers.",
-        &native,
-        k.bytes_out.get(),
-    )?;
+    counter("busbar_bytes_in_total", "Bytes of messages received from clients.", &native, k.bytes_in)?;
+    counter("busbar_messages_out_total", "Messages written to subscribers (MSG).", &native, k.messages_out)?;
+    counter("busbar_bytes_out_total", "Bytes of messages written to subscribers.", &native, k.bytes_out)?;
     counter("busbar_deliveries_total", "Messages queued for delivery to subscriptions.", &[], s.deliveries)?;
     counter(
         "busbar_dropped_total",
@@ -247,7 +237,7 @@ fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
         "busbar_request_timeouts_total",
         "Requests forgotten after their timeout.",
         &[],
-        k.expired_requests.get(),
+        shared.stats.expired_requests.get(),
     )?;
     counter("busbar_late_replies_total", "Replies that found no waiting request.", &[], s.late_replies)?;
     counter("busbar_auth_failures_total", "Failed authentications.", &[], s.auth_failures)?;

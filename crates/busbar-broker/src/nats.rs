@@ -207,7 +207,7 @@ async fn run(
     deadline: tokio::time::Instant,
     shared: Arc<Shared>,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::channel(shared.config.max_pending.max(1));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), session::Link::Nats));
     let outbox = Outbox::with_control(tx, control.clone());
     // One message per subscription that reaches its max_msgs, at most: bounded by the
@@ -311,16 +311,19 @@ async fn run(
             }
         }
     }
-    if conn.perms.is_some() {
+    let registered = conn.perms.is_some();
+    if registered {
         shared.router_mut().remove_connection(id);
         shared.requests().remove_connection(id);
-        shared.conns().remove(&id);
     }
     drop(conn);
     drop(outbox);
     let abort = writer.abort_handle();
     if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
         abort.abort();
+    }
+    if registered {
+        shared.unregister(id);
     }
     debug!(%peer, "NATS connection closed");
 }
@@ -463,7 +466,7 @@ impl Conn<'_> {
             message.headers = read_headers(&block.pairs, &mut message.envelope);
         }
         message.source = self.id;
-        session::count_in(&self.outbox, self.shared, &message);
+        session::count_in(&self.outbox, &message);
         if let Some(rest) = subject.strip_prefix(REPLY_PREFIX) {
             self.reply(rest, message);
             self.ok().await;
@@ -769,16 +772,18 @@ impl Encoder for NatsEncoder {
                     self.message(buf, sid, &msg, None);
                 }
             }
-            Outbound::Frame(Frame::Call(call)) => {
-                if self.count(call.sid) {
-                    let reply = format!("{REPLY_PREFIX}{}.{}", call.message.source, call.id);
-                    self.message(buf, call.sid, &call.message, Some(&reply));
+            Outbound::Frame(frame) => match *frame {
+                Frame::Call(call) => {
+                    if self.count(call.sid) {
+                        let reply = format!("{REPLY_PREFIX}{}.{}", call.message.source, call.id);
+                        self.message(buf, call.sid, &call.message, Some(&reply));
+                    }
                 }
-            }
-            Outbound::Frame(Frame::Ping) => buf.extend_from_slice(b"PING\r\n"),
-            Outbound::Frame(Frame::Pong) => buf.extend_from_slice(b"PONG\r\n"),
-            Outbound::Frame(Frame::Error(e)) => proto::write::err(buf, &e.message),
-            Outbound::Frame(other) => debug!(frame = other.name(), "no NATS form; not sent"),
+                Frame::Ping => buf.extend_from_slice(b"PING\r\n"),
+                Frame::Pong => buf.extend_from_slice(b"PONG\r\n"),
+                Frame::Error(e) => proto::write::err(buf, &e.message),
+                other => debug!(frame = other.name(), "no NATS form; not sent"),
+            },
             Outbound::Close(e) => {
                 if let Some(text) = closing_text(&e) {
                     proto::write::err(buf, text);

@@ -38,7 +38,7 @@ pub(crate) fn node_of(conn: u32) -> u8 {
 #[derive(Debug)]
 pub(crate) enum RouteOut {
     /// Client `conn` of this broker subscribed.
-    Sub { conn: u32, sub: Sub },
+    Sub { conn: u32, sub: Box<Sub> },
     /// Client `conn` unsubscribed `sid` ([`GONE`]: disconnected).
     Unsub { conn: u32, sid: u64 },
     /// A message for subscription `sid` of client `target`, or with `sid` [`FANOUT`] for every
@@ -241,7 +241,7 @@ impl Router {
         if local {
             let group_frame = group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
             let sub = Sub { sid, pattern: pattern.clone(), group: group_frame, kind };
-            self.announce(RouteOut::Sub { conn, sub });
+            self.announce(RouteOut::Sub { conn, sub: Box::new(sub) });
         }
         let Some(entry) = self.conns.get_mut(&conn) else { return Ok(()) };
         entry.subs.insert(sid, SubEntry { pattern, group, kind });
@@ -312,7 +312,7 @@ impl Router {
             for (&sid, s) in &c.subs {
                 let group = s.group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
                 let sub = Sub { sid, pattern: s.pattern.clone(), group, kind: s.kind };
-                outbox.push(Outbound::Route(RouteOut::Sub { conn, sub }));
+                outbox.push(Outbound::Route(RouteOut::Sub { conn, sub: Box::new(sub) }));
             }
         }
         self.routes.retain(|(n, _)| *n != node);
@@ -547,7 +547,14 @@ impl Router {
         grouped.sort_unstable_by_key(|s| (group_of(s), s.conn, s.sid));
         for members in grouped.chunk_by(|a, b| group_of(a) == group_of(b)) {
             let Some(state) = members[0].group.as_ref() else { continue };
-            let members = prefer_local(members, state.policy);
+            let local;
+            let members = match prefer_local(members, state.policy) {
+                Some(only_local) => {
+                    local = only_local;
+                    &local[..]
+                }
+                None => members,
+            };
             let chosen = state.balancer.pick(state.policy, key, members.len(), |i| member_id(members[i]));
             visit(members[chosen], true);
         }
@@ -583,7 +590,14 @@ impl Router {
             Some(g) => (&g.balancer, g.policy),
             None => (&self.ungrouped, GroupPolicy::RoundRobin),
         };
-        let candidates = prefer_local(&candidates, policy);
+        let local;
+        let candidates = match prefer_local(&candidates, policy) {
+            Some(only_local) => {
+                local = only_local;
+                &local[..]
+            }
+            None => &candidates[..],
+        };
         let chosen = balancer.pick(policy, key, candidates.len(), |i| member_id(candidates[i]));
         vec![target(candidates[chosen])]
     }
@@ -592,13 +606,13 @@ impl Router {
 /// The members to choose among: this broker's own when it has any (cheaper, and on a broker that
 /// dies only its own clients' share is lost), except under the hash policy, whose choice must be
 /// the same on every broker and so is made among all.
-fn prefer_local<'a>(members: &[&'a SubRef], policy: GroupPolicy) -> SmallVec<[&'a SubRef; 16]> {
-    let all = || members.iter().copied().collect();
-    if policy == GroupPolicy::Hash || members.iter().all(|s| !s.outbox.is_route()) {
-        return all();
+/// `None`: choose among all of them (no copy on the common, single-broker path).
+fn prefer_local<'a>(members: &[&'a SubRef], policy: GroupPolicy) -> Option<SmallVec<[&'a SubRef; 16]>> {
+    let remote = |s: &&SubRef| s.outbox.is_route();
+    if policy == GroupPolicy::Hash || !members.iter().any(remote) || members.iter().all(remote) {
+        return None;
     }
-    let local: SmallVec<[&SubRef; 16]> = members.iter().copied().filter(|s| !s.outbox.is_route()).collect();
-    if local.is_empty() { all() } else { local }
+    Some(members.iter().copied().filter(|s| !remote(s)).collect())
 }
 
 /// A stable identity of a member, for the hash policy.

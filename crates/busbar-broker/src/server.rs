@@ -93,6 +93,16 @@ pub(crate) struct Counters {
     pub(crate) permission_denied: Counter,
 }
 
+/// Message traffic since start.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Traffic {
+    pub(crate) messages_in: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) messages_out: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) deliveries: u64,
+}
+
 /// A snapshot of what the broker is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Stats {
@@ -181,6 +191,42 @@ impl Shared {
         }
     }
 
+    /// Removes a closed connection from the registry, adding its traffic to the totals.
+    pub(crate) fn unregister(&self, id: u32) {
+        let mut conns = self.conns();
+        if let Some(meta) = conns.remove(&id) {
+            let c = &meta.control;
+            let k = &self.stats;
+            k.messages_in.add(c.msgs_in.load(Ordering::Relaxed));
+            k.bytes_in.add(c.bytes_in.load(Ordering::Relaxed));
+            k.messages_out.add(c.msgs_out.load(Ordering::Relaxed));
+            k.bytes_out.add(c.bytes_out.load(Ordering::Relaxed));
+            k.deliveries.add(c.deliveries.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Traffic since start: the totals of closed connections plus the open ones' counters.
+    pub(crate) fn traffic(&self) -> Traffic {
+        let conns = self.conns();
+        let k = &self.stats;
+        let mut t = Traffic {
+            messages_in: k.messages_in.get(),
+            bytes_in: k.bytes_in.get(),
+            messages_out: k.messages_out.get(),
+            bytes_out: k.bytes_out.get(),
+            deliveries: k.deliveries.get(),
+        };
+        for meta in conns.values() {
+            let c = &meta.control;
+            t.messages_in += c.msgs_in.load(Ordering::Relaxed);
+            t.bytes_in += c.bytes_in.load(Ordering::Relaxed);
+            t.messages_out += c.msgs_out.load(Ordering::Relaxed);
+            t.bytes_out += c.bytes_out.load(Ordering::Relaxed);
+            t.deliveries += c.deliveries.load(Ordering::Relaxed);
+        }
+        t
+    }
+
     pub(crate) fn conns(&self) -> MutexGuard<'_, HashMap<u32, ConnMeta>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -191,11 +237,12 @@ impl Shared {
         let routes = self.cluster.as_ref().map_or(0, |c| c.routes().len() as u64);
         let subscriptions = self.router().subscription_count() as u64;
         let requests_pending = self.requests().len() as u64;
+        let traffic = self.traffic();
         Stats {
             connections: self.open.load(Ordering::Relaxed),
             subscriptions,
-            messages_in: self.stats.messages_in.get(),
-            deliveries: self.stats.deliveries.get(),
+            messages_in: traffic.messages_in,
+            deliveries: traffic.deliveries,
             connections_total: self.stats.connections_total.get(),
             connections_refused: self.stats.connections_refused.get(),
             requests: self.stats.requests.get(),

@@ -27,7 +27,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -51,8 +50,9 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 pub(crate) enum Outbound {
     /// A published message for subscription `sid`.
     Msg { sid: u64, msg: Arc<Message> },
-    /// Any other frame.
-    Frame(Frame),
+    /// Any other frame (boxed: frames are rare beside messages, and a small enum is cheap to
+    /// move through the queue).
+    Frame(Box<Frame>),
     /// Write this error after everything queued before it, then close.
     Close(ErrorFrame),
     /// NATS connections only: protocol lines and the writer's subscription bookkeeping.
@@ -74,12 +74,20 @@ pub(crate) enum Link {
 }
 
 impl Outbound {
+    /// Any frame but a message.
+    pub(crate) fn frame(frame: Frame) -> Self {
+        Outbound::Frame(Box::new(frame))
+    }
+
     /// What it counts against the connection's byte budget.
     fn size(&self) -> usize {
         match self {
             Outbound::Msg { msg, .. } => msg.frame_size(),
-            Outbound::Frame(Frame::Error(e)) | Outbound::Close(e) => 32 + e.message.len(),
-            Outbound::Frame(f) => f.message().map_or(64, Message::frame_size),
+            Outbound::Close(e) => 32 + e.message.len(),
+            Outbound::Frame(f) => match &**f {
+                Frame::Error(e) => 32 + e.message.len(),
+                f => f.message().map_or(64, Message::frame_size),
+            },
             Outbound::Nats(n) => n.size(),
             Outbound::Route(r) => r.size(),
         }
@@ -91,10 +99,15 @@ impl Outbound {
 #[derive(Debug, Default)]
 pub(crate) struct Control {
     kill: CancellationToken,
+    /// Mirrors `kill` for the hot paths: an atomic load, where `is_cancelled` takes a lock.
+    dead: std::sync::atomic::AtomicBool,
     reason: Mutex<Option<ErrorFrame>>,
     /// Bytes of frames queued and not yet encoded by the writer.
     pub(crate) pending_bytes: AtomicUsize,
     max_bytes: usize,
+    /// Items queued and not yet encoded, and their bound (0: none).
+    pending_frames: AtomicUsize,
+    max_frames: usize,
     policy: SlowConsumerPolicy,
     /// Messages dropped for this connection under `SlowConsumerPolicy::Drop`.
     pub(crate) dropped: AtomicU64,
@@ -103,6 +116,8 @@ pub(crate) struct Control {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) msgs_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    /// Deliveries its publishes caused.
+    pub(crate) deliveries: AtomicU64,
     counters: Option<Arc<Counters>>,
     link: Link,
     /// The client asked not to receive its own messages (NATS `echo: false`).
@@ -113,6 +128,7 @@ impl Control {
     pub(crate) fn new(config: &crate::Config, counters: Arc<Counters>, link: Link) -> Self {
         Self {
             max_bytes: config.max_pending_bytes,
+            max_frames: config.max_pending,
             // A route that drops frames would lose interest changes for good: it is closed (and
             // redialled, with a full resync) instead, whatever the policy for clients.
             policy: if link == Link::Route { SlowConsumerPolicy::Disconnect } else { config.slow_consumer },
@@ -124,7 +140,29 @@ impl Control {
 
     /// True once the connection is being closed.
     pub(crate) fn is_killed(&self) -> bool {
-        self.kill.is_cancelled()
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Stops the connection without a reason.
+    fn stop(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+        self.kill.cancel();
+    }
+
+    /// True when one more item of `size` bytes would exceed a bound.
+    fn full(&self, size: usize) -> bool {
+        (self.max_bytes > 0 && self.pending_bytes.load(Ordering::Relaxed) + size > self.max_bytes)
+            || (self.max_frames > 0 && self.pending_frames.load(Ordering::Relaxed) >= self.max_frames)
+    }
+
+    fn add_pending(&self, size: usize) {
+        self.pending_bytes.fetch_add(size, Ordering::Relaxed);
+        self.pending_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub_pending(&self, size: usize) {
+        self.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+        self.pending_frames.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Completes when the connection is being closed.
@@ -135,24 +173,26 @@ impl Control {
     /// Stops the connection, abandoning what is queued; `reason` is written if the socket takes it.
     pub(crate) fn fail(&self, reason: ErrorFrame) {
         let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() && !self.kill.is_cancelled() {
+        if slot.is_none() && !self.is_killed() {
             *slot = Some(reason);
         }
         drop(slot);
-        self.kill.cancel();
+        self.stop();
     }
 }
 
-/// The sending side of a connection's bounded outbound queue.
+/// The sending side of a connection's outbound queue. The channel itself is unbounded (no
+/// semaphore to pay per message); the bounds are the connection's `Control` counters of items
+/// and bytes, checked before each push and released by the writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    tx: Option<mpsc::Sender<Outbound>>,
+    tx: Option<mpsc::UnboundedSender<Outbound>>,
     control: Arc<Control>,
 }
 
 impl Outbox {
-    /// An outbox into `tx`, with no byte budget (for benches).
-    pub(crate) fn new(tx: mpsc::Sender<Outbound>) -> Self {
+    /// An outbox into `tx`, with no bounds (for benches).
+    pub(crate) fn new(tx: mpsc::UnboundedSender<Outbound>) -> Self {
         Self { tx: Some(tx), control: Arc::default() }
     }
 
@@ -162,7 +202,7 @@ impl Outbox {
     }
 
     /// An outbox into `tx` with its connection's control.
-    pub(crate) fn with_control(tx: mpsc::Sender<Outbound>, control: Arc<Control>) -> Self {
+    pub(crate) fn with_control(tx: mpsc::UnboundedSender<Outbound>, control: Arc<Control>) -> Self {
         Self { tx: Some(tx), control }
     }
 
@@ -194,7 +234,7 @@ impl Outbox {
 
     /// Queues any frame without waiting, with the same slow-consumer rule as [`Outbox::deliver`].
     pub(crate) fn deliver_frame(&self, frame: Frame) -> bool {
-        self.push(Outbound::Frame(frame))
+        self.push(Outbound::frame(frame))
     }
 
     /// Queues anything without waiting, with the slow-consumer rule of [`Outbox::deliver`].
@@ -202,22 +242,17 @@ impl Outbox {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
         let size = out.size();
-        if c.max_bytes > 0 && c.pending_bytes.load(Ordering::Relaxed) + size > c.max_bytes {
-            self.overflow("outbound bytes over the limit");
+        if c.full(size) {
+            self.overflow("outbound queue over its bounds");
             return false;
         }
         // Counted before it is queued, so that the writer never subtracts what was not added.
-        c.pending_bytes.fetch_add(size, Ordering::Relaxed);
-        match tx.try_send(out) {
-            Ok(()) => true,
-            Err(e) => {
-                c.pending_bytes.fetch_sub(size, Ordering::Relaxed);
-                if let TrySendError::Full(_) = e {
-                    self.overflow("outbound queue full");
-                }
-                false
-            }
+        c.add_pending(size);
+        if tx.send(out).is_err() {
+            c.sub_pending(size);
+            return false;
         }
+        true
     }
 
     /// The connection does not keep up: close it or drop, by policy. Either way the broker's
@@ -226,7 +261,7 @@ impl Outbox {
         let c = &self.control;
         match c.policy {
             SlowConsumerPolicy::Disconnect => {
-                if !c.kill.is_cancelled() {
+                if !c.is_killed() {
                     warn!(why, "slow consumer: closing connection");
                     if let Some(counters) = &c.counters {
                         counters.slow_consumers.inc();
@@ -253,23 +288,28 @@ impl Outbox {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
         let size = out.size();
-        if c.max_bytes > 0 && c.pending_bytes.load(Ordering::Relaxed) + size > c.max_bytes {
+        if c.max_bytes > 0 && size > c.max_bytes {
             c.fail(error(ErrorCode::SlowConsumer, 0, "outbound bytes over the limit: slow consumer"));
             return false;
         }
-        c.pending_bytes.fetch_add(size, Ordering::Relaxed);
-        let sent = tokio::select! {
-            r = tx.send(out) => r.is_ok(),
-            () = c.kill.cancelled() => false,
-            () = tokio::time::sleep(SEND_PATIENCE) => {
-                c.fail(error(ErrorCode::SlowConsumer, 0, "not reading: slow consumer"));
-                false
+        // Waiting for room is rare (a client that does not read): poll for it, bounded.
+        let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
+        while c.full(size) {
+            if c.is_killed() {
+                return false;
             }
-        };
-        if !sent {
-            c.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+            if tokio::time::Instant::now() >= deadline {
+                c.fail(error(ErrorCode::SlowConsumer, 0, "not reading: slow consumer"));
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        sent
+        c.add_pending(size);
+        if tx.send(out).is_err() {
+            c.sub_pending(size);
+            return false;
+        }
+        true
     }
 }
 
@@ -367,7 +407,7 @@ pub(crate) async fn run(
 ) {
     let max = shared.config.max_frame_size;
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
-    let (tx, rx) = mpsc::channel(shared.config.max_pending.max(1));
+    let (tx, rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Client));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max, Native));
@@ -394,7 +434,6 @@ pub(crate) async fn run(
     if registered {
         shared.router_mut().remove_connection(id);
         shared.requests().remove_connection(id);
-        shared.conns().remove(&id);
     }
     drop(outbox);
     // The writer ends once every sender is gone (flushing what is queued) or the connection was
@@ -402,6 +441,11 @@ pub(crate) async fn run(
     let abort = writer.abort_handle();
     if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
         abort.abort();
+    }
+    if registered {
+        // Its traffic joins the broker's totals as it leaves the registry (one lock: neither
+        // counted twice nor missing from a snapshot).
+        shared.unregister(id);
     }
     debug!(%peer, "connection closed");
 }
@@ -479,7 +523,7 @@ async fn handshake(
         outbox.control.fail(error(ErrorCode::PermissionDenied, 0, text));
         return None;
     }
-    let ok = outbox.send(Outbound::Frame(Frame::Welcome(welcome))).await;
+    let ok = outbox.send(Outbound::frame(Frame::Welcome(welcome))).await;
     ok.then(|| (hello.name.to_string(), service, Arc::new(permissions)))
 }
 
@@ -517,8 +561,15 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     let killed = outbox.control.kill.cancelled();
     let stopping = shared.shutdown.cancelled();
     tokio::pin!(killed, stopping);
+    // Frames since shutdown was last looked at (a lock, so not per frame).
+    let mut unchecked = 0u32;
+    let bye = || error(ErrorCode::ShuttingDown, 0, "server shutting down");
     loop {
+        // Frames first: while the client keeps sending, the other branches (each a poll with a
+        // lock or a timer) are not polled; the kill flag and shutdown are checked below instead,
+        // and heartbeats do not matter while frames arrive.
         let next = tokio::select! {
+            biased;
             next = reader.next() => next,
             _ = tick.tick(), if !beat.is_zero() => {
                 if std::mem::take(&mut heard) {
@@ -539,11 +590,21 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             }
             () = &mut killed => return,
             () = &mut stopping => {
-                let bye = error(ErrorCode::ShuttingDown, 0, "server shutting down");
-                outbox.send(Outbound::Close(bye)).await;
+                outbox.send(Outbound::Close(bye())).await;
                 return;
             }
         };
+        if outbox.control.is_killed() {
+            return;
+        }
+        unchecked += 1;
+        if unchecked >= 256 {
+            unchecked = 0;
+            if shared.shutdown.is_cancelled() {
+                outbox.send(Outbound::Close(bye())).await;
+                return;
+            }
+        }
         let frame = match next {
             None => return,
             Some(Err(CodecError::Io(e))) => {
@@ -581,7 +642,7 @@ async fn apply(
         if shared.config.auth.disconnect_on_violation {
             Err(e)
         } else {
-            Ok(Some(Outbound::Frame(Frame::Error(e))))
+            Ok(Some(Outbound::frame(Frame::Error(e))))
         }
     };
     let refusal = match &frame {
@@ -601,7 +662,7 @@ async fn apply(
             }
             let text = format!("may not send requests to {:?}", shown(&r.message.topic));
             let topic = r.message.topic.clone();
-            Some(Outbound::Frame(crate::requests::error_reply(
+            Some(Outbound::frame(crate::requests::error_reply(
                 r.id,
                 ErrorCode::PermissionDenied,
                 0,
@@ -617,10 +678,10 @@ async fn apply(
     }
     match frame {
         Frame::Pub(mut message) => {
-            count_in(outbox, shared, &message);
+            count_in(outbox, &message);
             if let Err(e) = validate_topic(&message.topic) {
                 let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
-                outbox.send(Outbound::Frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
+                outbox.send(Outbound::frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
                 return Ok(());
             }
             message.source = id;
@@ -631,7 +692,7 @@ async fn apply(
             };
             let message = Arc::new(message);
             let delivered = shared.router().route(&message, only);
-            shared.stats.deliveries.add(delivered as u64);
+            outbox.control.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         }
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
         Frame::Reply(reply) => {
@@ -654,7 +715,7 @@ async fn apply(
             } else if requester == 0 {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
-                outbox.send(Outbound::Frame(Frame::Error(e))).await;
+                outbox.send(Outbound::frame(Frame::Error(e))).await;
             } else {
                 // Judged on the request's own topic: the responder cannot pick another.
                 let may_reply = |topic: &str| {
@@ -669,7 +730,7 @@ async fn apply(
             }
         }
         Frame::Sub(sub) => {
-            let fail = |code, text: String| Outbound::Frame(Frame::Error(error(code, sub.sid, text)));
+            let fail = |code, text: String| Outbound::frame(Frame::Error(error(code, sub.sid, text)));
             if let Err(e) = validate_pattern(&sub.pattern) {
                 outbox
                     .send(fail(
@@ -692,11 +753,11 @@ async fn apply(
         Frame::Unsub { sid } => {
             if !shared.router_mut().unsubscribe(id, sid) {
                 let e = error(ErrorCode::UnknownSubscription, sid, format!("no subscription with id {sid}"));
-                outbox.send(Outbound::Frame(Frame::Error(e))).await;
+                outbox.send(Outbound::frame(Frame::Error(e))).await;
             }
         }
         Frame::Ping => {
-            outbox.send(Outbound::Frame(Frame::Pong)).await;
+            outbox.send(Outbound::frame(Frame::Pong)).await;
         }
         Frame::Pong => {}
         Frame::Error(e) => debug!(code = %e.code, message = %e.message, "client reported an error"),
@@ -724,22 +785,21 @@ fn destination(message: &Message, shared: &Shared) -> Option<Option<u32>> {
     }
 }
 
-/// Routes a request to its responders, or answers at once when there are none.
-/// Counts a message received from the client, for the connection and the broker.
-pub(crate) fn count_in(outbox: &Outbox, shared: &Shared, message: &Message) {
+/// Counts a message received from the client (per connection: the broker's totals are summed
+/// from its connections, so that no counter shared by all cores is touched per message).
+pub(crate) fn count_in(outbox: &Outbox, message: &Message) {
     let bytes = message.frame_size() as u64;
-    shared.stats.messages_in.inc();
-    shared.stats.bytes_in.add(bytes);
     outbox.control.msgs_in.fetch_add(1, Ordering::Relaxed);
     outbox.control.bytes_in.fetch_add(bytes, Ordering::Relaxed);
 }
 
+/// Routes a request to its responders, or answers at once when there are none.
 async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared) {
-    count_in(outbox, shared, &request.message);
+    count_in(outbox, &request.message);
     let Request { id: req_id, all, timeout_ms, mut message } = request;
     shared.stats.requests.inc();
     let fail = |code, text: &str, topic: ByteString| {
-        Outbound::Frame(crate::requests::error_reply(req_id, code, 0, topic, text))
+        Outbound::frame(crate::requests::error_reply(req_id, code, 0, topic, text))
     };
     if let Err(e) = validate_topic(&message.topic) {
         let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
@@ -813,7 +873,7 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
 /// Owns the write half: batches queued frames into one buffer per write.
 pub(crate) async fn write_loop(
     mut wr: WriteHalf,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
     control: Arc<Control>,
     max: usize,
     mut encoder: impl Encoder,
@@ -824,11 +884,15 @@ pub(crate) async fn write_loop(
     let killed = control.kill.cancelled();
     tokio::pin!(killed);
     'run: loop {
+        // The queue first: the kill future (a lock to poll) only when there is nothing to write.
         let first = tokio::select! {
             biased;
-            () = &mut killed => break 'run,
             next = rx.recv() => next,
+            () = &mut killed => break 'run,
         };
+        if control.is_killed() {
+            break 'run;
+        }
         let Some(first) = first else { break 'run };
         let mut closing = encode(&mut buf, first, max, &control, &mut encoder);
         while !closing && buf.len() < WRITE_BATCH {
@@ -843,7 +907,7 @@ pub(crate) async fn write_loop(
                 biased;
                 () = &mut killed => break 'run,
                 r = wr.write(&buf[written..]) => match r {
-                    Ok(0) | Err(_) => { control.kill.cancel(); return; }
+                    Ok(0) | Err(_) => { control.stop(); return; }
                     Ok(n) => written += n,
                 }
             }
@@ -867,7 +931,7 @@ pub(crate) async fn write_loop(
         wr.shutdown().await
     })
     .await;
-    control.kill.cancel();
+    control.stop();
 }
 
 /// How a connection's protocol puts outbound items into bytes.
@@ -903,7 +967,7 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
     let start = buf.len();
     let (source, destination) = match out {
         RouteOut::Sub { conn, sub } => {
-            Frame::Sub(sub).encode(buf, max)?;
+            Frame::Sub(*sub).encode(buf, max)?;
             (conn, 0)
         }
         RouteOut::Unsub { conn, sid } => {
@@ -929,16 +993,12 @@ fn encode(
     encoder: &mut impl Encoder,
 ) -> bool {
     let size = out.size();
-    control.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+    control.sub_pending(size);
     if let Outbound::Msg { .. } | Outbound::Route(crate::router::RouteOut::Msg { .. }) = &out {
         // For a message, its budget size is its frame size.
         let bytes = size as u64;
         control.msgs_out.fetch_add(1, Ordering::Relaxed);
         control.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(counters) = &control.counters {
-            counters.messages_out.inc();
-            counters.bytes_out.add(bytes);
-        }
     }
     encoder.encode(buf, out, max)
 }
