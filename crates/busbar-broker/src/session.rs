@@ -406,7 +406,7 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
 ) {
     let max = shared.config.max_frame_size;
-    let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max), READ_BUFFER);
+    let mut reader = FramedRead::with_capacity(rd, SessionCodec(FrameCodec::new(max)), READ_BUFFER);
     let (tx, rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Client));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
@@ -450,7 +450,32 @@ pub(crate) async fn run(
     debug!(%peer, "connection closed");
 }
 
-type Reader = FramedRead<ReadHalf, FrameCodec>;
+type Reader = FramedRead<ReadHalf, SessionCodec>;
+
+/// What a session reads: a PUB already in the `Arc` it is routed in (a message is large; moved
+/// once into place rather than through every layer between decoder and router), or any other
+/// frame, boxed.
+#[derive(Debug)]
+enum Incoming {
+    Pub(Arc<Message>),
+    Other(Box<Frame>),
+}
+
+/// The native codec, yielding [`Incoming`].
+#[derive(Debug)]
+struct SessionCodec(FrameCodec);
+
+impl tokio_util::codec::Decoder for SessionCodec {
+    type Item = Incoming;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, CodecError> {
+        Ok(self.0.decode(src)?.map(|frame| match frame {
+            Frame::Pub(message) => Incoming::Pub(Arc::new(message)),
+            other => Incoming::Other(Box::new(other)),
+        }))
+    }
+}
 
 /// The HELLO property that registers a service name for direct addressing.
 pub(crate) const SERVICE_PROPERTY: &str = "service";
@@ -489,11 +514,22 @@ async fn handshake(
             outbox.control.fail(error(frame_error_code(&e), 0, e.to_string()));
             return None;
         }
-        Ok(Some(Ok(Frame::Hello(hello)))) => hello,
-        Ok(Some(Ok(other))) => {
-            let text = format!("expected HELLO, got {}", other.name());
-            outbox.control.fail(error(ErrorCode::HandshakeRequired, 0, text));
-            return None;
+        Ok(Some(Ok(incoming))) => {
+            let name = match incoming {
+                Incoming::Other(frame) => match *frame {
+                    Frame::Hello(hello) => Ok(hello),
+                    other => Err(other.name()),
+                },
+                Incoming::Pub(_) => Err("PUB"),
+            };
+            match name {
+                Ok(hello) => hello,
+                Err(name) => {
+                    let text = format!("expected HELLO, got {name}");
+                    outbox.control.fail(error(ErrorCode::HandshakeRequired, 0, text));
+                    return None;
+                }
+            }
         }
     };
     let welcome = Welcome {
@@ -605,7 +641,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 return;
             }
         }
-        let frame = match next {
+        let incoming = match next {
             None => return,
             Some(Err(CodecError::Io(e))) => {
                 debug!(error = %e, "read failed");
@@ -616,14 +652,57 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 outbox.control.fail(error(frame_error_code(&e), 0, e.to_string()));
                 return;
             }
-            Some(Ok(frame)) => frame,
+            Some(Ok(incoming)) => incoming,
         };
         heard = true;
-        if let Err(fatal) = apply(frame, outbox, id, shared, perms).await {
+        let applied = match incoming {
+            Incoming::Pub(message) => publish(message, outbox, id, shared, perms).await,
+            Incoming::Other(frame) => apply(*frame, outbox, id, shared, perms).await,
+        };
+        if let Err(fatal) = applied {
             outbox.control.fail(fatal);
             return;
         }
     }
+}
+
+/// A PUB from the client: checked, then routed.
+async fn publish(
+    mut message: Arc<Message>,
+    outbox: &Outbox,
+    id: u32,
+    shared: &Shared,
+    perms: &Permissions,
+) -> Result<(), ErrorFrame> {
+    if !perms.publish.permits_topic(&message.topic) {
+        shared.stats.permission_denied.inc();
+        let e =
+            error(ErrorCode::PermissionDenied, 0, format!("may not publish to {:?}", shown(&message.topic)));
+        if shared.config.auth.disconnect_on_violation {
+            return Err(e);
+        }
+        outbox.send(Outbound::frame(Frame::Error(e))).await;
+        return Ok(());
+    }
+    count_in(outbox, &message);
+    if let Err(e) = validate_topic(&message.topic) {
+        let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
+        outbox.send(Outbound::frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
+        return Ok(());
+    }
+    match Arc::get_mut(&mut message) {
+        Some(m) => m.source = id,
+        // Not reached (the decoder's Arc is the only one); kept correct all the same.
+        None => Arc::make_mut(&mut message).source = id,
+    }
+    let Some(only) = destination(&message, shared) else {
+        debug!(topic = %message.topic, "direct message to an unknown service dropped");
+        shared.stats.undeliverable.inc();
+        return Ok(());
+    };
+    let delivered = shared.router().route(&message, only);
+    outbox.control.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Applies one frame from the client. `Err` carries an error that closes the connection;
@@ -646,9 +725,6 @@ async fn apply(
         }
     };
     let refusal = match &frame {
-        Frame::Pub(m) if !perms.publish.permits_topic(&m.topic) => {
-            denied(0, format!("may not publish to {:?}", shown(&m.topic)))?
-        }
         Frame::Sub(s) if !perms.subscribe.permits_pattern(&s.pattern) => {
             denied(s.sid, format!("may not subscribe to {:?}", shown(&s.pattern)))?
         }
@@ -677,23 +753,7 @@ async fn apply(
         return Ok(());
     }
     match frame {
-        Frame::Pub(mut message) => {
-            count_in(outbox, &message);
-            if let Err(e) = validate_topic(&message.topic) {
-                let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
-                outbox.send(Outbound::frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
-                return Ok(());
-            }
-            message.source = id;
-            let Some(only) = destination(&message, shared) else {
-                debug!(topic = %message.topic, "direct message to an unknown service dropped");
-                shared.stats.undeliverable.inc();
-                return Ok(());
-            };
-            let message = Arc::new(message);
-            let delivered = shared.router().route(&message, only);
-            outbox.control.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
-        }
+        Frame::Pub(message) => return publish(Arc::new(message), outbox, id, shared, perms).await,
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
         Frame::Reply(reply) => {
             let requester = reply.message.destination;

@@ -182,6 +182,8 @@ pub(crate) struct ConnectionTask {
     /// Brokers of the cluster learned from WELCOME (`connect_urls`), tried after the configured
     /// ones when reconnecting.
     learned: Vec<String>,
+    /// Commands taken from the channel but not sent when the connection failed.
+    leftover: Vec<Command>,
 }
 
 /// Most broker addresses learned from a cluster.
@@ -213,6 +215,7 @@ impl ConnectionTask {
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
             learned: Vec::new(),
+            leftover: Vec::new(),
         }
     }
 
@@ -253,6 +256,18 @@ impl ConnectionTask {
                     warn!(error = %e, "connection lost");
                     self.fail_in_flight();
                     if !self.options.reconnect.enabled {
+                        break;
+                    }
+                    // In order, before anything the handles send meanwhile.
+                    let leftover = std::mem::take(&mut self.leftover);
+                    let mut closing = false;
+                    for command in leftover {
+                        if !self.offline_command(command) {
+                            closing = true;
+                            break;
+                        }
+                    }
+                    if closing {
                         break;
                     }
                     self.status.send_replace(Status::Reconnecting);
@@ -403,14 +418,17 @@ impl ConnectionTask {
         let mut last_seen = Instant::now();
         let mut heard = false;
         let mut pinged = false;
+        // Commands are taken many at a time: one release of the channel's permits (a lock) per
+        // batch rather than per command.
+        let mut commands = Vec::with_capacity(COMMAND_BATCH);
         loop {
             tokio::select! {
-                command = self.commands.recv() => {
-                    let Some(command) = command else {
+                received = self.commands.recv_many(&mut commands, COMMAND_BATCH) => {
+                    if received == 0 {
                         let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
                         return End::Closed;
-                    };
-                    match self.batch(&mut conn, command).await {
+                    }
+                    match self.batch(&mut conn, &mut commands).await {
                         Ok(true) => {}
                         Ok(false) => return End::Closed,
                         Err(e) => return End::Lost(e),
@@ -467,17 +485,20 @@ impl ConnectionTask {
     }
 
     /// Writes `first` and whatever else is queued, then flushes once. Ok(false) means close.
-    async fn batch(&mut self, conn: &mut Conn, first: Command) -> Result<bool> {
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(command) = next.take() {
-            if !self.apply(conn, command).await? {
-                let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
-                return Ok(false);
-            }
-            count += 1;
-            if count < COMMAND_BATCH {
-                next = self.commands.try_recv().ok();
+    async fn batch(&mut self, conn: &mut Conn, commands: &mut Vec<Command>) -> Result<bool> {
+        let mut rest = commands.drain(..);
+        while let Some(command) = rest.next() {
+            match self.apply(conn, command).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    // The connection failed mid-batch: what was not sent yet waits for the next.
+                    self.leftover.extend(rest);
+                    return Err(e);
+                }
             }
         }
         SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)?;
