@@ -26,7 +26,7 @@
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
 //! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
-//! `try_send` into each subscriber's bounded outbox → that subscriber's write task batches and
+//! a non-waiting push into each subscriber's bounded outbox → that subscriber's write task batches and
 //! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
 mod auth;

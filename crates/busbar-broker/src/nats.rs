@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  socket ─► INFO ─► [TLS] ─► read loop: busbar_core::nats::parse ─► Router / Requests
-//!                                 ▲ auto-unsubscribe (max_msgs reached)     │ try_send
+//!                                 ▲ auto-unsubscribe (max_msgs reached)     │ push
 //!                                 │                                         ▼
 //!                            NatsEncoder (in the write task) ◄── Outbox (the same as native)
 //! ```

@@ -2,7 +2,7 @@
 //!
 //! One [`Router`] per broker, behind a `RwLock`: sessions route their publishes under the read lock
 //! (many at once) and change subscriptions under the write lock. Delivery never waits: a message is
-//! handed to each subscriber's bounded outbox with `try_send`, and a full outbox marks that
+//! pushed into each subscriber's bounded outbox without waiting, and a full outbox marks that
 //! subscriber a slow consumer instead of slowing the publisher.
 //!
 //! In a cluster the router also holds the subscriptions of other brokers' clients, learned over

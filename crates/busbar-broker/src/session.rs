@@ -3,9 +3,9 @@
 //!
 //! ```text
 //!  socket read half ──► session loop ──► Router (subscribe / route)
-//!                           │                    │ try_send
+//!                           │                    │ push (never waits)
 //!                           ▼                    ▼
-//!                       Outbox (bounded mpsc of Outbound) ──► write task ──► socket write half
+//!                       Outbox (channel bounded by item and byte counters) ──► write task ──► socket
 //! ```
 //!
 //! The write task batches whatever is queued into one buffer per `write`, so many small frames cost

@@ -270,3 +270,45 @@ fn a_secured_broker_from_a_config_file_with_a_hashed_password() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("authentication failed"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn two_brokers_form_a_cluster_from_the_command_line() {
+    let zero = "127.0.0.1:0";
+    let args =
+        ["--listen", zero, "--http", zero, "--nats-listen", zero, "--cluster-listen", zero, "--node-id", "1"];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let (_a, seen, _out_a) = serve(&args);
+    let after = |prefix: &str| {
+        let line =
+            seen.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {seen:#?}"));
+        line[prefix.len()..].trim_end_matches('/').to_string()
+    };
+    let http = after("busbar monitoring on http://");
+    let routes = after("busbar routes on ");
+    assert!(after("busbar NATS protocol on nats://").starts_with("127.0.0.1:"));
+    let args = [
+        "--listen",
+        zero,
+        "--cluster-listen",
+        zero,
+        "--node-id",
+        "2",
+        "--routes",
+        &routes,
+        "--name",
+        "second",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let (_b, _, _out_b) = serve(&args);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let out = Command::new(BIN).args(["routes", "--http", &http]).output().unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        if table.contains("1 route(s)") {
+            assert!(table.contains("second") && table.contains("inbound"), "{table}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no route in time: {table}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
