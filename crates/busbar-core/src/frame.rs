@@ -637,6 +637,12 @@ pub fn encode_msg(
     finish(dst, max_frame_size, |dst| encode_message(dst, cmd::MSG, sid, message, |_| {}))
 }
 
+/// Appends a PUB frame to `dst` without building a [`Frame`] (a client encodes where it publishes,
+/// and hands the connection bytes).
+pub fn encode_pub(dst: &mut BytesMut, message: &Message, max_frame_size: usize) -> Result<(), FrameError> {
+    finish(dst, max_frame_size, |dst| encode_message(dst, cmd::PUB, 0, message, |_| {}))
+}
+
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
     dst.put_u32(0); // patched by `finish`
     dst.put_u16(MAGIC);

@@ -339,10 +339,19 @@ impl Client {
     }
 
     async fn command(&self, command: Command) -> Result<()> {
-        self.commands.send(command).await.map_err(|_| Error::Closed)
+        // Without the acquire future when there is room (the usual case): measurably cheaper
+        // per publish. When full, wait like any sender (tokio's permits go to waiters first).
+        match self.commands.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                self.commands.send(command).await.map_err(|_| Error::Closed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+        }
     }
 
     fn prepare(&self, message: Outgoing) -> Result<busbar_core::Message> {
+        // (Encoding for PUB happens in the publishing task, see `encode_pub`.)
         message.prepare(self.ids.as_ref(), self.max_frame_size())
     }
 
@@ -354,7 +363,7 @@ impl Client {
 
     /// Publishes a message with headers, balance key, destination or transaction.
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
-        let message = self.prepare(message)?;
+        let message = encode_pub(&self.prepare(message)?, self.max_frame_size())?;
         if self.offline_policy == OfflinePolicy::Error
             && self.status() != Status::Connected
             && self.buffered() >= self.offline_buffer
@@ -508,4 +517,24 @@ impl Client {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// Where this thread encodes the PUB frames it publishes: frames are split off as `Bytes`, so
+    /// that one allocation serves many frames.
+    static ENCODE: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// Encodes a PUB frame where the message is published, so that the connection task gets a
+/// small `Bytes` to copy into its write buffer instead of a large message to move and encode.
+fn encode_pub(message: &busbar_core::Message, max_frame_size: usize) -> Result<Bytes> {
+    const CHUNK: usize = 64 * 1024;
+    ENCODE.with_borrow_mut(|buf| {
+        let needed = message.frame_size() + 16;
+        if buf.capacity() - buf.len() < needed {
+            buf.reserve(needed.max(CHUNK));
+        }
+        busbar_core::frame::encode_pub(buf, message, max_frame_size)?;
+        Ok(buf.split().freeze())
+    })
 }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
@@ -34,15 +35,33 @@ use crate::request::{ReplyTo, Request};
 /// What handles ask the connection task to do.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Publish(busbar_core::Message),
-    Subscribe { sub: Sub, sink: Sink, done: oneshot::Sender<Result<()>> },
-    Unsubscribe { sid: u64 },
-    UnsubscribeAll { done: oneshot::Sender<()> },
-    Request { request: busbar_core::Request, sink: ReplySink },
-    CancelRequest { id: u64 },
+    /// A PUB frame, already encoded by the publishing task.
+    Publish(Bytes),
+    Subscribe {
+        sub: Sub,
+        sink: Sink,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Unsubscribe {
+        sid: u64,
+    },
+    UnsubscribeAll {
+        done: oneshot::Sender<()>,
+    },
+    Request {
+        request: busbar_core::Request,
+        sink: ReplySink,
+    },
+    CancelRequest {
+        id: u64,
+    },
     Reply(Reply),
-    Flush { done: oneshot::Sender<Result<()>> },
-    Close { done: oneshot::Sender<()> },
+    Flush {
+        done: oneshot::Sender<Result<()>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Where the connection task puts a subscription's messages or requests.
@@ -178,7 +197,7 @@ pub(crate) struct ConnectionTask {
     pub(crate) subs: HashMap<u64, (Sub, Sink)>,
     pub(crate) requests: HashMap<u64, ReplySink>,
     pongs: VecDeque<PongWaiter>,
-    offline: VecDeque<busbar_core::Message>,
+    offline: VecDeque<Bytes>,
     /// Brokers of the cluster learned from WELCOME (`connect_urls`), tried after the configured
     /// ones when reconnecting.
     learned: Vec<String>,
@@ -474,8 +493,8 @@ impl ConnectionTask {
             feed(conn, Frame::Sub(sub.clone())).await?;
         }
         let buffered = self.offline.len();
-        while let Some(message) = self.offline.pop_front() {
-            feed(conn, Frame::Pub(message)).await?;
+        while let Some(frame) = self.offline.pop_front() {
+            write_encoded(conn, &frame).await?;
         }
         self.offline_len.store(0, Ordering::Relaxed);
         if buffered > 0 || !self.subs.is_empty() {
@@ -508,7 +527,7 @@ impl ConnectionTask {
     /// Queues the frames for one command into the writer's buffer. Ok(false) means close.
     async fn apply(&mut self, conn: &mut Conn, command: Command) -> Result<bool> {
         match command {
-            Command::Publish(message) => feed(conn, Frame::Pub(message)).await?,
+            Command::Publish(frame) => write_encoded(conn, &frame).await?,
             Command::Subscribe { sub, sink, done } => {
                 let sid = sub.sid;
                 feed(conn, Frame::Sub(sub.clone())).await?;
@@ -640,6 +659,18 @@ impl ConnectionTask {
 }
 
 /// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
+/// Size of the write buffer past which encoded frames are flushed before more are added.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Appends an encoded frame to the writer's buffer, in order with the frames fed to it.
+async fn write_encoded(conn: &mut Conn, frame: &[u8]) -> Result<()> {
+    if conn.writer.write_buffer().len() >= WRITE_HIGH_WATER {
+        SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)?;
+    }
+    conn.writer.write_buffer_mut().extend_from_slice(frame);
+    Ok(())
+}
+
 async fn feed(conn: &mut Conn, frame: Frame) -> Result<()> {
     match conn.writer.feed(frame).await {
         Ok(()) => Ok(()),
