@@ -380,7 +380,7 @@ impl Client {
         let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, confirmed) = oneshot::channel();
         let sub = Sub { sid, pattern, group, kind };
-        self.command(Command::Subscribe { sub, sink, done }).await?;
+        self.command(Command::Subscribe { sub: Box::new(sub), sink, done }).await?;
         confirmed.await.map_err(|_| Error::Closed)??;
         Ok(sid)
     }
@@ -435,7 +435,7 @@ impl Client {
         let request = self.new_request(message, timeout, false)?;
         let id = request.id;
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Request { request, sink: ReplySink::One(tx) }).await?;
+        self.command(Command::Request { request: Box::new(request), sink: ReplySink::One(tx) }).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply_result(reply),
             // The connection task dropped the request: the connection is gone.
@@ -460,7 +460,7 @@ impl Client {
         let request = self.new_request(message, timeout, true)?;
         let id = request.id;
         let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
-        self.command(Command::Request { request, sink: ReplySink::All(tx) }).await?;
+        self.command(Command::Request { request: Box::new(request), sink: ReplySink::All(tx) }).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut answers = Vec::new();
         loop {

@@ -32,13 +32,14 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::request::{ReplyTo, Request};
 
-/// What handles ask the connection task to do.
+/// What handles ask the connection task to do. Large parts are boxed: a command is moved into
+/// and out of the channel, and publishes (the common case) are small.
 #[derive(Debug)]
 pub(crate) enum Command {
     /// A PUB frame, already encoded by the publishing task.
     Publish(Bytes),
     Subscribe {
-        sub: Sub,
+        sub: Box<Sub>,
         sink: Sink,
         done: oneshot::Sender<Result<()>>,
     },
@@ -49,13 +50,13 @@ pub(crate) enum Command {
         done: oneshot::Sender<()>,
     },
     Request {
-        request: busbar_core::Request,
+        request: Box<busbar_core::Request>,
         sink: ReplySink,
     },
     CancelRequest {
         id: u64,
     },
-    Reply(Reply),
+    Reply(Box<Reply>),
     Flush {
         done: oneshot::Sender<Result<()>>,
     },
@@ -394,7 +395,7 @@ impl ConnectionTask {
             }
             Command::Subscribe { sub, sink, done } => {
                 // Sent when the connection is back, like every other subscription.
-                self.subs.insert(sub.sid, (sub, sink));
+                self.subs.insert(sub.sid, (*sub, sink));
                 let _ = done.send(Ok(()));
             }
             Command::Unsubscribe { sid } => {
@@ -530,8 +531,8 @@ impl ConnectionTask {
             Command::Publish(frame) => write_encoded(conn, &frame).await?,
             Command::Subscribe { sub, sink, done } => {
                 let sid = sub.sid;
-                feed(conn, Frame::Sub(sub.clone())).await?;
-                self.subs.insert(sid, (sub, sink));
+                feed(conn, Frame::Sub((*sub).clone())).await?;
+                self.subs.insert(sid, (*sub, sink));
                 feed(conn, Frame::Ping).await?;
                 self.pongs.push_back(PongWaiter::Subscribe { sid, done, error: None });
             }
@@ -552,12 +553,12 @@ impl ConnectionTask {
                     self.requests.retain(|_, sink| !sink.is_closed());
                 }
                 self.requests.insert(request.id, sink);
-                feed(conn, Frame::Request(request)).await?;
+                feed(conn, Frame::Request(*request)).await?;
             }
             Command::CancelRequest { id } => {
                 self.requests.remove(&id);
             }
-            Command::Reply(reply) => feed(conn, Frame::Reply(reply)).await?,
+            Command::Reply(reply) => feed(conn, Frame::Reply(*reply)).await?,
             Command::Flush { done } => {
                 feed(conn, Frame::Ping).await?;
                 self.pongs.push_back(PongWaiter::Flush(done));

@@ -39,7 +39,7 @@ impl ReplyTo {
     async fn send(&mut self, reply: Reply) -> Result<()> {
         match self {
             ReplyTo::Remote(commands) => {
-                commands.send(Command::Reply(reply)).await.map_err(|_| Error::Closed)
+                commands.send(Command::Reply(Box::new(reply))).await.map_err(|_| Error::Closed)
             }
             ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
             ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
@@ -48,7 +48,7 @@ impl ReplyTo {
 
     fn send_now(&mut self, reply: Reply) {
         let _ = match self {
-            ReplyTo::Remote(commands) => commands.try_send(Command::Reply(reply)).is_ok(),
+            ReplyTo::Remote(commands) => commands.try_send(Command::Reply(Box::new(reply))).is_ok(),
             ReplyTo::All(tx) => tx.try_send(reply).is_ok(),
             ReplyTo::One(tx) => tx.take().is_some_and(|tx| tx.send(reply).is_ok()),
         };
