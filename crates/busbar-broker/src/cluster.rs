@@ -68,6 +68,8 @@ pub(crate) struct Cluster {
     routes: Mutex<HashMap<u8, RouteInfo>>,
     dialing: Mutex<HashSet<SocketAddr>>,
     next_link: AtomicU64,
+    /// Mutual TLS on routes, when configured.
+    tls: Option<crate::tls::RouteTlsEnds>,
 }
 
 /// A route that is up.
@@ -123,8 +125,10 @@ impl Cluster {
         cluster_url: SocketAddr,
         client_url: SocketAddr,
         nats_url: Option<SocketAddr>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, crate::BrokerError> {
+        let tls = config.tls.as_ref().map(crate::tls::route_ends).transpose()?;
+        Ok(Self {
+            tls,
             config,
             cluster_url,
             client_url,
@@ -132,7 +136,7 @@ impl Cluster {
             routes: Mutex::default(),
             dialing: Mutex::default(),
             next_link: AtomicU64::new(1),
-        }
+        })
     }
 
     pub(crate) fn node(&self) -> u8 {
@@ -262,8 +266,25 @@ fn reader(rd: session::ReadHalf, shared: &Shared) -> Reader {
 async fn accept(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let Some(cluster) = shared.cluster.as_ref() else { return };
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = reader(Box::new(rd), &shared);
+    let (rd, mut wr): (session::ReadHalf, session::WriteHalf) = match &cluster.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let (rd, wr) = tokio::io::split(stream);
+                (Box::new(rd), Box::new(wr))
+            }
+            Ok(Err(e)) => {
+                shared.stats.auth_failures.inc();
+                warn!(%addr, error = %e, "route TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+    };
+    let mut reader = reader(rd, &shared);
     let hello = match tokio::time::timeout_at(deadline, reader.next()).await {
         Ok(Some(Ok((_, Frame::Hello(h))))) => h,
         _ => {
@@ -292,7 +313,7 @@ async fn accept(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     if write_frame(&mut wr, Frame::Welcome(welcome)).await.is_err() {
         return;
     }
-    run(reader, Box::new(wr), peer, false, shared).await;
+    run(reader, wr, peer, false, shared).await;
 }
 
 async fn write_frame(wr: &mut (impl AsyncWriteExt + Unpin), frame: Frame) -> std::io::Result<()> {
@@ -310,15 +331,29 @@ async fn dial(url: SocketAddr, shared: &Arc<Shared>) -> Result<(Reader, session:
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr): (session::ReadHalf, session::WriteHalf) = match &cluster.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(url.ip().into());
+            let stream = tokio::time::timeout_at(deadline, tls.connector.connect(name, stream))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        }
+    };
     let hello =
         Hello { name: shared.config.server_name.clone().into(), properties: cluster.handshake_properties() };
     write_frame(&mut wr, Frame::Hello(hello)).await.map_err(|e| e.to_string())?;
-    let mut reader = reader(Box::new(rd), shared);
+    let mut reader = reader(rd, shared);
     match tokio::time::timeout_at(deadline, reader.next()).await {
         Ok(Some(Ok((_, Frame::Welcome(w))))) => {
             let peer = peer(cluster, &w.server_name, &w.properties)?;
-            Ok((reader, Box::new(wr), peer))
+            Ok((reader, wr, peer))
         }
         Ok(Some(Ok((_, Frame::Error(e))))) => Err(format!("{}: {}", e.code, e.message)),
         Ok(Some(Err(e))) => Err(e.to_string()),

@@ -102,12 +102,14 @@ pub struct ClusterConfig {
     /// A shared secret every broker of the cluster must present (at least 16 characters);
     /// routes are not authenticated when None.
     pub token: Option<String>,
+    /// Mutual TLS on routes; plain TCP when None.
+    pub tls: Option<crate::tls::RouteTls>,
 }
 
 impl ClusterConfig {
     /// A cluster named `name` with this broker as node `node_id`, routes on `listen`.
     pub fn new(name: impl Into<String>, node_id: u8, listen: SocketAddr) -> Self {
-        Self { name: name.into(), node_id, listen, routes: Vec::new(), token: None }
+        Self { name: name.into(), node_id, listen, routes: Vec::new(), token: None, tls: None }
     }
 }
 

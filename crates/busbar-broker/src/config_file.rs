@@ -73,6 +73,15 @@ struct ClusterSection {
     #[serde(default)]
     routes: Vec<SocketAddr>,
     token: Option<String>,
+    tls: Option<RouteTlsSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTlsSection {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +260,7 @@ impl Config {
             listen: k.listen,
             routes: k.routes,
             token: k.token,
+            tls: k.tls.map(|t| crate::tls::RouteTls { cert: t.cert, key: t.key, ca: t.ca }),
         });
         if let Some(p) = file.slow_consumer.policy {
             c.slow_consumer = match p {
@@ -384,6 +394,10 @@ policy = "disconnect"
 # listen = "127.0.0.1:4901"                # where the other brokers connect
 # routes = ["10.0.0.2:4901"]               # seeds; the rest of the cluster is learned from them
 # token = "a shared secret of 16+ chars"   # brokers must present it
+# [cluster.tls]                            # mutual TLS between brokers
+# cert = "/etc/busbar/node1.pem"           # must name the address others dial (IP SAN for an IP)
+# key = "/etc/busbar/node1.key"
+# ca = "/etc/busbar/cluster-ca.pem"        # peers' certificates must chain to it
 
 # Authentication: with neither a token nor users, anyone may connect (with default_permissions).
 [auth]

@@ -48,4 +48,4 @@ pub use cluster::RouteView;
 pub use config::{ClusterConfig, Config, SlowConsumerPolicy};
 pub use config_file::{ConfigError, default_toml, parse_duration};
 pub use server::{Broker, BrokerError, Stats, run, serve};
-pub use tls::TlsOptions;
+pub use tls::{RouteTls, TlsOptions};

@@ -324,7 +324,7 @@ fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, Brok
             l.local_addr()?,
             listeners.native.local_addr()?,
             listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?,
-        )),
+        )?),
         _ => None,
     };
     Ok(Arc::new(Shared {

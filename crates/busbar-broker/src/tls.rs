@@ -71,6 +71,55 @@ pub(crate) fn acceptor(options: &TlsOptions) -> Result<TlsAcceptor, BrokerError>
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Mutual TLS between the brokers of a cluster: each presents its certificate, and accepts only
+/// peers whose certificate chains to `ca` (both when dialling and when accepting).
+#[derive(Debug, Clone)]
+pub struct RouteTls {
+    /// PEM file with this broker's certificate chain; its names must include the address the
+    /// other brokers dial (an IP address SAN for an IP address).
+    pub cert: PathBuf,
+    /// PEM file with its private key.
+    pub key: PathBuf,
+    /// PEM file with the CA(s) the cluster's certificates chain to.
+    pub ca: PathBuf,
+}
+
+/// The TLS ends of routes: the acceptor (peer certificates required) and the connector.
+#[derive(Clone)]
+pub(crate) struct RouteTlsEnds {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for RouteTlsEnds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteTlsEnds")
+    }
+}
+
+/// Builds both ends of route TLS, or explains what is wrong with the files.
+pub(crate) fn route_ends(options: &RouteTls) -> Result<RouteTlsEnds, BrokerError> {
+    let server = TlsOptions {
+        cert: options.cert.clone(),
+        key: options.key.clone(),
+        client_ca: Some(options.ca.clone()),
+        required: true,
+    };
+    let acceptor = acceptor(&server)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(&options.ca)? {
+        roots.add(cert).map_err(|e| BrokerError::Tls(format!("{}: {e}", options.ca.display())))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&options.cert)?, load_key(&options.key)?)
+        .map_err(|e| BrokerError::Tls(format!("certificate and key: {e}")))?;
+    Ok(RouteTlsEnds { acceptor, connector: tokio_rustls::TlsConnector::from(Arc::new(config)) })
+}
+
 /// The common name of a verified client certificate, if any (for mapping it to a user).
 pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
     let cert = conn.peer_certificates()?.first()?;

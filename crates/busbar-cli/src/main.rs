@@ -143,6 +143,16 @@ struct ServeArgs {
     /// Shared secret of the cluster's routes (16+ characters).
     #[arg(long, env = "BUSBAR_CLUSTER_TOKEN")]
     cluster_token: Option<String>,
+    /// Mutual TLS on routes: this broker's certificate (PEM; it must name the address others
+    /// dial), with --cluster-tls-key and --cluster-tls-ca.
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CERT", requires_all = ["cluster_tls_key", "cluster_tls_ca"])]
+    cluster_tls_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_KEY", requires = "cluster_tls_cert")]
+    cluster_tls_key: Option<std::path::PathBuf>,
+    /// The CA the cluster's certificates chain to (PEM).
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CA", requires = "cluster_tls_cert")]
+    cluster_tls_ca: Option<std::path::PathBuf>,
     /// Largest frame accepted, in bytes.
     #[arg(long)]
     max_frame_size: Option<usize>,
@@ -304,12 +314,21 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         cluster.token = args.cluster_token.clone();
         config.cluster = Some(cluster);
     } else if let Some(cluster) = config.cluster.as_mut() {
+        // The file's cluster, with what the flags change.
         if let Some(node) = args.node_id {
             cluster.node_id = node;
         }
         if !args.routes.is_empty() {
             cluster.routes = args.routes.clone();
         }
+        if let Some(token) = &args.cluster_token {
+            cluster.token = Some(token.clone());
+        }
+    }
+    if let (Some(cluster), Some(cert), Some(key), Some(ca)) =
+        (config.cluster.as_mut(), &args.cluster_tls_cert, &args.cluster_tls_key, &args.cluster_tls_ca)
+    {
+        cluster.tls = Some(busbar_broker::RouteTls { cert: cert.clone(), key: key.clone(), ca: ca.clone() });
     }
     set(&mut config.max_frame_size, args.max_frame_size);
     set(&mut config.max_connections, args.max_connections);

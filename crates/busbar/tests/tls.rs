@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use busbar::{Client, ClientOptions, ClientTls, ErrorCode, EventBus};
-use busbar_broker::{AuthConfig, Broker, Permissions, Rules, TlsOptions, User};
+use busbar_broker::{AuthConfig, Broker, ClusterConfig, Permissions, RouteTls, Rules, TlsOptions, User};
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
@@ -48,6 +48,8 @@ impl Pki {
         leaf("localhost", vec!["localhost".into()], &ca_cert, &ca_key, "server");
         leaf("shop", vec![], &ca_cert, &ca_key, "shop");
         leaf("intruder", vec![], &other_cert, &other_key, "intruder");
+        // A broker of a cluster: dialled by IP address.
+        leaf("node", vec!["127.0.0.1".into()], &ca_cert, &ca_key, "node");
         Pki { dir }
     }
 
@@ -201,4 +203,38 @@ async fn nats_clients_connect_over_tls_and_plain_ones_are_told_it_is_required() 
     let mut line = String::new();
     tokio::time::timeout(PATIENCE, stream.read_line(&mut line)).await.unwrap().unwrap();
     assert_eq!(line, "-ERR 'Secure Connection - TLS Required'\r\n");
+}
+
+#[tokio::test]
+async fn routes_between_brokers_use_mutual_tls() {
+    let pki = Pki::new();
+    let node = |id: u8, cert: &str, seeds: Vec<std::net::SocketAddr>, tls: bool| {
+        let mut cluster = ClusterConfig::new("secure", id, "127.0.0.1:0".parse().unwrap());
+        cluster.routes = seeds;
+        cluster.tls = tls.then(|| RouteTls {
+            cert: pki.path(&format!("{cert}.pem")),
+            key: pki.path(&format!("{cert}.key")),
+            ca: pki.path("ca.pem"),
+        });
+        let mut config = config();
+        config.cluster = Some(cluster);
+        config
+    };
+    let a = broker_with(node(1, "node", vec![], true)).await;
+    let seed = vec![a.cluster_addr().unwrap()];
+    let b = broker_with(node(2, "node", seed.clone(), true)).await;
+    eventually("a TLS route", || a.routes().len() == 1 && b.routes().len() == 1).await;
+    let on_b = client(&b).await;
+    let mut sub = on_b.subscribe("sealed.*").await.unwrap();
+    on_b.flush().await.unwrap();
+    eventually("interest over TLS", || a.routes()[0].remote_subscriptions == 1).await;
+    client(&a).await.publish("sealed.msg", "over tls").await.unwrap();
+    let m = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload_str(), Some("over tls"));
+
+    // A broker without TLS, and one with a certificate from another CA, are refused.
+    let _plain = broker_with(node(3, "node", seed.clone(), false)).await;
+    let _intruder = broker_with(node(4, "intruder", seed, true)).await;
+    eventually("both refused", || a.stats().auth_failures >= 2).await;
+    assert_eq!(a.routes().len(), 1);
 }
