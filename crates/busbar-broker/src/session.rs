@@ -38,6 +38,11 @@ use crate::server::{ConnMeta, Counters, Shared};
 
 /// Initial size of a connection's read buffer: one read takes many small frames.
 const READ_BUFFER: usize = 8 * 1024;
+/// Initial size of a connection's read buffer: enough for a handshake and a few subscriptions,
+/// so that idle connections stay small; a connection that keeps sending gets `READ_BUFFER`.
+const FIRST_READ_BUFFER: usize = 512;
+/// Frames after which a connection counts as busy (its reads get `READ_BUFFER` of room).
+const BUSY_AFTER: u32 = 64;
 /// Longest the session waits for room to queue an answer to the client (PONG, ERROR …).
 const SEND_PATIENCE: Duration = Duration::from_secs(5);
 /// Largest batch the write task builds before it writes.
@@ -406,7 +411,7 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
 ) {
     let max = shared.config.max_frame_size;
-    let mut reader = FramedRead::with_capacity(rd, SessionCodec(FrameCodec::new(max)), READ_BUFFER);
+    let mut reader = FramedRead::with_capacity(rd, SessionCodec(FrameCodec::new(max)), FIRST_READ_BUFFER);
     let (tx, rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Client));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
@@ -599,8 +604,19 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     tokio::pin!(killed, stopping);
     // Frames since shutdown was last looked at (a lock, so not per frame).
     let mut unchecked = 0u32;
+    let mut frames = 0u32;
     let bye = || error(ErrorCode::ShuttingDown, 0, "server shutting down");
     loop {
+        if frames >= BUSY_AFTER {
+            // Large reads for a busy connection. (The decoder only asks for one more byte, and a
+            // buffer whose frames are still referenced is replaced by one of its first size.)
+            let buf = reader.read_buffer_mut();
+            if buf.capacity() - buf.len() < READ_BUFFER / 2 {
+                buf.reserve(READ_BUFFER);
+            }
+        } else {
+            frames += 1;
+        }
         // Frames first: while the client keeps sending, the other branches (each a poll with a
         // lock or a timer) are not polled; the kill flag and shutdown are checked below instead,
         // and heartbeats do not matter while frames arrive.
