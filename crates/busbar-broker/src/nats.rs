@@ -131,48 +131,71 @@ impl Default for ConnectOptions {
 
 /// An accepted NATS connection: INFO, TLS when the listener has it, then the session.
 pub(crate) async fn accept(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     id: u32,
     shared: Arc<Shared>,
     tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
 ) {
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    // Opening and session boxed apart: the task's future stays small, and the session does not
+    // carry room for the TLS handshake all its life.
+    let opened = Box::pin(open(stream, peer, id, &shared, tls, deadline)).await;
+    if let Some((rd, wr, identity)) = opened {
+        Box::pin(run(rd, wr, peer, id, identity, deadline, shared)).await;
+    }
+}
+
+/// INFO, then TLS when the listener has it: the connection's halves and the client
+/// certificate's name, or None when it ends here.
+async fn open(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u32,
+    shared: &Shared,
+    tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
+    deadline: tokio::time::Instant,
+) -> Option<(ReadHalf, WriteHalf, Option<String>)> {
     let mut info = Vec::new();
-    proto::write::info(&mut info, &info_json(&shared, id, peer, tls.as_ref().map(|t| t.1)));
+    proto::write::info(&mut info, &info_json(shared, id, peer, tls.as_ref().map(|t| t.1)));
     if tokio::time::timeout_at(deadline, stream.write_all(&info)).await.is_err() {
-        return;
+        return None;
     }
     let Some((acceptor, required)) = tls else {
         let (rd, wr) = stream.into_split();
-        return run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
+        return Some((Box::new(rd), Box::new(wr), None));
     };
     // A NATS client upgrades after INFO; its first byte tells whether it does.
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
-        _ => return,
+        _ => return None,
     }
     if first[0] == 0x16 {
         match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 let identity = crate::tls::peer_common_name(tls.get_ref().1);
                 let (rd, wr) = tokio::io::split(tls);
-                run(Box::new(rd), Box::new(wr), peer, id, identity, deadline, shared).await;
+                Some((Box::new(rd), Box::new(wr), identity))
             }
             Ok(Err(e)) => {
                 shared.stats.auth_failures.inc();
                 warn!(error = %e, "TLS handshake failed");
+                None
             }
-            Err(_) => debug!("TLS handshake timed out"),
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                None
+            }
         }
     } else if required {
         let text = "Secure Connection - TLS Required";
         session::refuse(stream, error(ErrorCode::TlsRequired, 0, text), Duration::from_millis(500), true)
             .await;
+        None
     } else {
         let (rd, wr) = stream.into_split();
-        run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
+        Some((Box::new(rd), Box::new(wr), None))
     }
 }
 

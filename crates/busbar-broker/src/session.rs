@@ -367,36 +367,62 @@ pub(crate) async fn accept(
 ) {
     // One deadline for the whole handshake: first byte, TLS, HELLO and authentication.
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let Some((acceptor, required)) = tls else {
-        let (rd, wr) = stream.into_split();
-        return run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
-    };
+    // Both paths boxed: a task's future is as large as its largest state, and an idle plain
+    // connection should not carry room for a TLS handshake all its life.
+    match tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            Box::pin(run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared)).await;
+        }
+        Some((acceptor, required)) => {
+            let opened = Box::pin(open_tls(stream, &shared, acceptor, required, deadline)).await;
+            if let Some((rd, wr, identity)) = opened {
+                Box::pin(run(rd, wr, peer, id, identity, deadline, shared)).await;
+            }
+        }
+    }
+}
+
+/// The first byte decides: a TLS handshake, or (TLS optional) a plain connection, or a
+/// refusal. Returns the connection's halves and the client certificate's name.
+async fn open_tls(
+    stream: TcpStream,
+    shared: &Shared,
+    acceptor: tokio_rustls::TlsAcceptor,
+    required: bool,
+    deadline: tokio::time::Instant,
+) -> Option<(ReadHalf, WriteHalf, Option<String>)> {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
-        _ => return,
+        _ => return None,
     }
     if first[0] == 0x16 {
         match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 let identity = crate::tls::peer_common_name(tls.get_ref().1);
                 let (rd, wr) = tokio::io::split(tls);
-                run(Box::new(rd), Box::new(wr), peer, id, identity, deadline, shared).await;
+                Some((Box::new(rd), Box::new(wr), identity))
             }
             Ok(Err(e)) => {
                 shared.stats.auth_failures.inc();
                 warn!(error = %e, "TLS handshake failed");
+                None
             }
-            Err(_) => debug!("TLS handshake timed out"),
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                None
+            }
         }
     } else if required {
         // A plain client: tell it, in the clear, before closing.
         debug!("plain connection to a TLS-only listener");
         let text = "this broker accepts only TLS connections (busbars://)";
         refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE, false).await;
+        None
     } else {
         let (rd, wr) = stream.into_split();
-        run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared).await;
+        Some((Box::new(rd), Box::new(wr), None))
     }
 }
 
