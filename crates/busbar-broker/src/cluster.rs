@@ -535,31 +535,16 @@ async fn run(
 }
 
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &Arc<Shared>) {
-    let beat = shared.config.heartbeat_interval;
-    let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
-    let period = (beat / 4).max(Duration::from_millis(5));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = tokio::time::Instant::now();
-    let mut heard = false;
-    let mut pinged = false;
+    let mut heartbeat = session::Heartbeat::new(&shared.config);
     let control = outbox.control().clone();
     loop {
         let next = tokio::select! {
             next = reader.next() => next,
-            _ = tick.tick(), if !beat.is_zero() => {
-                if std::mem::take(&mut heard) {
-                    last_seen = tokio::time::Instant::now();
-                    pinged = false;
-                }
-                let idle = last_seen.elapsed();
-                if idle >= dead_after {
+            () = heartbeat.tick(), if !heartbeat.off() => {
+                if let Err(idle) = heartbeat.check(outbox) {
                     warn!(node = peer.node, ?idle, "route silent past the heartbeat limit, closing");
                     control.fail(error(ErrorCode::StaleConnection, 0, "route stale"));
                     return;
-                }
-                if idle >= beat && !pinged {
-                    pinged = outbox.deliver_frame(Frame::Ping);
                 }
                 continue;
             }
@@ -582,7 +567,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &A
             // Replaced or closing: frames still buffered must not be applied.
             return;
         }
-        heard = true;
+        heartbeat.heard();
         control.msgs_in.fetch_add(1, Ordering::Relaxed);
         if let Err(fatal) = apply(frame, source, outbox, peer, shared).await {
             warn!(node = peer.node, error = %fatal.message, "route protocol violation, closing it");

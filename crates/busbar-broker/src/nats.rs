@@ -166,37 +166,7 @@ async fn open(
         return Some((Box::new(rd), Box::new(wr), None));
     };
     // A NATS client upgrades after INFO; its first byte tells whether it does.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => {}
-        _ => return None,
-    }
-    if first[0] == 0x16 {
-        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
-                let identity = crate::tls::peer_common_name(tls.get_ref().1);
-                let (rd, wr) = tokio::io::split(tls);
-                Some((Box::new(rd), Box::new(wr), identity))
-            }
-            Ok(Err(e)) => {
-                shared.stats.auth_failures.inc();
-                warn!(error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => {
-                debug!("TLS handshake timed out");
-                None
-            }
-        }
-    } else if required {
-        let text = "Secure Connection - TLS Required";
-        session::refuse(stream, error(ErrorCode::TlsRequired, 0, text), Duration::from_millis(500), true)
-            .await;
-        None
-    } else {
-        let (rd, wr) = stream.into_split();
-        Some((Box::new(rd), Box::new(wr), None))
-    }
+    session::open_tls(stream, shared, acceptor, required, deadline, true).await
 }
 
 fn info_json(shared: &Shared, id: u32, peer: SocketAddr, tls_required: Option<bool>) -> String {
@@ -260,14 +230,7 @@ async fn run(
         next_request: 0,
     };
 
-    let beat = shared.config.heartbeat_interval;
-    let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
-    let period = (beat / 4).max(Duration::from_millis(5));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = tokio::time::Instant::now();
-    let mut heard = false;
-    let mut pinged = false;
+    let mut heartbeat = session::Heartbeat::new(&shared.config);
     let mut buf = BytesMut::with_capacity(4096);
     let stopping = shared.shutdown.cancelled();
     tokio::pin!(stopping);
@@ -277,7 +240,7 @@ async fn run(
             match proto::parse(&buf[at..], &limits) {
                 Ok(Some((op, used))) => {
                     at += used;
-                    heard = true;
+                    heartbeat.heard();
                     if let Err(fatal) = conn.apply(op).await {
                         control.fail(fatal);
                         break 'session;
@@ -308,19 +271,11 @@ async fn run(
                 }
             },
             Some(sid) = done_rx.recv() => conn.unsubscribe_now(sid).await,
-            _ = tick.tick(), if !beat.is_zero() => {
-                if std::mem::take(&mut heard) {
-                    last_seen = tokio::time::Instant::now();
-                    pinged = false;
-                }
-                let idle = last_seen.elapsed();
-                if idle >= dead_after {
+            () = heartbeat.tick(), if !heartbeat.off() => {
+                if let Err(idle) = heartbeat.check(&outbox) {
                     warn!(?idle, "no operation within the heartbeat limit, closing connection");
                     control.fail(error(ErrorCode::StaleConnection, 0, "Stale Connection"));
                     break;
-                }
-                if idle >= beat && !pinged {
-                    pinged = outbox.deliver_frame(Frame::Ping);
                 }
             }
             () = tokio::time::sleep_until(deadline), if handshaking && shared.config.auth.required() => {
@@ -335,19 +290,8 @@ async fn run(
         }
     }
     let registered = conn.perms.is_some();
-    if registered {
-        shared.router_mut().remove_connection(id);
-        shared.requests().remove_connection(id);
-    }
     drop(conn);
-    drop(outbox);
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
-        abort.abort();
-    }
-    if registered {
-        shared.unregister(id);
-    }
+    session::finish(&shared, id, registered, outbox, writer).await;
     debug!(%peer, "NATS connection closed");
 }
 

@@ -375,7 +375,7 @@ pub(crate) async fn accept(
             Box::pin(run(Box::new(rd), Box::new(wr), peer, id, None, deadline, shared)).await;
         }
         Some((acceptor, required)) => {
-            let opened = Box::pin(open_tls(stream, &shared, acceptor, required, deadline)).await;
+            let opened = Box::pin(open_tls(stream, &shared, acceptor, required, deadline, false)).await;
             if let Some((rd, wr, identity)) = opened {
                 Box::pin(run(rd, wr, peer, id, identity, deadline, shared)).await;
             }
@@ -384,13 +384,15 @@ pub(crate) async fn accept(
 }
 
 /// The first byte decides: a TLS handshake, or (TLS optional) a plain connection, or a
-/// refusal. Returns the connection's halves and the client certificate's name.
-async fn open_tls(
+/// refusal (a native ERROR, or for `nats` an -ERR). Returns the connection's halves and the
+/// client certificate's name.
+pub(crate) async fn open_tls(
     stream: TcpStream,
     shared: &Shared,
     acceptor: tokio_rustls::TlsAcceptor,
     required: bool,
     deadline: tokio::time::Instant,
+    nats: bool,
 ) -> Option<(ReadHalf, WriteHalf, Option<String>)> {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
@@ -417,8 +419,12 @@ async fn open_tls(
     } else if required {
         // A plain client: tell it, in the clear, before closing.
         debug!("plain connection to a TLS-only listener");
-        let text = "this broker accepts only TLS connections (busbars://)";
-        refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE, false).await;
+        let text = if nats {
+            "Secure Connection - TLS Required"
+        } else {
+            "this broker accepts only TLS connections (busbars://)"
+        };
+        refuse(stream, error(ErrorCode::TlsRequired, 0, text), CLOSE_GRACE, nats).await;
         None
     } else {
         let (rd, wr) = stream.into_split();
@@ -462,23 +468,33 @@ pub(crate) async fn run(
         }
         None => false,
     };
+    finish(&shared, id, registered, outbox, writer).await;
+    debug!(%peer, "connection closed");
+}
+
+/// Ends a client connection (native or NATS): forgets its subscriptions and requests, lets its
+/// writer flush what is queued (at most the drain timeout), then takes it out of the registry,
+/// its traffic joining the broker's totals (one lock: neither counted twice nor missing).
+pub(crate) async fn finish(
+    shared: &Shared,
+    id: u32,
+    registered: bool,
+    outbox: Outbox,
+    writer: tokio::task::JoinHandle<()>,
+) {
     if registered {
         shared.router_mut().remove_connection(id);
         shared.requests().remove_connection(id);
     }
+    // The writer ends once every sender is gone or the connection was killed.
     drop(outbox);
-    // The writer ends once every sender is gone (flushing what is queued) or the connection was
-    // killed; give it the drain timeout, then cut it.
     let abort = writer.abort_handle();
     if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
         abort.abort();
     }
     if registered {
-        // Its traffic joins the broker's totals as it leaves the registry (one lock: neither
-        // counted twice nor missing from a snapshot).
         shared.unregister(id);
     }
-    debug!(%peer, "connection closed");
 }
 
 type Reader = FramedRead<ReadHalf, SessionCodec>;
@@ -613,17 +629,66 @@ pub(crate) async fn authenticate(
     tokio::time::timeout_at(deadline, check).await.ok()?.ok()?
 }
 
+/// The broker's side of heartbeats, for any kind of connection: PING after a quiet interval,
+/// dead after `interval × max_missed` of silence. The clock is read once per tick, not per frame:
+/// a frame only sets `heard`.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    beat: Duration,
+    dead_after: Duration,
+    tick: tokio::time::Interval,
+    last_seen: tokio::time::Instant,
+    heard: bool,
+    pinged: bool,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(config: &crate::Config) -> Self {
+        let beat = config.heartbeat_interval;
+        let dead_after = beat.checked_mul(config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
+        // Checked four times an interval, so that a dead peer is found soon after `dead_after`.
+        let period = (beat / 4).max(Duration::from_millis(5));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let now = tokio::time::Instant::now();
+        Self { beat, dead_after, tick, last_seen: now, heard: false, pinged: false }
+    }
+
+    /// Heartbeats are off (interval zero).
+    pub(crate) fn off(&self) -> bool {
+        self.beat.is_zero()
+    }
+
+    /// Something arrived from the peer.
+    pub(crate) fn heard(&mut self) {
+        self.heard = true;
+    }
+
+    /// The next check.
+    pub(crate) async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+
+    /// A check: pings a quiet peer through `outbox`; `Err(idle)` when it is to be closed.
+    pub(crate) fn check(&mut self, outbox: &Outbox) -> Result<(), Duration> {
+        if std::mem::take(&mut self.heard) {
+            self.last_seen = tokio::time::Instant::now();
+            self.pinged = false;
+        }
+        let idle = self.last_seen.elapsed();
+        if idle >= self.dead_after {
+            return Err(idle);
+        }
+        if idle >= self.beat && !self.pinged {
+            self.pinged = outbox.deliver_frame(Frame::Ping);
+        }
+        Ok(())
+    }
+}
+
 async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Shared, perms: &Permissions) {
+    let mut heartbeat = Heartbeat::new(&shared.config);
     let beat = shared.config.heartbeat_interval;
-    let dead_after = beat.checked_mul(shared.config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
-    // Check four times an interval, so that a dead peer is found soon after `dead_after`.
-    let period = (beat / 4).max(Duration::from_millis(5));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The clock is read once per tick, not per frame: a frame only sets `heard`.
-    let mut last_seen = tokio::time::Instant::now();
-    let mut heard = false;
-    let mut pinged = false;
     // Created once: a fresh `cancelled()` future per frame costs a registration each time.
     let killed = outbox.control.kill.cancelled();
     let stopping = shared.shutdown.cancelled();
@@ -649,20 +714,12 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
         let next = tokio::select! {
             biased;
             next = reader.next() => next,
-            _ = tick.tick(), if !beat.is_zero() => {
-                if std::mem::take(&mut heard) {
-                    last_seen = tokio::time::Instant::now();
-                    pinged = false;
-                }
-                let idle = last_seen.elapsed();
-                if idle >= dead_after {
+            () = heartbeat.tick(), if !heartbeat.off() => {
+                if let Err(idle) = heartbeat.check(outbox) {
                     warn!(?idle, "no frame within the heartbeat limit, closing connection");
                     let text = format!("nothing received for {idle:?} (heartbeat {beat:?})");
                     outbox.control.fail(error(ErrorCode::StaleConnection, 0, text));
                     return;
-                }
-                if idle >= beat && !pinged {
-                    pinged = outbox.deliver_frame(Frame::Ping);
                 }
                 continue;
             }
@@ -696,7 +753,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             }
             Some(Ok(incoming)) => incoming,
         };
-        heard = true;
+        heartbeat.heard();
         let applied = match incoming {
             Incoming::Pub(message) => publish(message, outbox, id, shared, perms).await,
             Incoming::Other(frame) => apply(*frame, outbox, id, shared, perms).await,
