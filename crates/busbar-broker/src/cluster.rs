@@ -468,7 +468,11 @@ fn unregister(shared: &Shared, node: u8, link: u64) {
     if routes.get(&node).is_none_or(|r| r.link != link) {
         return;
     }
-    routes.remove(&node);
+    if let Some(route) = routes.remove(&node) {
+        // What it carried joins the broker's totals.
+        shared.stats.messages_out.add(route.control.msgs_out.load(Ordering::Relaxed));
+        shared.stats.bytes_out.add(route.control.bytes_out.load(Ordering::Relaxed));
+    }
     let gone = shared.router_mut().remove_route(node);
     drop(routes);
     let mut requests = shared.requests();

@@ -43,6 +43,9 @@ const READ_BUFFER: usize = 8 * 1024;
 const FIRST_READ_BUFFER: usize = 512;
 /// Frames after which a connection counts as busy (its reads get `READ_BUFFER` of room).
 const BUSY_AFTER: u32 = 64;
+/// Room beyond a connection's bounds kept for the broker's answers to the client's own frames.
+const ANSWER_SLACK_ITEMS: usize = 1024;
+const ANSWER_SLACK_BYTES: usize = 256 * 1024;
 /// Longest the session waits for room to queue an answer to the client (PONG, ERROR …).
 const SEND_PATIENCE: Duration = Duration::from_secs(5);
 /// Largest batch the write task builds before it writes.
@@ -145,19 +148,23 @@ impl Control {
 
     /// True once the connection is being closed.
     pub(crate) fn is_killed(&self) -> bool {
-        self.dead.load(Ordering::Relaxed)
+        self.dead.load(Ordering::Acquire)
     }
 
     /// Stops the connection without a reason.
     fn stop(&self) {
-        self.dead.store(true, Ordering::Relaxed);
+        self.dead.store(true, Ordering::Release);
         self.kill.cancel();
     }
 
-    /// True when one more item of `size` bytes would exceed a bound.
-    fn full(&self, size: usize) -> bool {
-        (self.max_bytes > 0 && self.pending_bytes.load(Ordering::Relaxed) + size > self.max_bytes)
-            || (self.max_frames > 0 && self.pending_frames.load(Ordering::Relaxed) >= self.max_frames)
+    /// True when one more item of `size` bytes would exceed a bound. `slack` lets the broker's
+    /// answers to the client's own frames (PONG, errors) past the bound that messages stop at:
+    /// otherwise, under the drop policy, messages would take every slot the writer frees and an
+    /// answer would wait for good.
+    fn full(&self, size: usize, slack: bool) -> bool {
+        let (items, bytes) = if slack { (ANSWER_SLACK_ITEMS, ANSWER_SLACK_BYTES) } else { (0, 0) };
+        (self.max_bytes > 0 && self.pending_bytes.load(Ordering::Relaxed) + size > self.max_bytes + bytes)
+            || (self.max_frames > 0 && self.pending_frames.load(Ordering::Relaxed) >= self.max_frames + items)
     }
 
     fn add_pending(&self, size: usize) {
@@ -247,7 +254,7 @@ impl Outbox {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
         let size = out.size();
-        if c.full(size) {
+        if c.full(size, false) {
             self.overflow("outbound queue over its bounds");
             return false;
         }
@@ -299,7 +306,7 @@ impl Outbox {
         }
         // Waiting for room is rare (a client that does not read): poll for it, bounded.
         let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
-        while c.full(size) {
+        while c.full(size, true) {
             if c.is_killed() {
                 return false;
             }
@@ -705,8 +712,6 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             if buf.capacity() - buf.len() < READ_BUFFER / 2 {
                 buf.reserve(READ_BUFFER);
             }
-        } else {
-            frames += 1;
         }
         // Frames first: while the client keeps sending, the other branches (each a poll with a
         // lock or a timer) are not polled; the kill flag and shutdown are checked below instead,
@@ -754,6 +759,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             Some(Ok(incoming)) => incoming,
         };
         heartbeat.heard();
+        frames = frames.saturating_add(1);
         let applied = match incoming {
             Incoming::Pub(message) => publish(message, outbox, id, shared, perms).await,
             Incoming::Other(frame) => apply(*frame, outbox, id, shared, perms).await,
@@ -1160,4 +1166,32 @@ fn encode(
         control.bytes_out.fetch_add(bytes, Ordering::Relaxed);
     }
     encoder.encode(buf, out, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_fit_past_a_queue_that_messages_filled() {
+        let config =
+            crate::Config { max_pending: 2, slow_consumer: SlowConsumerPolicy::Drop, ..Default::default() };
+        let control = Arc::new(Control::new(&config, Arc::default(), Link::Client));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let outbox = Outbox::with_control(tx, control.clone());
+        let msg = Arc::new(Message::new("a", "x"));
+        assert!(outbox.deliver(1, &msg) && outbox.deliver(1, &msg));
+        assert!(!outbox.deliver(1, &msg), "messages stop at the bound");
+        assert_eq!(control.dropped.load(Ordering::Relaxed), 1);
+        // The client's own answer still goes in at once, under the drop policy as well.
+        let sent =
+            tokio::time::timeout(Duration::from_secs(1), outbox.send(Outbound::frame(Frame::Pong))).await;
+        assert_eq!(sent, Ok(true));
+        assert!(!control.is_killed());
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
+    }
 }

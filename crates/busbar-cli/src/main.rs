@@ -307,14 +307,16 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
     set(&mut config.server_name, args.name);
     config.http = args.http.or(config.http);
     config.nats_listen = args.nats_listen.or(config.nats_listen);
-    if let Some(listen) = args.cluster_listen {
-        let node = args.node_id.context("--cluster-listen needs --node-id")?;
-        let mut cluster = busbar_broker::ClusterConfig::new(args.cluster_name.clone(), node, listen);
-        cluster.routes = args.routes.clone();
-        cluster.token = args.cluster_token.clone();
-        config.cluster = Some(cluster);
-    } else if let Some(cluster) = config.cluster.as_mut() {
-        // The file's cluster, with what the flags change.
+    // The flags go on top of the file's [cluster] (its TLS, token and name stay), or make one.
+    match (args.cluster_listen, config.cluster.as_mut()) {
+        (Some(listen), Some(cluster)) => cluster.listen = listen,
+        (Some(listen), None) => {
+            let node = args.node_id.context("--cluster-listen needs --node-id")?;
+            config.cluster = Some(busbar_broker::ClusterConfig::new(args.cluster_name.clone(), node, listen));
+        }
+        (None, _) => {}
+    }
+    if let Some(cluster) = config.cluster.as_mut() {
         if let Some(node) = args.node_id {
             cluster.node_id = node;
         }

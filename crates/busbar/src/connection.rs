@@ -661,7 +661,8 @@ impl ConnectionTask {
 
 /// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
 /// Size of the write buffer past which encoded frames are flushed before more are added.
-const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// (tokio-util's own back-pressure boundary: what a failed connection can lose stays as before.)
+const WRITE_HIGH_WATER: usize = 8 * 1024;
 
 /// Appends an encoded frame to the writer's buffer, in order with the frames fed to it.
 async fn write_encoded(conn: &mut Conn, frame: &[u8]) -> Result<()> {
