@@ -17,6 +17,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub trait IdGenerator: Send + Sync + fmt::Debug {
     /// A new id, never returned before by this generator.
     fn next_id(&self) -> u128;
+
+    /// A new id for a message made at `now_ns` (nanoseconds since the Unix epoch), for
+    /// generators that put the time in the id: the caller has read the clock already.
+    fn next_id_at(&self, now_ns: u64) -> u128 {
+        let _ = now_ns;
+        self.next_id()
+    }
 }
 
 /// Nanoseconds since the Unix epoch, now (0 if the clock is before 1970).
@@ -64,7 +71,11 @@ fn splitmix(state: &mut u64) -> u64 {
 
 impl IdGenerator for UlidGenerator {
     fn next_id(&self) -> u128 {
-        let ms = u128::from(now_ns() / 1_000_000) & ((1 << 48) - 1);
+        self.next_id_at(now_ns())
+    }
+
+    fn next_id_at(&self, now_ns: u64) -> u128 {
+        let ms = u128::from(now_ns / 1_000_000) & ((1 << 48) - 1);
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let id = if ms > s.last >> RANDOM_BITS {
             // A new millisecond: a random start, with the top random bit clear so that a burst of

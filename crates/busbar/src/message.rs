@@ -139,9 +139,11 @@ impl Outgoing {
         validate_topic(&message.topic)
             .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
         if message.envelope.is_none() {
-            let id = ids.next_id();
+            // One clock read for the id's time and the envelope's.
+            let now = busbar_core::id::now_ns();
+            let id = ids.next_id_at(now);
             let tx = tx.or_else(current_transaction).unwrap_or(id);
-            message.envelope = Some(Envelope { id, tx, timestamp_ns: busbar_core::id::now_ns() });
+            message.envelope = Some(Envelope { id, tx, timestamp_ns: now });
         }
         let size = message.frame_size();
         if size > max_frame_size {

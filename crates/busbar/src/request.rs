@@ -109,9 +109,10 @@ impl Request {
         let request = &self.message.inner;
         let mut message = busbar_core::Message::new(request.topic.clone(), payload);
         message.destination = request.source;
-        let id = self.ids.next_id();
+        let now = busbar_core::id::now_ns();
+        let id = self.ids.next_id_at(now);
         let tx = request.envelope.map_or(id, |e| e.tx);
-        message.envelope = Some(Envelope { id, tx, timestamp_ns: busbar_core::id::now_ns() });
+        message.envelope = Some(Envelope { id, tx, timestamp_ns: now });
         Reply { id: self.id, error, remaining: 0, message }
     }
 }
