@@ -104,12 +104,27 @@ pub struct ClusterConfig {
     pub token: Option<String>,
     /// Mutual TLS on routes; plain TCP when None.
     pub tls: Option<crate::tls::RouteTls>,
+    /// The route address other brokers are told to dial (gossip); the listen address when None.
+    /// Set it when listening on 0.0.0.0 or behind NAT.
+    pub advertise: Option<SocketAddr>,
+    /// The client address this broker's clients are told of (WELCOME's `connect_urls`, NATS
+    /// INFO's); the native listen address when None.
+    pub client_advertise: Option<SocketAddr>,
 }
 
 impl ClusterConfig {
     /// A cluster named `name` with this broker as node `node_id`, routes on `listen`.
     pub fn new(name: impl Into<String>, node_id: u8, listen: SocketAddr) -> Self {
-        Self { name: name.into(), node_id, listen, routes: Vec::new(), token: None, tls: None }
+        Self {
+            name: name.into(),
+            node_id,
+            listen,
+            routes: Vec::new(),
+            token: None,
+            tls: None,
+            advertise: None,
+            client_advertise: None,
+        }
     }
 }
 

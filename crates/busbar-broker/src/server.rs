@@ -331,8 +331,8 @@ fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, Brok
     let cluster = match (&config.cluster, &listeners.cluster) {
         (Some(c), Some(l)) => Some(crate::cluster::Cluster::new(
             c.clone(),
-            l.local_addr()?,
-            listeners.native.local_addr()?,
+            c.advertise.map_or_else(|| l.local_addr(), Ok)?,
+            c.client_advertise.map_or_else(|| listeners.native.local_addr(), Ok)?,
             listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?,
         )?),
         _ => None,

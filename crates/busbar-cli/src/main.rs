@@ -143,6 +143,12 @@ struct ServeArgs {
     /// Shared secret of the cluster's routes (16+ characters).
     #[arg(long, env = "BUSBAR_CLUSTER_TOKEN")]
     cluster_token: Option<String>,
+    /// The route address other brokers are told to dial (when listening on 0.0.0.0 or behind NAT).
+    #[arg(long, env = "BUSBAR_CLUSTER_ADVERTISE")]
+    cluster_advertise: Option<SocketAddr>,
+    /// The client address clients are told of, to fail over to this broker.
+    #[arg(long, env = "BUSBAR_CLIENT_ADVERTISE")]
+    client_advertise: Option<SocketAddr>,
     /// Mutual TLS on routes: this broker's certificate (PEM; it must name the address others
     /// dial), with --cluster-tls-key and --cluster-tls-ca.
     #[arg(long, env = "BUSBAR_CLUSTER_TLS_CERT", requires_all = ["cluster_tls_key", "cluster_tls_ca"])]
@@ -326,6 +332,8 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         if let Some(token) = &args.cluster_token {
             cluster.token = Some(token.clone());
         }
+        cluster.advertise = args.cluster_advertise.or(cluster.advertise);
+        cluster.client_advertise = args.client_advertise.or(cluster.client_advertise);
     }
     if let (Some(cluster), Some(cert), Some(key), Some(ca)) =
         (config.cluster.as_mut(), &args.cluster_tls_cert, &args.cluster_tls_key, &args.cluster_tls_ca)

@@ -392,3 +392,14 @@ async fn a_nats_request_reaches_a_native_responder_on_another_broker() {
     assert_eq!(reply.payload, "from C");
     assert_eq!(a.routes().len(), 1, "the route stayed up");
 }
+
+#[tokio::test]
+async fn peers_are_told_the_advertised_client_address() {
+    let a = node(1, &[]).await;
+    let mut config = node_config(2, &[a.cluster_addr().unwrap()]);
+    // Never bound: only what B tells (as when it listens on 0.0.0.0 behind a known address).
+    config.cluster.as_mut().unwrap().client_advertise = Some("192.0.2.7:4900".parse().unwrap());
+    let b = broker_with(config).await;
+    meshed(&[&a, &b]).await;
+    assert_eq!(a.routes()[0].client_url.as_deref(), Some("192.0.2.7:4900"));
+}
