@@ -620,9 +620,15 @@ async fn apply(
             }
         }
         Frame::Hello(update) => {
-            // Gossip after the handshake: a broker that joined the peer since.
-            for url in gossip(&update.properties) {
-                ensure_dialer(shared, url, false);
+            if let Some(name) = update.properties.get(crate::session::SERVICE_PROPERTY) {
+                // A service registered by one of the peer's clients.
+                own_client(source)?;
+                shared.router_mut().register_remote_service(peer.node, source, name.into(), outbox);
+            } else {
+                // Gossip after the handshake: a broker that joined the peer since.
+                for url in gossip(&update.properties) {
+                    ensure_dialer(shared, url, false);
+                }
             }
         }
         Frame::Msg { sid, message } => {

@@ -41,6 +41,8 @@ pub(crate) enum RouteOut {
     Sub { conn: u32, sub: Box<Sub> },
     /// Client `conn` unsubscribed `sid` ([`GONE`]: disconnected).
     Unsub { conn: u32, sid: u64 },
+    /// Client `conn` of this broker registered service `name` (direct addressing by name).
+    Service { conn: u32, name: ByteString },
     /// A message for subscription `sid` of client `target`, or with `sid` [`FANOUT`] for every
     /// matching plain subscription of the peer's clients (`target` then restricts it to one
     /// client when the message is directly addressed, 0 otherwise).
@@ -52,6 +54,7 @@ impl RouteOut {
         match self {
             RouteOut::Sub { sub, .. } => 64 + sub.pattern.len(),
             RouteOut::Unsub { .. } => 32,
+            RouteOut::Service { name, .. } => 48 + name.len(),
             RouteOut::Msg { msg, .. } => msg.frame_size(),
         }
     }
@@ -159,6 +162,7 @@ impl Router {
     pub(crate) fn add_connection(&mut self, conn: u32, service: Option<ByteString>, outbox: Outbox) {
         if let Some(name) = &service {
             self.services.entry(name.clone()).or_default().push(conn);
+            self.announce(RouteOut::Service { conn, name: name.clone() });
         }
         self.conns.insert(conn, ConnSubs { subs: HashMap::new(), service, outbox, remote: None });
     }
@@ -191,8 +195,37 @@ impl Router {
     }
 
     /// The connection most recently registered under service `name`.
+    /// The connection most recently registered under service `name`: on this broker when one is
+    /// here, else on another broker of the cluster.
     pub(crate) fn resolve_service(&self, name: &str) -> Option<u32> {
-        self.services.get(name).and_then(|conns| conns.last().copied())
+        let conns = self.services.get(name)?;
+        let local = |c: &&u32| self.conns.get(c).is_some_and(|e| e.remote.is_none());
+        conns.iter().rev().find(local).or(conns.last()).copied()
+    }
+
+    /// Client `conn` of broker `node` registered service `name`, learned over the route `outbox`.
+    pub(crate) fn register_remote_service(&mut self, node: u8, conn: u32, name: ByteString, outbox: &Outbox) {
+        if !self.is_current_route(node, outbox) {
+            return;
+        }
+        if !self.conns.contains_key(&conn) {
+            let known = self.remote_conns.entry(node).or_default();
+            if *known >= MAX_REMOTE_CONNS {
+                return;
+            }
+            *known += 1;
+        }
+        let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
+            subs: HashMap::new(),
+            service: None,
+            outbox: outbox.clone(),
+            remote: Some(node),
+        });
+        if entry.remote != Some(node) || entry.service.is_some() {
+            return;
+        }
+        entry.service = Some(name.clone());
+        self.services.entry(name).or_default().push(conn);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -296,6 +329,9 @@ impl Router {
                     let copy = match &out {
                         RouteOut::Sub { conn, sub } => RouteOut::Sub { conn: *conn, sub: sub.clone() },
                         RouteOut::Unsub { conn, sid } => RouteOut::Unsub { conn: *conn, sid: *sid },
+                        RouteOut::Service { conn, name } => {
+                            RouteOut::Service { conn: *conn, name: name.clone() }
+                        }
                         RouteOut::Msg { target, sid, msg } => {
                             RouteOut::Msg { target: *target, sid: *sid, msg: msg.clone() }
                         }
@@ -309,6 +345,9 @@ impl Router {
     /// A route to broker `node` is up: remember it and send it every local subscription.
     pub(crate) fn add_route(&mut self, node: u8, outbox: Outbox) {
         for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
+            if let Some(name) = &c.service {
+                outbox.push(Outbound::Route(RouteOut::Service { conn, name: name.clone() }));
+            }
             for (&sid, s) in &c.subs {
                 let group = s.group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
                 let sub = Sub { sid, pattern: s.pattern.clone(), group, kind: s.kind };

@@ -1139,6 +1139,12 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
             Frame::Unsub { sid }.encode(buf, max)?;
             (conn, 0)
         }
+        RouteOut::Service { conn, name } => {
+            // A HELLO on an established route: the client's service registration.
+            let properties = [(SERVICE_PROPERTY, name)].into_iter().collect();
+            Frame::Hello(busbar_core::Hello { name: "".into(), properties }).encode(buf, max)?;
+            (conn, 0)
+        }
         RouteOut::Msg { target, sid, msg } => {
             frame::encode_msg(buf, sid, &msg, max)?;
             (msg.source, target)

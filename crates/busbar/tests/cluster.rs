@@ -403,3 +403,31 @@ async fn peers_are_told_the_advertised_client_address() {
     meshed(&[&a, &b]).await;
     assert_eq!(a.routes()[0].client_url.as_deref(), Some("192.0.2.7:4900"));
 }
+
+#[tokio::test]
+async fn service_names_resolve_across_brokers() {
+    let (a, _b, c) = three().await;
+    let options = ClientOptions::new(c.local_addr().to_string()).service("mailer");
+    let mailer = Client::connect_with(options).await.unwrap();
+    let mut inbox = mailer.subscribe("mail.>").await.unwrap();
+    let _h = mailer.respond("mail.count", |_m| async move { Ok::<_, String>("3") }).await.unwrap();
+    mailer.flush().await.unwrap();
+    // A look-alike subscriber elsewhere must not get what is addressed to the mailer.
+    let other = client(&a).await;
+    let mut theirs = other.subscribe("mail.>").await.unwrap();
+    other.flush().await.unwrap();
+    wait_interest(&a, 2).await;
+    let sender = client(&a).await;
+    sender.publish_message(Outgoing::new("mail.send", "hi").to_service("mailer")).await.unwrap();
+    sender.flush().await.unwrap();
+    assert_eq!(next(&mut inbox).await.payload_str(), Some("hi"));
+    assert!(drain(&mut theirs).await.is_empty(), "addressed to the mailer only");
+    let reply =
+        sender.request_message(Outgoing::new("mail.count", "").to_service("mailer"), LONG).await.unwrap();
+    assert_eq!(reply.payload_str(), Some("3"));
+    // Gone with its client.
+    mailer.disconnect().await.unwrap();
+    wait_interest(&a, 0).await;
+    let gone = sender.request_message(Outgoing::new("mail.count", "").to_service("mailer"), LONG).await;
+    assert!(matches!(gone, Err(Error::NoResponders { .. })), "{gone:?}");
+}
