@@ -450,11 +450,7 @@ fn register(shared: &Shared, info: RouteInfo, outbox: &Outbox) -> bool {
             return false;
         }
         existing.control.fail(error(ErrorCode::ShuttingDown, 0, "replaced by another route"));
-        let gone = shared.router_mut().remove_route(info.node);
-        let mut requests = shared.requests();
-        for conn in gone {
-            requests.remove_connection(conn);
-        }
+        forget(shared, existing);
     }
     shared.router_mut().add_route(info.node, outbox.clone());
     routes.insert(info.node, info);
@@ -469,12 +465,16 @@ fn unregister(shared: &Shared, node: u8, link: u64) {
         return;
     }
     if let Some(route) = routes.remove(&node) {
-        // What it carried joins the broker's totals.
-        shared.stats.messages_out.add(route.control.msgs_out.load(Ordering::Relaxed));
-        shared.stats.bytes_out.add(route.control.bytes_out.load(Ordering::Relaxed));
+        forget(shared, &route);
     }
-    let gone = shared.router_mut().remove_route(node);
-    drop(routes);
+}
+
+/// Forgets a route that was up (the caller holds the routes lock): what it carried joins the
+/// broker's totals; its clients' subscriptions go, and the requests they owed fail.
+fn forget(shared: &Shared, route: &RouteInfo) {
+    shared.stats.messages_out.add(route.control.msgs_out.load(Ordering::Relaxed));
+    shared.stats.bytes_out.add(route.control.bytes_out.load(Ordering::Relaxed));
+    let gone = shared.router_mut().remove_route(route.node);
     let mut requests = shared.requests();
     for conn in gone {
         requests.remove_connection(conn);
