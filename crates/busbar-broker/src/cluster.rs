@@ -469,11 +469,9 @@ fn unregister(shared: &Shared, node: u8, link: u64) {
     }
 }
 
-/// Forgets a route that was up (the caller holds the routes lock): what it carried joins the
-/// broker's totals; its clients' subscriptions go, and the requests they owed fail.
+/// Forgets a route that was up (the caller holds the routes lock): its clients' subscriptions
+/// go, and the requests they owed fail.
 fn forget(shared: &Shared, route: &RouteInfo) {
-    shared.stats.messages_out.add(route.control.msgs_out.load(Ordering::Relaxed));
-    shared.stats.bytes_out.add(route.control.bytes_out.load(Ordering::Relaxed));
     let gone = shared.router_mut().remove_route(route.node);
     let mut requests = shared.requests();
     for conn in gone {
@@ -534,6 +532,12 @@ async fn run(
     let abort = writer.abort_handle();
     if tokio::time::timeout(shared.config.drain_timeout, writer).await.is_err() {
         abort.abort();
+    }
+    if registered {
+        // Once the writer is done: what the route carried joins the broker's totals. (It is out
+        // of the registry already, so `traffic` never counts it twice.)
+        shared.stats.messages_out.add(control.msgs_out.load(Ordering::Relaxed));
+        shared.stats.bytes_out.add(control.bytes_out.load(Ordering::Relaxed));
     }
     registered
 }

@@ -107,8 +107,9 @@ pub struct ClusterConfig {
     /// The route address other brokers are told to dial (gossip); the listen address when None.
     /// Set it when listening on 0.0.0.0 or behind NAT.
     pub advertise: Option<SocketAddr>,
-    /// The client address this broker's clients are told of (WELCOME's `connect_urls`, NATS
-    /// INFO's); the native listen address when None.
+    /// The native client address other brokers' clients are told of (WELCOME's
+    /// `connect_urls`); the native listen address when None. (NATS INFO's `connect_urls` list the
+    /// NATS listen addresses.)
     pub client_advertise: Option<SocketAddr>,
 }
 

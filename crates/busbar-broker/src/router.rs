@@ -491,7 +491,9 @@ impl Router {
                         return;
                     }
                     forwarded.push(node);
-                    let out = RouteOut::Msg { target: msg.destination, sid: FANOUT, msg: msg.clone() };
+                    // Direct addressing (by id or by name) restricts the peer's fan-out to one client.
+                    let target = only.unwrap_or(msg.destination);
+                    let out = RouteOut::Msg { target, sid: FANOUT, msg: msg.clone() };
                     s.outbox.push(Outbound::Route(out))
                 };
                 delivered += usize::from(queued);

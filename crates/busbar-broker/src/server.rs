@@ -507,7 +507,8 @@ impl Broker {
         Ok(Self { addr, http_addr, nats_addr, shared, stop: Some(stop), task: Some(task) })
     }
 
-    /// The address of the route listener, when the broker is in a cluster.
+    /// The route address this broker gives its peers, when it is in a cluster: its route
+    /// listener's, unless `ClusterConfig::advertise` says otherwise.
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
         self.shared.cluster.as_ref().map(|c| c.cluster_url)
     }

@@ -129,14 +129,14 @@ struct ServeArgs {
     #[arg(long, env = "BUSBAR_NATS_LISTEN")]
     nats_listen: Option<SocketAddr>,
     /// Join a cluster: listen for other brokers' routes on this address (needs --node-id).
-    #[arg(long, env = "BUSBAR_CLUSTER_LISTEN", requires = "node_id")]
+    #[arg(long, env = "BUSBAR_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
     /// This broker's node id in the cluster, 1-255, unique among its brokers.
     #[arg(long, env = "BUSBAR_NODE_ID")]
     node_id: Option<u8>,
-    /// Name of the cluster (routes from another cluster are refused).
-    #[arg(long, env = "BUSBAR_CLUSTER_NAME", default_value = "busbar")]
-    cluster_name: String,
+    /// Name of the cluster (routes from another cluster are refused); "busbar" by default.
+    #[arg(long, env = "BUSBAR_CLUSTER_NAME")]
+    cluster_name: Option<String>,
     /// Seed routes: other brokers' route listeners, comma-separated.
     #[arg(long, env = "BUSBAR_ROUTES", value_delimiter = ',')]
     routes: Vec<SocketAddr>,
@@ -318,7 +318,8 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         (Some(listen), Some(cluster)) => cluster.listen = listen,
         (Some(listen), None) => {
             let node = args.node_id.context("--cluster-listen needs --node-id")?;
-            config.cluster = Some(busbar_broker::ClusterConfig::new(args.cluster_name.clone(), node, listen));
+            let name = args.cluster_name.clone().unwrap_or_else(|| "busbar".into());
+            config.cluster = Some(busbar_broker::ClusterConfig::new(name, node, listen));
         }
         (None, _) => {}
     }
@@ -331,6 +332,9 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         }
         if let Some(token) = &args.cluster_token {
             cluster.token = Some(token.clone());
+        }
+        if let Some(name) = &args.cluster_name {
+            cluster.name = name.clone();
         }
         cluster.advertise = args.cluster_advertise.or(cluster.advertise);
         cluster.client_advertise = args.client_advertise.or(cluster.client_advertise);

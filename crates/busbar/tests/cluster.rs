@@ -412,22 +412,27 @@ async fn service_names_resolve_across_brokers() {
     let mut inbox = mailer.subscribe("mail.>").await.unwrap();
     let _h = mailer.respond("mail.count", |_m| async move { Ok::<_, String>("3") }).await.unwrap();
     mailer.flush().await.unwrap();
-    // A look-alike subscriber elsewhere must not get what is addressed to the mailer.
+    // Look-alike subscribers, beside the mailer and elsewhere, must not get what is addressed
+    // to it.
     let other = client(&a).await;
     let mut theirs = other.subscribe("mail.>").await.unwrap();
     other.flush().await.unwrap();
-    wait_interest(&a, 2).await;
+    let neighbour = client(&c).await;
+    let mut next_door = neighbour.subscribe("mail.>").await.unwrap();
+    neighbour.flush().await.unwrap();
+    wait_interest(&a, 3).await;
     let sender = client(&a).await;
     sender.publish_message(Outgoing::new("mail.send", "hi").to_service("mailer")).await.unwrap();
     sender.flush().await.unwrap();
     assert_eq!(next(&mut inbox).await.payload_str(), Some("hi"));
     assert!(drain(&mut theirs).await.is_empty(), "addressed to the mailer only");
+    assert!(drain(&mut next_door).await.is_empty(), "not to its neighbour on its broker either");
     let reply =
         sender.request_message(Outgoing::new("mail.count", "").to_service("mailer"), LONG).await.unwrap();
     assert_eq!(reply.payload_str(), Some("3"));
     // Gone with its client.
     mailer.disconnect().await.unwrap();
-    wait_interest(&a, 0).await;
+    wait_interest(&a, 1).await;
     let gone = sender.request_message(Outgoing::new("mail.count", "").to_service("mailer"), LONG).await;
     assert!(matches!(gone, Err(Error::NoResponders { .. })), "{gone:?}");
 }
