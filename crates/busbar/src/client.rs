@@ -399,7 +399,7 @@ impl Client {
     pub async fn subscribe(&self, pattern: impl Into<Pattern>) -> Result<Subscription> {
         let pattern = pattern.into();
         let name = pattern.pattern.clone();
-        let (tx, rx) = mpsc::channel(self.subscription_capacity);
+        let (tx, rx) = crate::feed::feed(self.subscription_capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Events { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Events, sink).await?;
@@ -422,7 +422,7 @@ impl Client {
     /// to be answered with [`Request::reply`] or [`Request::fail`].
     pub async fn requests(&self, pattern: impl Into<Pattern>) -> Result<Requests> {
         let pattern = pattern.into();
-        let (tx, rx) = mpsc::channel(self.subscription_capacity);
+        let (tx, rx) = crate::feed::feed(self.subscription_capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = Sink::Requests { tx, dropped: dropped.clone() };
         let sid = self.subscribe_kind(pattern, SubKind::Requests, sink).await?;

@@ -68,8 +68,8 @@ pub(crate) enum Command {
 /// Where the connection task puts a subscription's messages or requests.
 #[derive(Debug)]
 pub(crate) enum Sink {
-    Events { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
-    Requests { tx: mpsc::Sender<Request>, dropped: Arc<AtomicU64> },
+    Events { tx: crate::feed::FeedTx<Message>, dropped: Arc<AtomicU64> },
+    Requests { tx: crate::feed::FeedTx<Request>, dropped: Arc<AtomicU64> },
 }
 
 /// Where the connection task puts the replies to one request.
@@ -693,7 +693,7 @@ fn jitter(delay: Duration) -> Duration {
 
 /// Hands `item` to a subscription's buffer without waiting. A full buffer drops it and counts
 /// (logged at each power of two). Returns true when the receiver is gone.
-fn offer<T>(tx: &mpsc::Sender<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
+fn offer<T>(tx: &crate::feed::FeedTx<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
     match tx.try_send(item) {
         Ok(()) => false,
         Err(mpsc::error::TrySendError::Full(_)) => {

@@ -37,6 +37,7 @@ mod client;
 mod connection;
 mod context;
 mod error;
+mod feed;
 pub mod local;
 mod message;
 mod request;

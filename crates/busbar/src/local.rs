@@ -132,7 +132,7 @@ type SyncFn = dyn Fn(&Message) -> std::result::Result<(), String> + Send + Sync;
 
 enum Sink {
     Sync(Box<SyncFn>),
-    Stream { tx: mpsc::Sender<Message>, dropped: Arc<AtomicU64> },
+    Stream { tx: crate::feed::FeedTx<Message>, dropped: Arc<AtomicU64> },
 }
 
 #[derive(Clone)]
@@ -152,7 +152,7 @@ struct Handler {
 struct Responder {
     sid: u64,
     group: Option<GroupRef>,
-    tx: mpsc::Sender<Request>,
+    tx: crate::feed::FeedTx<Request>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -220,7 +220,7 @@ impl Table {
             }
             Slot::Regex => self.regexes.retain(|h| h.sid != sid),
             Slot::Responder(pattern) => {
-                let (tx, _) = mpsc::channel(1);
+                let (tx, _) = crate::feed::feed(1);
                 let probe = Arc::new(Responder { sid, group: None, tx, dropped: Arc::default() });
                 self.responders.remove(&pattern, &probe);
             }
@@ -438,7 +438,7 @@ impl Bus {
 
     fn stream(&self, pattern: Pattern, regex: Option<Regex>) -> Result<Subscription> {
         let name = ByteString::from(pattern.pattern_str());
-        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity.max(1));
+        let (tx, rx) = crate::feed::feed(self.inner.options.subscription_capacity.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
         let sid = self.add_event(pattern, regex, Sink::Stream { tx, dropped: dropped.clone() })?;
         Ok(Subscription::new(sid, name, rx, dropped, self.unsubscriber()))
@@ -460,7 +460,7 @@ impl Bus {
         let pattern = pattern.into();
         let p = pattern.pattern_str();
         validate_pattern(p).map_err(|source| Error::InvalidTopic { topic: p.to_string(), source })?;
-        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity.max(1));
+        let (tx, rx) = crate::feed::feed(self.inner.options.subscription_capacity.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
         let sid = self.next_sid();
         self.update(|t| {

@@ -69,7 +69,7 @@ impl Unsubscriber {
 pub struct Subscription {
     sid: u64,
     pattern: ByteString,
-    rx: mpsc::Receiver<Message>,
+    rx: crate::feed::FeedRx<Message>,
     dropped: Arc<AtomicU64>,
     unsub: Unsubscriber,
     active: bool,
@@ -86,7 +86,7 @@ impl Subscription {
     pub(crate) fn new(
         sid: u64,
         pattern: ByteString,
-        rx: mpsc::Receiver<Message>,
+        rx: crate::feed::FeedRx<Message>,
         dropped: Arc<AtomicU64>,
         unsub: Unsubscriber,
     ) -> Self {
@@ -110,7 +110,7 @@ impl Subscription {
 
     /// The next message if one is already buffered, without waiting.
     pub fn try_next(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 
     /// How many messages were dropped because this subscription's buffer was full.
@@ -144,7 +144,7 @@ impl Drop for Subscription {
 #[derive(Debug)]
 pub struct Requests {
     sid: u64,
-    rx: mpsc::Receiver<Request>,
+    rx: crate::feed::FeedRx<Request>,
     dropped: Arc<AtomicU64>,
     unsub: Unsubscriber,
     active: bool,
@@ -160,7 +160,7 @@ impl Requests {
 
     pub(crate) fn new(
         sid: u64,
-        rx: mpsc::Receiver<Request>,
+        rx: crate::feed::FeedRx<Request>,
         dropped: Arc<AtomicU64>,
         unsub: Unsubscriber,
     ) -> Self {
