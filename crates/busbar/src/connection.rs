@@ -195,8 +195,10 @@ pub(crate) struct ConnectionTask {
     pub(crate) offline_len: Arc<AtomicUsize>,
     /// Index of the server the current connection went to.
     pub(crate) server: usize,
-    pub(crate) subs: HashMap<u64, (Sub, Sink)>,
-    pub(crate) requests: HashMap<u64, ReplySink>,
+    /// By subscription id (looked up per received message: foldhash, not SipHash; the ids are
+    /// this client's own).
+    pub(crate) subs: HashMap<u64, (Sub, Sink), foldhash::fast::RandomState>,
+    pub(crate) requests: HashMap<u64, ReplySink, foldhash::fast::RandomState>,
     pongs: VecDeque<PongWaiter>,
     offline: VecDeque<Bytes>,
     /// Brokers of the cluster learned from WELCOME (`connect_urls`), tried after the configured
@@ -230,8 +232,8 @@ impl ConnectionTask {
             welcome,
             offline_len,
             server,
-            subs: HashMap::new(),
-            requests: HashMap::new(),
+            subs: HashMap::default(),
+            requests: HashMap::default(),
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
             learned: Vec::new(),
