@@ -147,7 +147,7 @@ impl Peer {
                 if let Some(g) = group {
                     pattern = pattern.group(g, GroupPolicy::RoundRobin);
                 }
-                c.subscribe(pattern).await?.map(|m| m.payload().clone()).boxed()
+                c.subscribe(pattern).await?.map(|m| m.into_payload()).boxed()
             }
             Peer::Nats(c) => {
                 let sub = match group {
@@ -195,7 +195,7 @@ impl Peer {
 
     async fn request(&self, subject: &'static str, payload: Bytes) -> Result<Bytes> {
         Ok(match self {
-            Peer::Busbar(c) => c.request(subject, payload, Duration::from_secs(10)).await?.payload().clone(),
+            Peer::Busbar(c) => c.request(subject, payload, Duration::from_secs(10)).await?.into_payload(),
             Peer::Nats(c) => c.request(subject, payload).await?.payload,
         })
     }

@@ -258,6 +258,8 @@ pub struct Client {
     subscription_capacity: usize,
     ids: Arc<dyn IdGenerator>,
     offline_len: Arc<AtomicUsize>,
+    /// The current broker's `max_frame_size`, read per publish without the watch's lock.
+    max_frame: Arc<AtomicUsize>,
     offline_buffer: usize,
     offline_policy: OfflinePolicy,
     handlers: TaskTracker,
@@ -288,6 +290,7 @@ impl Client {
         let (welcome_tx, welcome) = watch::channel(Arc::new(welcome));
         let (commands, rx) = mpsc::channel(options.command_capacity.max(1));
         let offline_len = Arc::new(AtomicUsize::new(0));
+        let max_frame = Arc::new(AtomicUsize::new(welcome.borrow().max_frame_size as usize));
         let client = Self {
             commands: commands.clone(),
             status,
@@ -296,6 +299,7 @@ impl Client {
             subscription_capacity: options.subscription_capacity.max(1),
             ids: options.id_generator.clone(),
             offline_len: offline_len.clone(),
+            max_frame: max_frame.clone(),
             offline_buffer: options.offline_buffer,
             offline_policy: options.offline_policy,
             handlers: TaskTracker::new(),
@@ -307,6 +311,7 @@ impl Client {
             status_tx,
             welcome_tx,
             offline_len,
+            max_frame,
             server,
         );
         tokio::spawn(task.run(conn));
@@ -330,7 +335,7 @@ impl Client {
 
     /// The largest frame the broker accepts.
     pub fn max_frame_size(&self) -> usize {
-        self.welcome.borrow().max_frame_size as usize
+        self.max_frame.load(Ordering::Relaxed)
     }
 
     /// Publishes waiting in the offline buffer for the connection to come back.
@@ -364,9 +369,10 @@ impl Client {
     /// Publishes a message with headers, balance key, destination or transaction.
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
         let message = encode_pub(&self.prepare(message)?, self.max_frame_size())?;
+        // The buffer's length first: one atomic load, where the status takes a lock.
         if self.offline_policy == OfflinePolicy::Error
-            && self.status() != Status::Connected
             && self.buffered() >= self.offline_buffer
+            && self.status() != Status::Connected
         {
             return Err(Error::BufferFull { capacity: self.offline_buffer });
         }

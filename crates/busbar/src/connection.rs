@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
@@ -184,6 +184,9 @@ enum End {
 /// Most commands written in one batch before a flush.
 const COMMAND_BATCH: usize = 256;
 
+/// Most received frames handled in a row before commands get their turn.
+const READ_BATCH: usize = 256;
+
 pub(crate) struct ConnectionTask {
     pub(crate) options: ClientOptions,
     pub(crate) commands: mpsc::Receiver<Command>,
@@ -193,6 +196,8 @@ pub(crate) struct ConnectionTask {
     pub(crate) status: watch::Sender<Status>,
     pub(crate) welcome: watch::Sender<Arc<Welcome>>,
     pub(crate) offline_len: Arc<AtomicUsize>,
+    /// The current broker's `max_frame_size`, for the handles.
+    pub(crate) max_frame: Arc<AtomicUsize>,
     /// Index of the server the current connection went to.
     pub(crate) server: usize,
     /// By subscription id (looked up per received message: foldhash, not SipHash; the ids are
@@ -220,6 +225,7 @@ impl ConnectionTask {
         status: watch::Sender<Status>,
         welcome: watch::Sender<Arc<Welcome>>,
         offline_len: Arc<AtomicUsize>,
+        max_frame: Arc<AtomicUsize>,
         server: usize,
     ) -> Self {
         let ids = options.id_generator.clone();
@@ -231,6 +237,7 @@ impl ConnectionTask {
             status,
             welcome,
             offline_len,
+            max_frame,
             server,
             subs: HashMap::default(),
             requests: HashMap::default(),
@@ -365,6 +372,7 @@ impl ConnectionTask {
                 Ok((conn, welcome)) => {
                     info!(%addr, attempt, service_id = welcome.service_id, "reconnected");
                     self.learn(&welcome);
+                    self.max_frame.store(welcome.max_frame_size as usize, Ordering::Relaxed);
                     self.welcome.send_replace(Arc::new(welcome));
                     return Some(conn);
                 }
@@ -456,16 +464,30 @@ impl ConnectionTask {
                         Err(e) => return End::Lost(e),
                     }
                 }
-                frame = conn.reader.next() => match frame {
-                    Some(Ok(frame)) => {
-                        heard = true;
-                        if let Err(e) = self.on_frame(&mut conn, frame).await {
-                            return End::Lost(e);
+                frame = conn.reader.next() => {
+                    // Then every frame that is already in the read buffer (or in the socket),
+                    // without going back through the select for each one.
+                    let mut frame = frame;
+                    for handled in 1.. {
+                        match frame {
+                            Some(Ok(f)) => {
+                                heard = true;
+                                if let Err(e) = self.on_frame(&mut conn, f).await {
+                                    return End::Lost(e);
+                                }
+                            }
+                            Some(Err(e)) => return End::Lost(codec_error(e)),
+                            None => return End::Lost(Error::ConnectionLost),
+                        }
+                        if handled == READ_BATCH {
+                            break;
+                        }
+                        match conn.reader.next().now_or_never() {
+                            Some(next) => frame = next,
+                            None => break,
                         }
                     }
-                    Some(Err(e)) => return End::Lost(codec_error(e)),
-                    None => return End::Lost(Error::ConnectionLost),
-                },
+                }
                 _ = tick.tick(), if !beat.is_zero() => {
                     if std::mem::take(&mut heard) {
                         last_seen = Instant::now();

@@ -72,6 +72,10 @@ impl Message {
     pub fn msgpack<T: DeserializeOwned>(&self) -> Result<T> {
         rmp_serde::from_slice(&self.inner.payload).map_err(|e| Error::Codec(e.to_string()))
     }
+    /// The payload, without a reference count taken and dropped as `payload().clone()` does.
+    pub fn into_payload(self) -> Bytes {
+        self.inner.payload
+    }
     /// The wire-level message.
     pub fn into_inner(self) -> busbar_core::Message {
         self.inner
