@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use busbar_core::{Message, SubKind};
-use tokio::sync::mpsc;
 
 use crate::router::Router;
 use crate::session::{Outbound, Outbox};
@@ -13,7 +12,7 @@ use crate::session::{Outbound, Outbox};
 #[derive(Debug)]
 pub struct RoutingBench {
     router: Router,
-    inboxes: Vec<mpsc::UnboundedReceiver<Outbound>>,
+    inboxes: Vec<crate::queue::Receiver<Outbound>>,
     message: Arc<Message>,
 }
 
@@ -23,7 +22,7 @@ impl RoutingBench {
         let mut router = Router::default();
         let mut inboxes = Vec::new();
         for conn in 1..=subscribers {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = crate::queue::queue();
             let outbox = Outbox::new(tx);
             router.add_connection(conn, None, outbox.clone());
             router.subscribe(conn, 1, "bench.topic".into(), None, SubKind::Events, outbox, 16).unwrap();
@@ -52,7 +51,7 @@ impl RoutingBench {
     pub fn route_one(&mut self) -> usize {
         let delivered = self.router.route(&self.message, None);
         for rx in &mut self.inboxes {
-            while rx.try_recv().is_ok() {}
+            while rx.try_recv().is_some() {}
         }
         delivered
     }

@@ -29,7 +29,6 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, FramedRead};
 use tracing::{debug, info, warn};
 
@@ -488,7 +487,7 @@ async fn run(
     shared: Arc<Shared>,
 ) -> bool {
     let Some(cluster) = shared.cluster.as_ref() else { return false };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = crate::queue::queue();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
     let outbox = Outbox::with_control(tx, control.clone());
     let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), usize::MAX, Native));

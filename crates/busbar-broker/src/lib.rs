@@ -37,6 +37,7 @@ mod config;
 mod config_file;
 mod monitor;
 mod nats;
+mod queue;
 mod requests;
 mod router;
 mod server;

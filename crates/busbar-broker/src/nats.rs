@@ -200,7 +200,7 @@ async fn run(
     deadline: tokio::time::Instant,
     shared: Arc<Shared>,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = crate::queue::queue();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), session::Link::Nats));
     let outbox = Outbox::with_control(tx, control.clone());
     // One message per subscription that reaches its max_msgs, at most: bounded by the

@@ -26,7 +26,6 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -198,13 +197,13 @@ impl Control {
 /// and bytes, checked before each push and released by the writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    tx: Option<mpsc::UnboundedSender<Outbound>>,
+    tx: Option<crate::queue::Sender<Outbound>>,
     control: Arc<Control>,
 }
 
 impl Outbox {
     /// An outbox into `tx`, with no bounds (for benches).
-    pub(crate) fn new(tx: mpsc::UnboundedSender<Outbound>) -> Self {
+    pub(crate) fn new(tx: crate::queue::Sender<Outbound>) -> Self {
         Self { tx: Some(tx), control: Arc::default() }
     }
 
@@ -214,7 +213,7 @@ impl Outbox {
     }
 
     /// An outbox into `tx` with its connection's control.
-    pub(crate) fn with_control(tx: mpsc::UnboundedSender<Outbound>, control: Arc<Control>) -> Self {
+    pub(crate) fn with_control(tx: crate::queue::Sender<Outbound>, control: Arc<Control>) -> Self {
         Self { tx: Some(tx), control }
     }
 
@@ -451,7 +450,7 @@ pub(crate) async fn run(
 ) {
     let max = shared.config.max_frame_size;
     let mut reader = FramedRead::with_capacity(rd, SessionCodec(FrameCodec::new(max)), FIRST_READ_BUFFER);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = crate::queue::queue();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Client));
     let outbox = Outbox { tx: Some(tx), control: control.clone() };
     let writer = tokio::spawn(write_loop(wr, rx, control.clone(), max, Native));
@@ -1038,7 +1037,7 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
 /// Owns the write half: batches queued frames into one buffer per write.
 pub(crate) async fn write_loop(
     mut wr: WriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut rx: crate::queue::Receiver<Outbound>,
     control: Arc<Control>,
     max: usize,
     mut encoder: impl Encoder,
@@ -1062,8 +1061,8 @@ pub(crate) async fn write_loop(
         let mut closing = encode(&mut buf, first, max, &control, &mut encoder);
         while !closing && buf.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(next) => closing = encode(&mut buf, next, max, &control, &mut encoder),
-                Err(_) => break,
+                Some(next) => closing = encode(&mut buf, next, max, &control, &mut encoder),
+                None => break,
             }
         }
         written = 0;
@@ -1183,7 +1182,7 @@ mod tests {
         let config =
             crate::Config { max_pending: 2, slow_consumer: SlowConsumerPolicy::Drop, ..Default::default() };
         let control = Arc::new(Control::new(&config, Arc::default(), Link::Client));
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::queue::queue();
         let outbox = Outbox::with_control(tx, control.clone());
         let msg = Arc::new(Message::new("a", "x"));
         assert!(outbox.deliver(1, &msg) && outbox.deliver(1, &msg));
@@ -1195,7 +1194,7 @@ mod tests {
         assert_eq!(sent, Ok(true));
         assert!(!control.is_killed());
         let mut n = 0;
-        while rx.try_recv().is_ok() {
+        while rx.try_recv().is_some() {
             n += 1;
         }
         assert_eq!(n, 3);
