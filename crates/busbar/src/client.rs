@@ -2,14 +2,15 @@
 //! socket.
 //!
 //! ```text
-//!  Client (clone) ──┐  bounded mpsc of Command          ┌──► Subscription / Requests streams (bounded)
+//!  Client (clone) ──┐  bounded queue of Command         ┌──► Subscription / Requests streams (bounded)
 //!  Client (clone) ──┼──────────────────► connection task ┼──► pending requests (oneshot / bounded mpsc)
 //!  Subscription ────┘  (unsubscribe on drop)             └──► socket (FramedRead / FramedWrite)
 //! ```
 //!
 //! The connection task is the only code that touches the socket: it writes the frames that
 //! commands ask for (batching whatever is queued before each flush), reads frames, and hands
-//! messages, requests and replies to whoever waits for them.
+//! messages, requests and replies to whoever waits for them. Publishes are encoded by the
+//! publishing task straight into the queue (see `commands.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::commands::{CommandTx, TrySendError};
 use crate::connection::{Command, ConnectionTask, ReplySink, Sink, handshake};
 use crate::error::{Error, Result};
 use crate::message::{Message, Outgoing};
@@ -251,7 +253,7 @@ const GATHER_CAPACITY: usize = 1024;
 /// A handle to a connection. Clone it freely: all clones share the one connection.
 #[derive(Debug, Clone)]
 pub struct Client {
-    commands: mpsc::Sender<Command>,
+    commands: CommandTx,
     status: watch::Receiver<Status>,
     welcome: watch::Receiver<Arc<Welcome>>,
     next_id: Arc<AtomicU64>,
@@ -288,7 +290,7 @@ impl Client {
         let Some((server, (conn, welcome))) = connected else { return Err(last) };
         let (status_tx, status) = watch::channel(Status::Connected);
         let (welcome_tx, welcome) = watch::channel(Arc::new(welcome));
-        let (commands, rx) = mpsc::channel(options.command_capacity.max(1));
+        let (commands, rx) = crate::commands::commands(options.command_capacity);
         let offline_len = Arc::new(AtomicUsize::new(0));
         let max_frame = Arc::new(AtomicUsize::new(welcome.borrow().max_frame_size as usize));
         let client = Self {
@@ -348,10 +350,8 @@ impl Client {
         // per publish. When full, wait like any sender (tokio's permits go to waiters first).
         match self.commands.try_send(command) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(command)) => {
-                self.commands.send(command).await.map_err(|_| Error::Closed)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+            Err(TrySendError::Full(command)) => self.commands.send(command).await,
+            Err(TrySendError::Closed) => Err(Error::Closed),
         }
     }
 
@@ -368,7 +368,8 @@ impl Client {
 
     /// Publishes a message with headers, balance key, destination or transaction.
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
-        let message = encode_pub(&self.prepare(message)?, self.max_frame_size())?;
+        let max = self.max_frame_size();
+        let message = message.prepare(self.ids.as_ref(), max)?;
         // The buffer's length first: one atomic load, where the status takes a lock.
         if self.offline_policy == OfflinePolicy::Error
             && self.buffered() >= self.offline_buffer
@@ -376,7 +377,8 @@ impl Client {
         {
             return Err(Error::BufferFull { capacity: self.offline_buffer });
         }
-        self.command(Command::Publish(message)).await
+        // Encoded straight into the connection task's queue.
+        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
     }
 
     async fn subscribe_kind(&self, pattern: Pattern, kind: SubKind, sink: Sink) -> Result<u64> {
@@ -523,24 +525,4 @@ impl Client {
         }
         Ok(())
     }
-}
-
-thread_local! {
-    /// Where this thread encodes the PUB frames it publishes: frames are split off as `Bytes`, so
-    /// that one allocation serves many frames.
-    static ENCODE: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
-}
-
-/// Encodes a PUB frame where the message is published, so that the connection task gets a
-/// small `Bytes` to copy into its write buffer instead of a large message to move and encode.
-fn encode_pub(message: &busbar_core::Message, max_frame_size: usize) -> Result<Bytes> {
-    const CHUNK: usize = 64 * 1024;
-    ENCODE.with_borrow_mut(|buf| {
-        let needed = message.frame_size() + 16;
-        if buf.capacity() - buf.len() < needed {
-            buf.reserve(needed.max(CHUNK));
-        }
-        busbar_core::frame::encode_pub(buf, message, max_frame_size)?;
-        Ok(buf.split().freeze())
-    })
 }

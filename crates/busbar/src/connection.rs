@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
@@ -28,6 +28,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
 use crate::client::{ClientOptions, Credentials, OfflinePolicy, Status};
+use crate::commands::{CommandRx, WeakCommandTx};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::request::{ReplyTo, Request};
@@ -36,8 +37,8 @@ use crate::request::{ReplyTo, Request};
 /// and out of the channel, and publishes (the common case) are small.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// A PUB frame, already encoded by the publishing task.
-    Publish(Bytes),
+    /// PUB frames, one or more, encoded by the publishing tasks (see `commands.rs`).
+    Publish(BytesMut),
     Subscribe {
         sub: Box<Sub>,
         sink: Sink,
@@ -181,17 +182,14 @@ enum End {
     Lost(Error),
 }
 
-/// Most commands written in one batch before a flush.
-const COMMAND_BATCH: usize = 256;
-
 /// Most received frames handled in a row before commands get their turn.
 const READ_BATCH: usize = 256;
 
 pub(crate) struct ConnectionTask {
     pub(crate) options: ClientOptions,
-    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) commands: CommandRx,
     /// For the requests handed to responders (weak, so that the task ends with the last handle).
-    pub(crate) handle: mpsc::WeakSender<Command>,
+    pub(crate) handle: WeakCommandTx,
     pub(crate) ids: Arc<dyn IdGenerator>,
     pub(crate) status: watch::Sender<Status>,
     pub(crate) welcome: watch::Sender<Arc<Welcome>>,
@@ -220,8 +218,8 @@ impl ConnectionTask {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         options: ClientOptions,
-        commands: mpsc::Receiver<Command>,
-        handle: mpsc::WeakSender<Command>,
+        commands: CommandRx,
+        handle: WeakCommandTx,
         status: watch::Sender<Status>,
         welcome: watch::Sender<Arc<Welcome>>,
         offline_len: Arc<AtomicUsize>,
@@ -389,18 +387,21 @@ impl ConnectionTask {
     /// A command while disconnected. False: close.
     fn offline_command(&mut self, command: Command) -> bool {
         match command {
-            Command::Publish(message) => {
-                if self.offline.len() >= self.options.offline_buffer {
-                    match self.options.offline_policy {
-                        OfflinePolicy::DropOldest => {
-                            self.offline.pop_front();
+            Command::Publish(run) => {
+                // Kept frame by frame: the bound and the drop policy count messages.
+                for frame in frames(run.freeze()) {
+                    if self.offline.len() >= self.options.offline_buffer {
+                        match self.options.offline_policy {
+                            OfflinePolicy::DropOldest => {
+                                self.offline.pop_front();
+                            }
+                            // The handle refuses publishes once the buffer is full; one that
+                            // raced past it is dropped here, so the bound holds.
+                            OfflinePolicy::Error => break,
                         }
-                        // The handle refuses publishes once the buffer is full; one that raced
-                        // past it is dropped here, so the bound holds.
-                        OfflinePolicy::Error => return true,
                     }
+                    self.offline.push_back(frame);
                 }
-                self.offline.push_back(message);
                 self.offline_len.store(self.offline.len(), Ordering::Relaxed);
             }
             Command::Subscribe { sub, sink, done } => {
@@ -448,12 +449,11 @@ impl ConnectionTask {
         let mut last_seen = Instant::now();
         let mut heard = false;
         let mut pinged = false;
-        // Commands are taken many at a time: one release of the channel's permits (a lock) per
-        // batch rather than per command.
-        let mut commands = Vec::with_capacity(COMMAND_BATCH);
+        // Commands are taken all at once: one lock per batch rather than per command.
+        let mut commands = Vec::new();
         loop {
             tokio::select! {
-                received = self.commands.recv_many(&mut commands, COMMAND_BATCH) => {
+                received = self.commands.recv_all(&mut commands) => {
                     if received == 0 {
                         let _ = SinkExt::<Frame>::close(&mut conn.writer).await;
                         return End::Closed;
@@ -552,7 +552,10 @@ impl ConnectionTask {
     /// Queues the frames for one command into the writer's buffer. Ok(false) means close.
     async fn apply(&mut self, conn: &mut Conn, command: Command) -> Result<bool> {
         match command {
-            Command::Publish(frame) => write_encoded(conn, &frame).await?,
+            Command::Publish(run) => {
+                write_encoded(conn, &run).await?;
+                self.commands.recycle(run);
+            }
             Command::Subscribe { sub, sink, done } => {
                 let sid = sub.sid;
                 feed(conn, Frame::Sub((*sub).clone())).await?;
@@ -747,4 +750,37 @@ fn is_fatal(code: ErrorCode) -> bool {
             | ErrorCode::AuthenticationFailed
             | ErrorCode::ShuttingDown
     )
+}
+
+/// The frames of a run of encoded frames (each starts with its length).
+fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || {
+        let prefix: [u8; 4] = run.get(..4)?.try_into().ok()?;
+        let len = (4 + u32::from_be_bytes(prefix) as usize).min(run.len());
+        Some(run.split_to(len))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_splits_into_its_frames() {
+        let mut run = BytesMut::new();
+        for topic in ["a", "b.c", "d"] {
+            let message = busbar_core::Message::new(topic, vec![7u8; 3]);
+            busbar_core::frame::encode_pub(&mut run, &message, 1 << 20).unwrap();
+        }
+        let frames: Vec<Bytes> = frames(run.freeze()).collect();
+        assert_eq!(frames.len(), 3);
+        for (frame, topic) in frames.iter().zip(["a", "b.c", "d"]) {
+            let mut buf = BytesMut::from(&frame[..]);
+            match busbar_core::frame::decode(&mut buf, 1 << 20) {
+                Ok(Some(Frame::Pub(m))) => assert_eq!(&*m.topic, topic),
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+    }
 }

@@ -34,6 +34,7 @@
 
 mod bus;
 mod client;
+mod commands;
 mod connection;
 mod context;
 mod error;

@@ -28,7 +28,7 @@ pub struct Request {
 #[derive(Debug)]
 pub(crate) enum ReplyTo {
     /// Over the network, through the connection task.
-    Remote(mpsc::Sender<Command>),
+    Remote(crate::commands::CommandTx),
     /// In process, straight to the waiting requester.
     One(Option<oneshot::Sender<Reply>>),
     /// In process, to a scatter-gather collector.
@@ -38,9 +38,7 @@ pub(crate) enum ReplyTo {
 impl ReplyTo {
     async fn send(&mut self, reply: Reply) -> Result<()> {
         match self {
-            ReplyTo::Remote(commands) => {
-                commands.send(Command::Reply(Box::new(reply))).await.map_err(|_| Error::Closed)
-            }
+            ReplyTo::Remote(commands) => commands.send(Command::Reply(Box::new(reply))).await,
             ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
             ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
         }

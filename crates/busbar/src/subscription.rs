@@ -12,20 +12,19 @@ use busbar_core::ByteString;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::FutureExt;
-use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use crate::connection::Command;
 use crate::context::in_transaction;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::message::Message;
 use crate::request::Request;
 
 /// How a subscription handle ends its subscription.
 pub(crate) enum Unsubscriber {
     /// Through the connection task.
-    Remote(mpsc::Sender<Command>),
+    Remote(crate::commands::CommandTx),
     /// Directly in the in-process bus.
     Local(Arc<dyn Fn(u64) + Send + Sync>),
 }
@@ -43,9 +42,7 @@ impl Unsubscriber {
     async fn unsubscribe(&self, sid: u64, active: &mut bool) -> Result<()> {
         if std::mem::replace(active, false) {
             match self {
-                Unsubscriber::Remote(commands) => {
-                    commands.send(Command::Unsubscribe { sid }).await.map_err(|_| Error::Closed)?
-                }
+                Unsubscriber::Remote(commands) => commands.send(Command::Unsubscribe { sid }).await?,
                 Unsubscriber::Local(unsubscribe) => unsubscribe(sid),
             }
         }
