@@ -1,78 +1,177 @@
 //! The queue between the connection task (or the in-process bus) and a subscription's stream:
-//! bounded, one consumer, without a lock per item. tokio's bounded channel releases a permit
-//! (a lock) on every receive; this is its unbounded channel with an item counter for the bound.
+//! bounded, one consumer, many producers.
+//!
+//! A locked `VecDeque`: a send is one uncontended lock and a push, and wakes the consumer only
+//! when the queue was empty; the consumer takes everything queued in one lock and hands it out
+//! from its own buffer. The bound counts what the consumer has taken but not handed out yet, so
+//! at most `capacity` items are ever buffered; what it hands out is released in steps of
+//! `RELEASE_EVERY` (and at each take), so a slow consumer frees room as it goes. (tokio's channels pay a slot reservation, a
+//! semaphore update and a wake per item, and a permit release per receive.)
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc::error::TrySendError;
+
+/// Items handed out after which the consumer gives their room back without waiting for its
+/// next take.
+const RELEASE_EVERY: usize = 64;
+
+#[derive(Debug)]
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    waker: AtomicWaker,
+    senders: AtomicUsize,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct State<T> {
+    items: VecDeque<T>,
+    /// Items queued or taken by the consumer and not handed out yet.
+    len: usize,
+    /// The consumer is gone.
+    closed: bool,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Nothing panics under this lock; a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// A queue of at most `capacity` items.
 pub(crate) fn feed<T>(capacity: usize) -> (FeedTx<T>, FeedRx<T>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let len = Arc::new(AtomicUsize::new(0));
-    (FeedTx { tx, len: len.clone(), capacity: capacity.max(1) }, FeedRx { rx, len })
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State { items: VecDeque::new(), len: 0, closed: false }),
+        waker: AtomicWaker::new(),
+        senders: AtomicUsize::new(1),
+        capacity: capacity.max(1),
+    });
+    (FeedTx { shared: shared.clone() }, FeedRx { shared, taken: VecDeque::new(), handed: 0 })
 }
 
 /// The sending side.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct FeedTx<T> {
-    tx: mpsc::UnboundedSender<T>,
-    len: Arc<AtomicUsize>,
-    capacity: usize,
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for FeedTx<T> {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<T> Drop for FeedTx<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.waker.wake();
+        }
+    }
 }
 
 impl<T> FeedTx<T> {
     /// Queues `item` unless the queue is full or its receiver is gone.
     pub(crate) fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        if self.len.load(Ordering::Relaxed) >= self.capacity {
-            return if self.tx.is_closed() {
-                Err(TrySendError::Closed(item))
-            } else {
-                Err(TrySendError::Full(item))
-            };
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(TrySendError::Closed(item));
         }
-        // Counted first, so that the receiver never takes away what was not added.
-        self.len.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(item).map_err(|e| {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-            TrySendError::Closed(e.0)
-        })
+        if state.len >= self.shared.capacity {
+            return Err(TrySendError::Full(item));
+        }
+        let was_empty = state.items.is_empty();
+        state.items.push_back(item);
+        state.len += 1;
+        drop(state);
+        // The consumer takes everything when it wakes: later items need no wake of their own.
+        if was_empty {
+            self.shared.waker.wake();
+        }
+        Ok(())
     }
 }
 
-/// The receiving side.
+/// The receiving side. Dropping it makes every later send fail.
 #[derive(Debug)]
 pub(crate) struct FeedRx<T> {
-    rx: mpsc::UnboundedReceiver<T>,
-    len: Arc<AtomicUsize>,
+    shared: Arc<Shared<T>>,
+    /// Taken from the queue, not handed out yet.
+    taken: VecDeque<T>,
+    /// Handed out since the last take (still counted in the shared length until the next one).
+    handed: usize,
+}
+
+impl<T> Drop for FeedRx<T> {
+    fn drop(&mut self) {
+        let items = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            std::mem::take(&mut state.items)
+        };
+        // Outside the lock: dropping an item may drop a request's reply handle.
+        drop(items);
+    }
 }
 
 impl<T> FeedRx<T> {
-    fn took(&self, item: Option<T>) -> Option<T> {
+    /// Moves everything queued to `taken`, releasing what was handed out; false when there was
+    /// nothing.
+    fn take(&mut self) -> bool {
+        let mut state = self.shared.lock();
+        state.len -= std::mem::take(&mut self.handed);
+        if state.items.is_empty() {
+            return false;
+        }
+        // Swapped, so that both buffers keep their capacity.
+        std::mem::swap(&mut state.items, &mut self.taken);
+        true
+    }
+
+    fn hand_out(&mut self) -> Option<T> {
+        let item = self.taken.pop_front();
         if item.is_some() {
-            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.handed += 1;
+            if self.handed >= RELEASE_EVERY {
+                let mut state = self.shared.lock();
+                state.len -= std::mem::take(&mut self.handed);
+            }
         }
         item
     }
 
-    pub(crate) async fn recv(&mut self) -> Option<T> {
-        let item = self.rx.recv().await;
-        self.took(item)
-    }
-
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let item = self.rx.try_recv().ok();
-        self.took(item)
+        if self.taken.is_empty() && !self.take() {
+            return None;
+        }
+        self.hand_out()
     }
 
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(item) => Poll::Ready(self.took(item)),
-            Poll::Pending => Poll::Pending,
+        if let Some(item) = self.try_recv() {
+            return Poll::Ready(Some(item));
         }
+        self.shared.waker.register(cx.waker());
+        // Again after registering: a send in between woke the old waker, or wakes this one.
+        if let Some(item) = self.try_recv() {
+            return Poll::Ready(Some(item));
+        }
+        if self.shared.senders.load(Ordering::Acquire) == 0 {
+            // The last sender may have queued just before it went.
+            return Poll::Ready(self.try_recv());
+        }
+        Poll::Pending
+    }
+
+    pub(crate) async fn recv(&mut self) -> Option<T> {
+        poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 
@@ -87,9 +186,65 @@ mod tests {
         tx.try_send(2).unwrap();
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
         assert_eq!(rx.recv().await, Some(1));
+        // Handed out, but released only when the receiver takes again: still full.
+        assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.try_recv(), None);
         tx.try_send(3).unwrap();
-        assert_eq!((rx.try_recv(), rx.try_recv(), rx.try_recv()), (Some(2), Some(3), None));
+        tx.try_send(4).unwrap();
+        assert!(matches!(tx.try_send(5), Err(TrySendError::Full(5))));
+        assert_eq!((rx.try_recv(), rx.try_recv(), rx.try_recv()), (Some(3), Some(4), None));
         drop(rx);
-        assert!(matches!(tx.try_send(4), Err(TrySendError::Closed(4))));
+        assert!(matches!(tx.try_send(6), Err(TrySendError::Closed(6))));
+    }
+
+    #[test]
+    fn a_slow_consumer_frees_room_as_it_goes() {
+        let (tx, mut rx) = feed(RELEASE_EVERY * 2);
+        for i in 0..RELEASE_EVERY * 2 {
+            tx.try_send(i).unwrap();
+        }
+        assert!(tx.try_send(0).is_err());
+        // All taken at the first receive; room comes back after RELEASE_EVERY handed out,
+        // before the consumer takes again.
+        for i in 0..RELEASE_EVERY {
+            assert_eq!(rx.try_recv(), Some(i));
+        }
+        for i in 0..RELEASE_EVERY {
+            tx.try_send(1000 + i).unwrap();
+        }
+        assert!(tx.try_send(0).is_err());
+    }
+
+    #[tokio::test]
+    async fn ends_with_the_last_sender() {
+        let (tx, mut rx) = feed(4);
+        let tx2 = tx.clone();
+        tx.try_send(1).unwrap();
+        drop(tx);
+        tx2.try_send(2).unwrap();
+        drop(tx2);
+        assert_eq!((rx.recv().await, rx.recv().await, rx.recv().await), (Some(1), Some(2), None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_receiver_is_woken_and_nothing_is_lost() {
+        const N: u32 = 20_000;
+        let (tx, mut rx) = feed(N as usize);
+        let sender = tokio::spawn(async move {
+            for i in 0..N {
+                tx.try_send(i).unwrap();
+                if i % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut next = 0;
+        while let Some(i) = rx.recv().await {
+            assert_eq!(i, next);
+            next += 1;
+        }
+        sender.await.unwrap();
+        assert_eq!(next, N);
     }
 }
