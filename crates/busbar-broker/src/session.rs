@@ -35,7 +35,7 @@ use crate::config::SlowConsumerPolicy;
 use crate::requests::{NewRequest, ReplyTo};
 use crate::server::{ConnMeta, Counters, Shared};
 
-/// Initial size of a connection's read buffer: one read takes many small frames.
+/// Read buffer room of a busy connection: one read takes many small frames.
 const READ_BUFFER: usize = 32 * 1024;
 /// Initial size of a connection's read buffer: enough for a handshake and a few subscriptions,
 /// so that idle connections stay small; a connection that keeps sending gets `READ_BUFFER`.
