@@ -7,12 +7,17 @@
 //! semaphore update, a slot reservation and a wake for every item on the sending side, and a
 //! permit release on the receiving side; in the broker's pubsub profile that was the largest
 //! cost after copying. The bound is not here: it is the connection's `Control` counters.
+//!
+//! A reader that routes a batch of frames can also hold the wake-ups back until the batch is
+//! done ([`Deferred`]): each writer then wakes once per batch and finds it all queued, instead
+//! of waking at the first message and writing the batch in small pieces.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 
@@ -82,9 +87,74 @@ impl<T> Sender<T> {
         // The receiver takes everything when it wakes: items added meanwhile need no wake of
         // their own.
         if was_empty {
-            self.shared.waker.wake();
+            wake(&self.shared.waker);
         }
         Ok(())
+    }
+}
+
+thread_local! {
+    /// Wake-ups held back on this thread, while a [`Deferred::hold`] runs.
+    static HELD: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
+}
+
+/// Wakes the receiver now, or later when a [`Deferred::hold`] is running on this thread.
+fn wake(waker: &AtomicWaker) {
+    let held = HELD.with_borrow_mut(|held| match held {
+        Some(list) => {
+            // Taken out: the receiver registers again when it next waits.
+            if let Some(w) = waker.take() {
+                list.push(w);
+            }
+            true
+        }
+        None => false,
+    });
+    if !held {
+        waker.wake();
+    }
+}
+
+/// Wake-ups a reader holds back while it routes a batch; [`Deferred::wake_all`] must run before
+/// the reader waits for anything (one of the wakers may be of the task it waits for).
+#[derive(Debug, Default)]
+pub(crate) struct Deferred {
+    wakers: Vec<Waker>,
+}
+
+impl Deferred {
+    /// Runs `f` (synchronous, so it cannot move to another thread halfway) with the wake-ups of
+    /// the queues it sends to added to this list instead of done.
+    pub(crate) fn hold<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let list = std::mem::take(&mut self.wakers);
+        let outer = HELD.with_borrow_mut(|held| held.replace(list));
+        // Restored even if `f` panics, so that the thread's later sends still wake.
+        struct Restore<'a> {
+            deferred: &'a mut Deferred,
+            outer: Option<Option<Vec<Waker>>>,
+        }
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                let outer = self.outer.take().flatten();
+                let list = HELD.with_borrow_mut(|held| std::mem::replace(held, outer));
+                self.deferred.wakers = list.unwrap_or_default();
+            }
+        }
+        let _restore = Restore { deferred: self, outer: Some(outer) };
+        f()
+    }
+
+    /// Does the held wake-ups.
+    pub(crate) fn wake_all(&mut self) {
+        for w in self.wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -172,6 +242,46 @@ mod tests {
         drop(tx2);
         assert_eq!(rx.recv().await, Some(4));
         assert_eq!(rx.recv().await, None);
+    }
+
+    /// Counts its wake-ups.
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn held_wake_ups_happen_once_per_queue_at_wake_all() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (tx, mut rx) = queue();
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        let mut deferred = Deferred::default();
+        deferred.hold(|| {
+            tx.send(1).unwrap();
+            tx.send(2).unwrap();
+        });
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "held");
+        // Outside `hold`, sends wake at once again (here: nothing to wake, the waker is held).
+        tx.send(3).unwrap();
+        deferred.wake_all();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(1))));
+        assert_eq!((rx.try_recv(), rx.try_recv(), rx.try_recv()), (Some(2), Some(3), None));
+        // Waiting again: a send outside `hold` wakes at once.
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.send(4).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        // A dropped list still wakes.
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(4))));
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        let mut deferred = Deferred::default();
+        deferred.hold(|| tx.send(5).unwrap());
+        drop(deferred);
+        assert_eq!(count.0.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use busbar_core::{
     validate_pattern, validate_topic,
 };
 use bytes::BytesMut;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Permissions;
 use crate::config::SlowConsumerPolicy;
+use crate::queue::Deferred;
 use crate::requests::{NewRequest, ReplyTo};
 use crate::server::{ConnMeta, Counters, Shared};
 
@@ -45,6 +46,8 @@ const BUSY_AFTER: u32 = 64;
 /// Room beyond a connection's bounds kept for the broker's answers to the client's own frames.
 const ANSWER_SLACK_ITEMS: usize = 1024;
 const ANSWER_SLACK_BYTES: usize = 256 * 1024;
+/// Most frames routed before the writers they fed are woken (unless the client pauses first).
+const DEFER_BATCH: u32 = 256;
 /// Longest the session waits for room to queue an answer to the client (PONG, ERROR …).
 const SEND_PATIENCE: Duration = Duration::from_secs(5);
 /// Largest batch the write task builds before it writes.
@@ -703,6 +706,9 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     let mut unchecked = 0u32;
     let mut frames = 0u32;
     let bye = || error(ErrorCode::ShuttingDown, 0, "server shutting down");
+    // The writers this batch of frames queued messages for: woken once the batch is routed.
+    let mut deferred = Deferred::default();
+    let mut batch = 0u32;
     loop {
         if frames >= BUSY_AFTER {
             // Large reads for a busy connection. (The decoder only asks for one more byte, and a
@@ -712,10 +718,18 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 buf.reserve(READ_BUFFER);
             }
         }
-        // Frames first: while the client keeps sending, the other branches (each a poll with a
-        // lock or a timer) are not polled; the kill flag and shutdown are checked below instead,
-        // and heartbeats do not matter while frames arrive.
-        let next = tokio::select! {
+        // Frames already read are taken without a select; the other branches (each a poll
+        // with a lock or a timer) wait until the client pauses; the kill flag and shutdown are
+        // checked below instead, and heartbeats do not matter while frames arrive.
+        let buffered = if batch < DEFER_BATCH { reader.next().now_or_never() } else { None };
+        let next = if let Some(next) = buffered {
+            batch += 1;
+            next
+        } else {
+            // About to wait: the writers get what this batch queued for them.
+            batch = 0;
+            deferred.wake_all();
+            tokio::select! {
             biased;
             next = reader.next() => next,
             () = heartbeat.tick(), if !heartbeat.off() => {
@@ -732,6 +746,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 outbox.send(Outbound::Close(bye())).await;
                 return;
             }
+            }
         };
         if outbox.control.is_killed() {
             return;
@@ -740,6 +755,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
         if unchecked >= 256 {
             unchecked = 0;
             if shared.shutdown.is_cancelled() {
+                deferred.wake_all();
                 outbox.send(Outbound::Close(bye())).await;
                 return;
             }
@@ -760,8 +776,12 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
         heartbeat.heard();
         frames = frames.saturating_add(1);
         let applied = match incoming {
-            Incoming::Pub(message) => publish(message, outbox, id, shared, perms).await,
-            Incoming::Other(frame) => apply(*frame, outbox, id, shared, perms).await,
+            Incoming::Pub(message) => publish(message, outbox, id, shared, perms, &mut deferred).await,
+            Incoming::Other(frame) => {
+                // Anything but a PUB may wait (for room in this client's own queue, say).
+                deferred.wake_all();
+                apply(*frame, outbox, id, shared, perms).await
+            }
         };
         if let Err(fatal) = applied {
             outbox.control.fail(fatal);
@@ -777,8 +797,10 @@ async fn publish(
     id: u32,
     shared: &Shared,
     perms: &Permissions,
+    deferred: &mut Deferred,
 ) -> Result<(), ErrorFrame> {
     if !perms.publish.permits_topic(&message.topic) {
+        deferred.wake_all();
         shared.stats.permission_denied.inc();
         let e =
             error(ErrorCode::PermissionDenied, 0, format!("may not publish to {:?}", shown(&message.topic)));
@@ -790,6 +812,7 @@ async fn publish(
     }
     count_in(outbox, &message);
     if let Err(e) = validate_topic(&message.topic) {
+        deferred.wake_all();
         let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
         outbox.send(Outbound::frame(Frame::Error(error(ErrorCode::InvalidTopic, 0, text)))).await;
         return Ok(());
@@ -804,7 +827,7 @@ async fn publish(
         shared.stats.undeliverable.inc();
         return Ok(());
     };
-    let delivered = shared.router().route(&message, only);
+    let delivered = deferred.hold(|| shared.router().route(&message, only));
     outbox.control.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
     Ok(())
 }
@@ -857,7 +880,11 @@ async fn apply(
         return Ok(());
     }
     match frame {
-        Frame::Pub(message) => return publish(Arc::new(message), outbox, id, shared, perms).await,
+        Frame::Pub(message) => {
+            // (Not reached from the read loop, which routes PUBs itself; no batch to wait for.)
+            let mut now = Deferred::default();
+            return publish(Arc::new(message), outbox, id, shared, perms, &mut now).await;
+        }
         Frame::Request(request) => request_in(request, outbox, id, shared).await,
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
