@@ -788,6 +788,53 @@ pub fn set_ids(frame: &mut [u8], source: u32, destination: u32) {
     }
 }
 
+/// Like [`decode`], for a reader that wants PUBs in a form of its own (a broker routes them in an
+/// `Arc`): a PUB goes to `on_pub` as a bare [`Message`], without being moved through a
+/// [`Frame`] first; any other frame goes to `on_other`.
+pub fn decode_with<T>(
+    buf: &mut BytesMut,
+    max_frame_size: usize,
+    on_pub: impl FnOnce(Message) -> T,
+    on_other: impl FnOnce(Frame) -> T,
+) -> Result<Option<T>, FrameError> {
+    let Some(total) = check(buf, max_frame_size)? else { return Ok(None) };
+    let mut b = buf.split_to(total).freeze();
+    b.advance(LEN_PREFIX);
+    // Magic and version are checked (`check`); the signal byte comes right after them.
+    let is_pub = b.len() >= HEADER_LEN && b[3] & !(SIGNAL_KEY | SIGNAL_ENVELOPE) == cmd::PUB;
+    if !is_pub {
+        return parse(b).map(|frame| Some(on_other(frame)));
+    }
+    let signal = b[3];
+    b.advance(4);
+    let source = b.get_u32();
+    let destination = b.get_u32();
+    let _corr = b.get_u64();
+    let flags = signal & (SIGNAL_KEY | SIGNAL_ENVELOPE);
+    let key = if flags & SIGNAL_KEY != 0 { Some(get_u64(&mut b, "balance key")?) } else { None };
+    message_body(b, flags, source, destination, key).map(|m| Some(on_pub(m)))
+}
+
+/// The rest of a data frame after its fixed fields: [envelope], topic, headers, payload.
+#[inline]
+fn message_body(
+    mut b: Bytes,
+    flags: u8,
+    source: u32,
+    destination: u32,
+    key: Option<u64>,
+) -> Result<Message, FrameError> {
+    let envelope = if flags & SIGNAL_ENVELOPE != 0 {
+        need(&b, ENVELOPE_LEN, "envelope")?;
+        Some(Envelope { id: b.get_u128(), tx: b.get_u128(), timestamp_ns: b.get_u64() })
+    } else {
+        None
+    };
+    let topic = get_str(&mut b, "topic")?;
+    let headers = get_headers(&mut b, "headers")?;
+    Ok(Message { source, destination, key, envelope, topic, headers, payload: b })
+}
+
 /// Parses one frame from exactly its bytes after the length prefix.
 pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
     if b.len() < HEADER_LEN {
@@ -840,16 +887,7 @@ pub fn parse(mut b: Bytes) -> Result<Frame, FrameError> {
                 cmd::PUB => Frame::Pub(Message::new("", Bytes::new())),
                 _ => Frame::Msg { sid: corr, message: Message::new("", Bytes::new()) },
             };
-            let envelope = if flags & SIGNAL_ENVELOPE != 0 {
-                need(&b, ENVELOPE_LEN, "envelope")?;
-                Some(Envelope { id: b.get_u128(), tx: b.get_u128(), timestamp_ns: b.get_u64() })
-            } else {
-                None
-            };
-            let topic = get_str(&mut b, "topic")?;
-            let headers = get_headers(&mut b, "headers")?;
-            let message = Message { source, destination, key, envelope, topic, headers, payload: b };
-            return Ok(frame.with_message(message));
+            return Ok(frame.with_message(message_body(b, flags, source, destination, key)?));
         }
         _ if flags != 0 && command & SIGNAL_CONTROL != 0 => return Err(FrameError::BadFlags(flags)),
         cmd::HELLO => {

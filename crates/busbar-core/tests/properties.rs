@@ -173,6 +173,22 @@ proptest! {
     }
 
     #[test]
+    fn decode_with_agrees_with_decode(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3)) {
+        // Valid frames and damaged ones: the same frame or the same error either way.
+        let mut buf = BytesMut::new();
+        f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        for (i, b) in flips {
+            let at = i.index(buf.len());
+            buf[at] = b;
+        }
+        let mut other = buf.clone();
+        let plain = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE);
+        let with = frame::decode_with(&mut other, DEFAULT_MAX_FRAME_SIZE, Frame::Pub, |f| f);
+        prop_assert_eq!(with, plain);
+        prop_assert_eq!(other, buf);
+    }
+
+    #[test]
     fn mutated_frames_never_panic(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
