@@ -1089,13 +1089,15 @@ pub(crate) async fn write_loop(
             break 'run;
         }
         let Some(first) = first else { break 'run };
-        let mut closing = encode(&mut buf, first, max, &control, &mut encoder);
+        let mut tally = Tally::default();
+        let mut closing = encode(&mut buf, first, max, &mut tally, &mut encoder);
         while !closing && buf.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Some(next) => closing = encode(&mut buf, next, max, &control, &mut encoder),
+                Some(next) => closing = encode(&mut buf, next, max, &mut tally, &mut encoder),
                 None => break,
             }
         }
+        tally.settle(&control);
         written = 0;
         while written < buf.len() {
             tokio::select! {
@@ -1184,22 +1186,46 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
     Ok(())
 }
 
-/// Encodes one outbound item, releasing its bytes from the connection's budget; true when it
-/// was a closing error.
+/// What a batch of encoded items takes off the connection's budget and adds to its traffic:
+/// settled once per batch, not per item (these counters are shared with the readers that
+/// queue for this connection, so each update is a contended cache line).
+#[derive(Debug, Default)]
+struct Tally {
+    items: usize,
+    bytes: usize,
+    msgs: u64,
+    msg_bytes: u64,
+}
+
+impl Tally {
+    fn settle(&mut self, control: &Control) {
+        if self.items > 0 {
+            control.pending_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+            control.pending_frames.fetch_sub(self.items, Ordering::Relaxed);
+        }
+        if self.msgs > 0 {
+            control.msgs_out.fetch_add(self.msgs, Ordering::Relaxed);
+            control.bytes_out.fetch_add(self.msg_bytes, Ordering::Relaxed);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// Encodes one outbound item and counts it in `tally`; true when it was a closing error.
 fn encode(
     buf: &mut BytesMut,
     out: Outbound,
     max: usize,
-    control: &Control,
+    tally: &mut Tally,
     encoder: &mut impl Encoder,
 ) -> bool {
     let size = out.size();
-    control.sub_pending(size);
+    tally.items += 1;
+    tally.bytes += size;
     if let Outbound::Msg { .. } | Outbound::Route(crate::router::RouteOut::Msg { .. }) = &out {
         // For a message, its budget size is its frame size.
-        let bytes = size as u64;
-        control.msgs_out.fetch_add(1, Ordering::Relaxed);
-        control.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        tally.msgs += 1;
+        tally.msg_bytes += size as u64;
     }
     encoder.encode(buf, out, max)
 }
