@@ -797,22 +797,45 @@ pub fn decode_with<T>(
     on_pub: impl FnOnce(Message) -> T,
     on_other: impl FnOnce(Frame) -> T,
 ) -> Result<Option<T>, FrameError> {
+    decode_data_with(buf, max_frame_size, cmd::PUB, |_, message| on_pub(message), on_other)
+}
+
+/// Like [`decode_with`], for a client: a MSG goes to `on_msg` with its subscription id.
+pub fn decode_msg_with<T>(
+    buf: &mut BytesMut,
+    max_frame_size: usize,
+    on_msg: impl FnOnce(u64, Message) -> T,
+    on_other: impl FnOnce(Frame) -> T,
+) -> Result<Option<T>, FrameError> {
+    decode_data_with(buf, max_frame_size, cmd::MSG, on_msg, on_other)
+}
+
+/// Decodes one frame; one of the data frames of `command` (PUB or MSG: no fixed fields) goes to
+/// `on_data` with its correlation field, any other frame to `on_other`.
+#[inline]
+fn decode_data_with<T>(
+    buf: &mut BytesMut,
+    max_frame_size: usize,
+    command: u8,
+    on_data: impl FnOnce(u64, Message) -> T,
+    on_other: impl FnOnce(Frame) -> T,
+) -> Result<Option<T>, FrameError> {
     let Some(total) = check(buf, max_frame_size)? else { return Ok(None) };
     let mut b = buf.split_to(total).freeze();
     b.advance(LEN_PREFIX);
     // Magic and version are checked (`check`); the signal byte comes right after them.
-    let is_pub = b.len() >= HEADER_LEN && b[3] & !(SIGNAL_KEY | SIGNAL_ENVELOPE) == cmd::PUB;
-    if !is_pub {
+    let fast = b.len() >= HEADER_LEN && b[3] & !(SIGNAL_KEY | SIGNAL_ENVELOPE) == command;
+    if !fast {
         return parse(b).map(|frame| Some(on_other(frame)));
     }
     let signal = b[3];
     b.advance(4);
     let source = b.get_u32();
     let destination = b.get_u32();
-    let _corr = b.get_u64();
+    let corr = b.get_u64();
     let flags = signal & (SIGNAL_KEY | SIGNAL_ENVELOPE);
     let key = if flags & SIGNAL_KEY != 0 { Some(get_u64(&mut b, "balance key")?) } else { None };
-    message_body(b, flags, source, destination, key).map(|m| Some(on_pub(m)))
+    message_body(b, flags, source, destination, key).map(|m| Some(on_data(corr, m)))
 }
 
 /// The rest of a data frame after its fixed fields: [envelope], topic, headers, payload.

@@ -173,7 +173,7 @@ proptest! {
     }
 
     #[test]
-    fn decode_with_agrees_with_decode(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3)) {
+    fn decode_with_and_decode_msg_with_agree_with_decode(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3)) {
         // Valid frames and damaged ones: the same frame or the same error either way.
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
@@ -182,9 +182,14 @@ proptest! {
             buf[at] = b;
         }
         let mut other = buf.clone();
+        let other_start = buf.clone();
         let plain = frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE);
         let with = frame::decode_with(&mut other, DEFAULT_MAX_FRAME_SIZE, Frame::Pub, |f| f);
-        prop_assert_eq!(with, plain);
+        prop_assert_eq!(with, plain.clone());
+        prop_assert_eq!(&other, &buf);
+        let mut other = other_start;
+        let msg = frame::decode_msg_with(&mut other, DEFAULT_MAX_FRAME_SIZE, |sid, message| Frame::Msg { sid, message }, |f| f);
+        prop_assert_eq!(msg, plain);
         prop_assert_eq!(other, buf);
     }
 

@@ -105,8 +105,44 @@ enum PongWaiter {
 
 /// An established connection.
 pub(crate) struct Conn {
-    reader: FramedRead<ReadHalf, FrameCodec>,
+    reader: FramedRead<ReadHalf, ClientCodec>,
     writer: FramedWrite<WriteHalf, FrameCodec>,
+}
+
+/// What the connection reads: messages, the frames a client gets most, decoded straight into
+/// the form a subscription takes (without a `Frame` around them to move); every other frame.
+#[derive(Debug)]
+enum Received {
+    Msg(Message),
+    Other(Frame),
+}
+
+impl Received {
+    fn name(&self) -> &'static str {
+        match self {
+            Received::Msg(_) => "MSG",
+            Received::Other(f) => f.name(),
+        }
+    }
+}
+
+/// The frame codec, reading MSGs as [`Received::Msg`].
+#[derive(Debug)]
+struct ClientCodec(FrameCodec);
+
+impl tokio_util::codec::Decoder for ClientCodec {
+    type Item = Received;
+    type Error = busbar_core::CodecError;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> std::result::Result<Option<Received>, Self::Error> {
+        let received = busbar_core::frame::decode_msg_with(
+            src,
+            self.0.max_frame_size(),
+            |sid, inner| Received::Msg(Message { sid, inner }),
+            Received::Other,
+        )?;
+        Ok(received)
+    }
 }
 
 fn codec_error(e: busbar_core::CodecError) -> Error {
@@ -142,7 +178,7 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
             let (rd, wr) = stream.into_split();
             (Box::new(rd), Box::new(wr))
         };
-        let mut reader = FramedRead::with_capacity(rd, FrameCodec::default(), 64 * 1024);
+        let mut reader = FramedRead::with_capacity(rd, ClientCodec(FrameCodec::default()), 64 * 1024);
         let mut writer = FramedWrite::new(wr, FrameCodec::default());
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
         if let Some(service) = &options.service {
@@ -158,8 +194,10 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
         }
         writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
         match reader.next().await {
-            Some(Ok(Frame::Welcome(w))) => Ok((reader, writer, w)),
-            Some(Ok(Frame::Error(e))) => Err(Error::Server { code: e.code, message: e.message.to_string() }),
+            Some(Ok(Received::Other(Frame::Welcome(w)))) => Ok((reader, writer, w)),
+            Some(Ok(Received::Other(Frame::Error(e)))) => {
+                Err(Error::Server { code: e.code, message: e.message.to_string() })
+            }
             Some(Ok(other)) => Err(Error::Handshake(format!("expected WELCOME, got {}", other.name()))),
             Some(Err(e)) => Err(codec_error(e)),
             None => Err(Error::Handshake("connection closed during handshake".into())),
@@ -168,7 +206,7 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
     let (mut reader, mut writer, welcome) =
         tokio::time::timeout(options.connect_timeout, attempt).await.map_err(|_| Error::Timeout)??;
     let max = welcome.max_frame_size as usize;
-    reader.decoder_mut().set_max_frame_size(max);
+    reader.decoder_mut().0.set_max_frame_size(max);
     writer.encoder_mut().set_max_frame_size(max);
     debug!(%addr, service_id = welcome.service_id, server = %welcome.server_name, "connected");
     Ok((Conn { reader, writer }, welcome))
@@ -472,7 +510,7 @@ impl ConnectionTask {
                         match frame {
                             Some(Ok(f)) => {
                                 heard = true;
-                                if let Err(e) = self.on_frame(&mut conn, f).await {
+                                if let Err(e) = self.on_received(&mut conn, f).await {
                                     return End::Lost(e);
                                 }
                             }
@@ -599,14 +637,22 @@ impl ConnectionTask {
         Ok(true)
     }
 
-    async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<()> {
-        match frame {
-            Frame::Msg { sid, message } => {
+    async fn on_received(&mut self, conn: &mut Conn, received: Received) -> Result<()> {
+        match received {
+            Received::Msg(message) => {
+                let sid = message.sid;
                 let Some((_, Sink::Events { tx, dropped })) = self.subs.get(&sid) else { return Ok(()) };
-                if offer(tx, dropped, sid, Message { sid, inner: message }) {
+                if offer(tx, dropped, sid, message) {
                     self.forget_subscription(conn, sid).await?;
                 }
+                Ok(())
             }
+            Received::Other(frame) => self.on_frame(conn, frame).await,
+        }
+    }
+
+    async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<()> {
+        match frame {
             Frame::Call(call) => {
                 let Some((_, Sink::Requests { tx, dropped })) = self.subs.get(&call.sid) else {
                     return Ok(());
