@@ -329,10 +329,15 @@ async fn fan(
             let mut seen = Seen::default();
             let mut local = crate::bench::histogram();
             let mut last: Option<u64> = None;
+            // Created once, and polled only when no message is ready: a fresh `cancelled()` per
+            // message costs a registration each time (the same for both targets).
+            let stopped = stop.cancelled();
+            tokio::pin!(stopped);
             loop {
                 let next = tokio::select! {
+                    biased;
                     p = stream.next() => p,
-                    () = stop.cancelled() => None,
+                    () = &mut stopped => None,
                 };
                 let Some(p) = next else { break };
                 let sent = u64::from_be_bytes(p[8..16].try_into().unwrap_or_default());
