@@ -285,7 +285,9 @@ fn main() -> Result<()> {
             Command::Subscribe(args) => subscribe(args).await,
             Command::Request(args) => request(args).await,
             Command::Reply(args) => reply(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            // On a worker, like an application's tasks: the runtime's own threads, not the
+            // thread that blocks on it, for both busbar and NATS.
+            Command::Bench(args) => tokio::spawn(bench::run(args)).await?,
             Command::Config(command) => config_command(command),
             Command::Stats(args) => stats(args).await,
             Command::Connections(args) => connections(args).await,
