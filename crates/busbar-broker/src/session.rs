@@ -781,11 +781,24 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
         frames = frames.saturating_add(1);
         let applied = match incoming {
             Incoming::Pub(message) => publish(message, outbox, id, shared, perms, &mut deferred).await,
-            Incoming::Other(frame) => {
-                // Anything but a PUB may wait (for room in this client's own queue, say).
-                deferred.wake_all();
-                apply(*frame, outbox, id, shared, perms).await
-            }
+            Incoming::Other(frame) => match *frame {
+                // Requests and replies, like PUBs, go out with the batch (request-reply traffic
+                // comes in batches too, with many requests in flight).
+                // (A refused one goes to `apply`, which answers it.)
+                Frame::Request(request) if perms.publish.permits_topic(&request.message.topic) => {
+                    request_in(request, outbox, id, shared, &mut deferred).await;
+                    Ok(())
+                }
+                Frame::Reply(reply) if is_local_reply(&reply, shared) => {
+                    deferred.hold(|| local_reply(reply, id, shared, perms));
+                    Ok(())
+                }
+                frame => {
+                    // Anything else may wait (for room in this client's own queue, say).
+                    deferred.wake_all();
+                    apply(frame, outbox, id, shared, perms).await
+                }
+            },
         };
         if let Err(fatal) = applied {
             outbox.control.fail(fatal);
@@ -889,7 +902,11 @@ async fn apply(
             let mut now = Deferred::default();
             return publish(Arc::new(message), outbox, id, shared, perms, &mut now).await;
         }
-        Frame::Request(request) => request_in(request, outbox, id, shared).await,
+        Frame::Request(request) => {
+            let mut now = Deferred::default();
+            request_in(request, outbox, id, shared, &mut now).await
+        }
+        Frame::Reply(reply) if is_local_reply(&reply, shared) => local_reply(reply, id, shared, perms),
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester != 0 && crate::cluster::is_remote(shared, requester) {
@@ -907,21 +924,10 @@ async fn apply(
                 if !crate::cluster::forward_reply(shared, reply) {
                     shared.stats.late_replies.inc();
                 }
-            } else if requester == 0 {
+            } else {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
                 outbox.send(Outbound::frame(Frame::Error(e))).await;
-            } else {
-                // Judged on the request's own topic: the responder cannot pick another.
-                let may_reply = |topic: &str| {
-                    let ok = perms.allow_responses || perms.publish.permits_topic(topic);
-                    if !ok {
-                        shared.stats.permission_denied.inc();
-                    }
-                    ok
-                };
-                let replied = shared.requests().reply(requester, id, reply, may_reply);
-                crate::requests::settle(replied, shared);
             }
         }
         Frame::Sub(sub) => {
@@ -989,7 +995,30 @@ pub(crate) fn count_in(outbox: &Outbox, message: &Message) {
 }
 
 /// Routes a request to its responders, or answers at once when there are none.
-async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared) {
+/// A REPLY to a request of a client of this broker.
+fn is_local_reply(reply: &busbar_core::Reply, shared: &Shared) -> bool {
+    let requester = reply.message.destination;
+    requester != 0 && !crate::cluster::is_remote(shared, requester)
+}
+
+/// Settles a request of a client of this broker with `reply` (see [`is_local_reply`]); never waits.
+fn local_reply(reply: busbar_core::Reply, id: u32, shared: &Shared, perms: &Permissions) {
+    // Judged on the request's own topic: the responder cannot pick another.
+    let may_reply = |topic: &str| {
+        let ok = perms.allow_responses || perms.publish.permits_topic(topic);
+        if !ok {
+            shared.stats.permission_denied.inc();
+        }
+        ok
+    };
+    let requester = reply.message.destination;
+    let replied = shared.requests().reply(requester, id, reply, may_reply);
+    crate::requests::settle(replied, shared);
+}
+
+/// A REQUEST from the client. Its CALLs are queued under `deferred` (woken with the batch); the
+/// held wake-ups are done before any wait.
+async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared, deferred: &mut Deferred) {
     count_in(outbox, &request.message);
     let Request { id: req_id, all, timeout_ms, mut message } = request;
     shared.stats.requests.inc();
@@ -997,6 +1026,7 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
         Outbound::frame(crate::requests::error_reply(req_id, code, 0, topic, text))
     };
     if let Err(e) = validate_topic(&message.topic) {
+        deferred.wake_all();
         let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
         outbox.send(fail(ErrorCode::InvalidTopic, &text, message.topic.clone())).await;
         return;
@@ -1038,6 +1068,9 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
         });
         (targets, registered)
     };
+    if !matches!(registered, Some(Ok(()))) {
+        deferred.wake_all();
+    }
     match registered {
         None => {
             shared.stats.no_responders.inc();
@@ -1052,17 +1085,19 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared)
         }
         Some(Ok(())) => {}
     }
-    for t in targets {
-        let mut call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
-        if t.outbox.is_route() {
-            // The responder's broker finds it by the destination id.
-            call.message.destination = t.conn;
+    deferred.hold(|| {
+        for t in targets {
+            let mut call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
+            if t.outbox.is_route() {
+                // The responder's broker finds it by the destination id.
+                call.message.destination = t.conn;
+            }
+            if !t.outbox.deliver_frame(Frame::Call(call)) {
+                // The responder is going away; its cleanup fails this request with ResponderLost.
+                debug!(responder = t.conn, "request not delivered");
+            }
         }
-        if !t.outbox.deliver_frame(Frame::Call(call)) {
-            // The responder is going away; its cleanup fails this request with ResponderLost.
-            debug!(responder = t.conn, "request not delivered");
-        }
-    }
+    });
 }
 
 /// Owns the write half: batches queued frames into one buffer per write.
