@@ -21,6 +21,9 @@ use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 
+/// Capacity past which a drained buffer is freed rather than kept for the next batch.
+const SHRINK_ABOVE: usize = 4096;
+
 #[derive(Debug)]
 struct Shared<T> {
     state: Mutex<State<T>>,
@@ -185,7 +188,11 @@ impl<T> Receiver<T> {
         if state.items.is_empty() {
             return false;
         }
-        // Swapped, so that both buffers keep their capacity.
+        // Swapped, so that both buffers keep their capacity; one grown by a burst (a slow
+        // consumer that caught up) is let go.
+        if self.taken.capacity() > SHRINK_ABOVE {
+            self.taken = VecDeque::new();
+        }
         std::mem::swap(&mut state.items, &mut self.taken);
         true
     }

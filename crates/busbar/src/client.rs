@@ -347,7 +347,7 @@ impl Client {
 
     async fn command(&self, command: Command) -> Result<()> {
         // Without the acquire future when there is room (the usual case): measurably cheaper
-        // per publish. When full, wait like any sender (tokio's permits go to waiters first).
+        // per publish. When full, wait for the connection task to take what is queued.
         match self.commands.try_send(command) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(command)) => self.commands.send(command).await,

@@ -266,6 +266,11 @@ impl CommandRx {
         if state.items.is_empty() {
             return false;
         }
+        // Swapped, so that both buffers keep their capacity (`taken` is drained here); one grown
+        // by a burst under a large bound is let go.
+        if self.taken.capacity() > 4096 {
+            self.taken = VecDeque::new();
+        }
         std::mem::swap(&mut state.items, &mut self.taken);
         state.len = 0;
         let waiting = std::mem::take(&mut state.waiting);

@@ -426,8 +426,10 @@ impl ConnectionTask {
     fn offline_command(&mut self, command: Command) -> bool {
         match command {
             Command::Publish(run) => {
-                // Kept frame by frame: the bound and the drop policy count messages.
+                // Kept frame by frame: the bound and the drop policy count messages. Copied, so
+                // that a small frame does not keep its run's whole buffer alive.
                 for frame in frames(run.freeze()) {
+                    let frame = Bytes::copy_from_slice(&frame);
                     if self.offline.len() >= self.options.offline_buffer {
                         match self.options.offline_policy {
                             OfflinePolicy::DropOldest => {
@@ -587,13 +589,32 @@ impl ConnectionTask {
         Ok(true)
     }
 
+    /// Appends a run of PUB frames to the writer's buffer, about `WRITE_HIGH_WATER` at a time
+    /// (flushing in between, at frame boundaries), so the buffer stays bounded. When a flush
+    /// fails, the frames not in the buffer yet go to `leftover`, to be sent on the next
+    /// connection, in order.
+    async fn write_run(&mut self, conn: &mut Conn, mut run: BytesMut) -> Result<()> {
+        let mut at = 0;
+        while at < run.len() {
+            if conn.writer.write_buffer().len() >= WRITE_HIGH_WATER
+                && let Err(e) = SinkExt::<Frame>::flush(&mut conn.writer).await
+            {
+                self.leftover.push(Command::Publish(run.split_off(at)));
+                return Err(codec_error(e));
+            }
+            let room = WRITE_HIGH_WATER.saturating_sub(conn.writer.write_buffer().len());
+            let end = at + frames_within(&run[at..], room);
+            conn.writer.write_buffer_mut().extend_from_slice(&run[at..end]);
+            at = end;
+        }
+        self.commands.recycle(run);
+        Ok(())
+    }
+
     /// Queues the frames for one command into the writer's buffer. Ok(false) means close.
     async fn apply(&mut self, conn: &mut Conn, command: Command) -> Result<bool> {
         match command {
-            Command::Publish(run) => {
-                write_encoded(conn, &run).await?;
-                self.commands.recycle(run);
-            }
+            Command::Publish(run) => self.write_run(conn, run).await?,
             Command::Subscribe { sub, sink, done } => {
                 let sid = sub.sid;
                 feed(conn, Frame::Sub((*sub).clone())).await?;
@@ -798,6 +819,24 @@ fn is_fatal(code: ErrorCode) -> bool {
     )
 }
 
+/// How many bytes of the whole frames at the start of `run` fit in `room`: at least one frame
+/// (or all of `run` when it fits).
+fn frames_within(run: &[u8], room: usize) -> usize {
+    if run.len() <= room {
+        return run.len();
+    }
+    let mut end = 0;
+    while let Some(&[a, b, c, d]) = run.get(end..end + 4) {
+        let next = (end + 4 + u32::from_be_bytes([a, b, c, d]) as usize).min(run.len());
+        if end > 0 && next > room {
+            break;
+        }
+        end = next;
+    }
+    // (Never 0 for a run we encoded; all of it otherwise, so that the caller moves on.)
+    if end == 0 { run.len() } else { end }
+}
+
 /// The frames of a run of encoded frames (each starts with its length).
 fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
     std::iter::from_fn(move || {
@@ -810,6 +849,21 @@ fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_written_in_pieces_of_whole_frames() {
+        let mut run = BytesMut::new();
+        for _ in 0..3 {
+            let message = busbar_core::Message::new("t", vec![0u8; 100]);
+            busbar_core::frame::encode_pub(&mut run, &message, 1 << 20).unwrap();
+        }
+        let one = run.len() / 3;
+        assert_eq!(frames_within(&run, run.len()), run.len(), "all of it when it fits");
+        assert_eq!(frames_within(&run, 2 * one + 1), 2 * one, "whole frames only");
+        assert_eq!(frames_within(&run, 1), one, "at least one frame");
+        assert_eq!(frames_within(&run[one..], 0), one);
+        assert_eq!(frames_within(&[], 0), 0);
+    }
 
     #[test]
     fn a_run_splits_into_its_frames() {

@@ -17,6 +17,9 @@ use std::task::{Context, Poll};
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc::error::TrySendError;
 
+/// Capacity past which a drained buffer is freed rather than kept for the next batch.
+const SHRINK_ABOVE: usize = 4096;
+
 /// Items handed out after which the consumer gives their room back without waiting for its
 /// next take.
 const RELEASE_EVERY: usize = 64;
@@ -130,7 +133,10 @@ impl<T> FeedRx<T> {
         if state.items.is_empty() {
             return false;
         }
-        // Swapped, so that both buffers keep their capacity.
+        // Swapped, so that both buffers keep their capacity; one grown by a burst is let go.
+        if self.taken.capacity() > SHRINK_ABOVE {
+            self.taken = VecDeque::new();
+        }
         std::mem::swap(&mut state.items, &mut self.taken);
         true
     }
@@ -139,7 +145,9 @@ impl<T> FeedRx<T> {
         let item = self.taken.pop_front();
         if item.is_some() {
             self.handed += 1;
-            if self.handed >= RELEASE_EVERY {
+            // Room back every RELEASE_EVERY items, and when the batch is done (so that a small
+            // bound is not full while the consumer holds nothing).
+            if self.handed >= RELEASE_EVERY || self.taken.is_empty() {
                 let mut state = self.shared.lock();
                 state.len -= std::mem::take(&mut self.handed);
             }
@@ -186,14 +194,23 @@ mod tests {
         tx.try_send(2).unwrap();
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
         assert_eq!(rx.recv().await, Some(1));
-        // Handed out, but released only when the receiver takes again: still full.
+        // Handed out while the batch is not done: still counted.
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
         assert_eq!(rx.recv().await, Some(2));
+        // The batch is done: its room is back at once.
+        tx.try_send(3).unwrap();
+        assert_eq!(rx.recv().await, Some(3));
         assert_eq!(rx.try_recv(), None);
         tx.try_send(3).unwrap();
         tx.try_send(4).unwrap();
         assert!(matches!(tx.try_send(5), Err(TrySendError::Full(5))));
         assert_eq!((rx.try_recv(), rx.try_recv(), rx.try_recv()), (Some(3), Some(4), None));
+        // A bound of one still buffers one while the consumer works on the last.
+        let (tx1, mut rx1) = feed(1);
+        tx1.try_send(1).unwrap();
+        assert_eq!(rx1.try_recv(), Some(1));
+        tx1.try_send(2).unwrap();
+        assert_eq!(rx1.try_recv(), Some(2));
         drop(rx);
         assert!(matches!(tx.try_send(6), Err(TrySendError::Closed(6))));
     }
