@@ -4,9 +4,11 @@
 //! A locked `VecDeque`: a send is one uncontended lock and a push, and wakes the consumer only
 //! when the queue was empty; the consumer takes everything queued in one lock and hands it out
 //! from its own buffer. The bound counts what the consumer has taken but not handed out yet, so
-//! at most `capacity` items are ever buffered; what it hands out is released in steps of
-//! `RELEASE_EVERY` (and at each take), so a slow consumer frees room as it goes. (tokio's channels pay a slot reservation, a
-//! semaphore update and a wake per item, and a permit release per receive.)
+//! at most `capacity` items are ever buffered. What it hands out is released at each take and in
+//! steps of a quarter of the capacity (at most 64 items), without a lock per item: until then,
+//! up to that many items already handed out still count, so a full queue may refuse an item a
+//! little early. (tokio's channels pay a slot reservation, a semaphore update and a wake per item,
+//! and a permit release per receive.)
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -20,7 +22,7 @@ use tokio::sync::mpsc::error::TrySendError;
 /// Capacity past which a drained buffer is freed rather than kept for the next batch.
 const SHRINK_ABOVE: usize = 4096;
 
-/// Items handed out after which the consumer gives their room back without waiting for its
+/// Most items handed out after which the consumer gives their room back without waiting for its
 /// next take.
 const RELEASE_EVERY: usize = 64;
 
@@ -56,7 +58,8 @@ pub(crate) fn feed<T>(capacity: usize) -> (FeedTx<T>, FeedRx<T>) {
         senders: AtomicUsize::new(1),
         capacity: capacity.max(1),
     });
-    (FeedTx { shared: shared.clone() }, FeedRx { shared, taken: VecDeque::new(), handed: 0 })
+    let release_every = (capacity / 4).clamp(1, RELEASE_EVERY);
+    (FeedTx { shared: shared.clone() }, FeedRx { shared, taken: VecDeque::new(), handed: 0, release_every })
 }
 
 /// The sending side.
@@ -110,6 +113,8 @@ pub(crate) struct FeedRx<T> {
     taken: VecDeque<T>,
     /// Handed out since the last take (still counted in the shared length until the next one).
     handed: usize,
+    /// Items handed out per release of their room.
+    release_every: usize,
 }
 
 impl<T> Drop for FeedRx<T> {
@@ -145,9 +150,8 @@ impl<T> FeedRx<T> {
         let item = self.taken.pop_front();
         if item.is_some() {
             self.handed += 1;
-            // Room back every RELEASE_EVERY items, and when the batch is done (so that a small
-            // bound is not full while the consumer holds nothing).
-            if self.handed >= RELEASE_EVERY || self.taken.is_empty() {
+            // Room back in steps (a lock per step, not per item).
+            if self.handed >= self.release_every {
                 let mut state = self.shared.lock();
                 state.len -= std::mem::take(&mut self.handed);
             }
@@ -194,11 +198,9 @@ mod tests {
         tx.try_send(2).unwrap();
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
         assert_eq!(rx.recv().await, Some(1));
-        // Handed out while the batch is not done: still counted.
-        assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
-        assert_eq!(rx.recv().await, Some(2));
-        // The batch is done: its room is back at once.
+        // A bound of 2 releases each item as it is handed out.
         tx.try_send(3).unwrap();
+        assert_eq!(rx.recv().await, Some(2));
         assert_eq!(rx.recv().await, Some(3));
         assert_eq!(rx.try_recv(), None);
         tx.try_send(3).unwrap();
