@@ -20,14 +20,16 @@
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
 //! | `tls`     | rustls on the native listener: certificates from PEM, mutual TLS, TLS required or optional on one port |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
+//! | `queue`   | a connection's outbound queue (a locked `VecDeque`, the writer woken once per batch) and `Deferred`, the wake-ups a read loop holds while it routes a batch |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
 //! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, `/routez`, the dashboard at `/` |
 //! | `nats`    | the NATS client protocol listener: NATS clients in any language on the same router; headers, queue groups and requests both ways |
 //! | `router`  | subscriptions in a [`busbar_core::SubscriptionTrie`]; fan-out and group choice per message |
 //!
-//! Data path: a session decodes PUB → validates the topic → `Router::route` under a read lock →
-//! a non-waiting push into each subscriber's bounded outbox → that subscriber's write task batches and
-//! writes. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
+//! Data path: a session decodes PUB (straight into an `Arc`) → validates the topic →
+//! `Router::route` under a read lock → a non-waiting push into each subscriber's bounded outbox →
+//! once the batch of frames read is routed, each writer concerned wakes, takes its whole queue and
+//! writes it. A full outbox closes that subscriber with `SlowConsumer`; the publisher never waits.
 
 mod auth;
 #[doc(hidden)]

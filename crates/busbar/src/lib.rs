@@ -17,6 +17,8 @@
 //! | module    | what it holds |
 //! |-----------|---------------|
 //! | `connection` | the task that owns the socket: batching writes, heartbeats, reconnect with backoff, restoring subscriptions, the offline buffer |
+//! | `commands` | the bounded queue from the handles to that task; publishes are encoded straight into it |
+//! | `feed`    | the bounded queue from that task (or the in-process bus) to a subscription's stream, taken in batches |
 //! | `client`  | [`Client`] (cheap clone handle): publish, subscribe, request/reply, commands, scatter-gather; [`ClientOptions`], [`Pattern`], [`Status`], [`Subscription`] and [`Requests`] (streams), [`HandlerTask`], and the private connection task that owns the socket |
 //! | `request` | [`Request`]: a request or command to answer, with `reply`/`fail` (answered with an error if dropped) |
 //! | `context` | the transaction a handler runs in, inherited by what it sends ([`current_transaction`]) |
