@@ -262,7 +262,7 @@ impl Outbox {
         }
         // Counted before it is queued, so that the writer never subtracts what was not added.
         c.add_pending(size);
-        if tx.send(out).is_err() {
+        if tx.try_send(out).is_err() {
             c.sub_pending(size);
             return false;
         }
@@ -319,7 +319,7 @@ impl Outbox {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         c.add_pending(size);
-        if tx.send(out).is_err() {
+        if tx.try_send(out).is_err() {
             c.sub_pending(size);
             return false;
         }

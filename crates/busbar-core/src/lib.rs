@@ -10,6 +10,7 @@
 //! | [`group`] | [`group::Balancer`]: which group member gets a message (random, round-robin, rendezvous hash) |
 //! | [`id`]    | [`IdGenerator`] (pluggable), the default ULID-style generator, id text form |
 //! | [`nats`]  | the NATS client protocol: a zero-allocation incremental parser and writers (for the planned NATS listener) |
+//! | [`queue`] | the many-to-one queue between tasks (optionally bounded, taken in batches, wake-ups held while a batch is routed) |
 //! | [`frame`] | the native wire protocol: [`Frame`] and its types, [`frame::check`], [`frame::decode`], [`Frame::encode`], and [`FrameCodec`] for `tokio_util::codec` |
 //!
 //! The byte layout is specified in `docs/PROTOCOL.md`, whose golden vectors are checked by this
@@ -33,6 +34,7 @@ pub mod frame;
 pub mod group;
 pub mod id;
 pub mod nats;
+pub mod queue;
 pub mod topic;
 pub mod trie;
 

@@ -790,14 +790,14 @@ fn jitter(delay: Duration) -> Duration {
 fn offer<T>(tx: &crate::feed::FeedTx<T>, dropped: &AtomicU64, sid: u64, item: T) -> bool {
     match tx.try_send(item) {
         Ok(()) => false,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(crate::feed::TrySendError::Full(_)) => {
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 warn!(sid, dropped = n, "subscription buffer full: dropping");
             }
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => true,
+        Err(crate::feed::TrySendError::Closed(_)) => true,
     }
 }
 

@@ -538,7 +538,7 @@ impl Bus {
             Request::new(self.next_sid(), delivered, reply_to, self.inner.options.id_generator.clone());
         match responder.tx.try_send(request) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(mut request)) => {
+            Err(crate::feed::TrySendError::Full(mut request)) => {
                 request.disarm();
                 responder.dropped.fetch_add(1, Ordering::Relaxed);
                 Err(Error::Server {
@@ -546,7 +546,7 @@ impl Bus {
                     message: "the responder's request buffer is full".into(),
                 })
             }
-            Err(mpsc::error::TrySendError::Closed(mut request)) => {
+            Err(crate::feed::TrySendError::Closed(mut request)) => {
                 request.disarm();
                 Err(Error::NoResponders { topic: message.topic().to_string() })
             }
@@ -638,12 +638,12 @@ fn deliver(h: &Handler, message: &Message, delivery: &mut Delivery) {
             copy.sid = h.sid;
             match tx.try_send(copy) {
                 Ok(()) => delivery.delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(crate::feed::TrySendError::Full(_)) => {
                     dropped.fetch_add(1, Ordering::Relaxed);
                     failed(h, message, delivery, "buffer full".into(), false);
                 }
                 // The stream is being dropped; its unsubscription is on its way.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(crate::feed::TrySendError::Closed(_)) => {}
             }
         }
     }
