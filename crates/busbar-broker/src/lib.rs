@@ -20,7 +20,7 @@
 //! | `server`  | the accept loop, [`run`]/[`serve`], the embeddable [`Broker`] handle, [`Stats`], shutdown and drain |
 //! | `tls`     | rustls on the native listener: certificates from PEM, mutual TLS, TLS required or optional on one port |
 //! | `session` | one connection: handshake, read loop applying frames, write task batching frames to the socket |
-//! | `queue`   | a connection's outbound queue (a locked `VecDeque`, the writer woken once per batch) and `Deferred`, the wake-ups a read loop holds while it routes a batch |
+//! | `queue`   | a connection's outbound queue: [`busbar_core::queue`] unbounded (the writer woken once per batch), and `Deferred`, the wake-ups a read loop holds while it routes a batch |
 //! | `requests`| requests in flight: requester ↔ responders, replies, expiry, responder loss |
 //! | `monitor` | the optional HTTP listener: `/healthz`, `/metrics` (Prometheus), `/varz`, `/connz`, `/subsz`, `/routez`, the dashboard at `/` |
 //! | `nats`    | the NATS client protocol listener: NATS clients in any language on the same router; headers, queue groups and requests both ways |
