@@ -734,22 +734,22 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             batch = 0;
             deferred.wake_all();
             tokio::select! {
-            biased;
-            next = reader.next() => next,
-            () = heartbeat.tick(), if !heartbeat.off() => {
-                if let Err(idle) = heartbeat.check(outbox) {
-                    warn!(?idle, "no frame within the heartbeat limit, closing connection");
-                    let text = format!("nothing received for {idle:?} (heartbeat {beat:?})");
-                    outbox.control.fail(error(ErrorCode::StaleConnection, 0, text));
+                biased;
+                next = reader.next() => next,
+                () = heartbeat.tick(), if !heartbeat.off() => {
+                    if let Err(idle) = heartbeat.check(outbox) {
+                        warn!(?idle, "no frame within the heartbeat limit, closing connection");
+                        let text = format!("nothing received for {idle:?} (heartbeat {beat:?})");
+                        outbox.control.fail(error(ErrorCode::StaleConnection, 0, text));
+                        return;
+                    }
+                    continue;
+                }
+                () = &mut killed => return,
+                () = &mut stopping => {
+                    outbox.send(Outbound::Close(bye())).await;
                     return;
                 }
-                continue;
-            }
-            () = &mut killed => return,
-            () = &mut stopping => {
-                outbox.send(Outbound::Close(bye())).await;
-                return;
-            }
             }
         };
         if outbox.control.is_killed() {

@@ -753,9 +753,8 @@ impl ConnectionTask {
     }
 }
 
-/// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
-/// Size of the write buffer past which encoded frames are flushed before more are added.
-/// (tokio-util's own back-pressure boundary: what a failed connection can lose stays as before.)
+/// Size of the write buffer past which encoded frames are flushed before more are added
+/// (tokio-util's own back-pressure boundary): what a failed connection can lose is bounded by it.
 const WRITE_HIGH_WATER: usize = 8 * 1024;
 
 /// Appends an encoded frame to the writer's buffer, in order with the frames fed to it.
@@ -767,6 +766,7 @@ async fn write_encoded(conn: &mut Conn, frame: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
 async fn feed(conn: &mut Conn, frame: Frame) -> Result<()> {
     match conn.writer.feed(frame).await {
         Ok(()) => Ok(()),
