@@ -16,7 +16,8 @@
 //! - **Held wake-ups.** A reader that routes a batch of messages can hold the wake-ups back until
 //!   the batch is done ([`Deferred`]): each receiver then wakes once per batch and finds it all
 //!   queued, instead of waking at the first item and taking the batch in small pieces.
-//! - **Memory.** A drained buffer grown past 4 096 slots by a burst is freed, not kept.
+//! - **Memory.** A drained buffer grown past 4 096 slots by a burst is freed once the burst is
+//!   over (the next take is less than an eighth of it), not kept.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -234,8 +235,10 @@ impl<T> Receiver<T> {
         if state.items.is_empty() {
             return false;
         }
-        // Swapped, so that both buffers keep their capacity; one grown by a burst is let go.
-        if self.taken.capacity() > SHRINK_ABOVE {
+        // Swapped, so that both buffers keep their capacity. One grown by a burst is let go once
+        // the burst is over (this take is small beside it); while it lasts, the buffers are
+        // kept, rather than grown again, copying, for every take.
+        if self.taken.capacity() > SHRINK_ABOVE && state.items.len() < self.taken.capacity() / 8 {
             self.taken = VecDeque::new();
         }
         std::mem::swap(&mut state.items, &mut self.taken);
@@ -323,6 +326,28 @@ mod tests {
         drop(tx2);
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(4)));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn a_burst_keeps_its_buffers_until_it_is_over() {
+        let (tx, mut rx) = queue(UNBOUNDED);
+        let fill = |n: usize| (0..n).for_each(|i| tx.try_send(i).unwrap());
+        let drain = |rx: &mut Receiver<usize>| while rx.try_recv().is_some() {};
+        fill(10_000);
+        drain(&mut rx);
+        // A second burst: the first one's buffer goes back to the senders, not away.
+        fill(10_000);
+        assert_eq!(rx.try_recv(), Some(0));
+        assert!(rx.shared.lock().items.capacity() >= 10_000, "kept while the burst lasts");
+        drain(&mut rx);
+        // The burst is over: both big buffers go, one per take.
+        fill(10);
+        drain(&mut rx);
+        assert!(rx.shared.lock().items.capacity() < SHRINK_ABOVE);
+        fill(10);
+        drain(&mut rx);
+        assert!(rx.shared.lock().items.capacity() < SHRINK_ABOVE);
+        assert!(rx.taken.capacity() < SHRINK_ABOVE);
     }
 
     #[test]
