@@ -5,7 +5,8 @@
 //! lock, instead of travelling as a command of its own. A publish therefore costs one
 //! uncontended lock and the encoding, with no allocation, no per-message reference count and no
 //! wake-up of the connection task unless the queue was empty; the task takes everything queued in
-//! one lock and writes a run of frames with one copy.
+//! one lock and writes each run of frames straight from its buffer. A run stops growing at
+//! `RUN_CAPACITY` (the next publish starts a new one), so a buffer is never grown by copying.
 //!
 //! Order is kept: other commands queue behind the run they follow, so a `flush` after a publish
 //! still covers it. The bound counts each publish as one command, as before.
@@ -184,7 +185,10 @@ impl CommandTx {
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
         let was_empty = state.items.is_empty();
-        if let Some(Command::Publish(run)) = state.items.back_mut() {
+        // A full run is left as it is (a new one starts) rather than grown, copying.
+        if let Some(Command::Publish(run)) = state.items.back_mut()
+            && run.len() < RUN_CAPACITY
+        {
             encode(run)?;
         } else {
             let mut run = state.spare.take().unwrap_or_else(|| BytesMut::with_capacity(RUN_CAPACITY));

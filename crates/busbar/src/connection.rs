@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
@@ -115,6 +116,8 @@ pub(crate) struct Conn {
 enum Received {
     Msg(Message),
     Other(Frame),
+    /// A MSG for a subscription whose receiver is gone (read straight from the buffer).
+    Forget(u64),
 }
 
 impl Received {
@@ -122,6 +125,7 @@ impl Received {
         match self {
             Received::Msg(_) => "MSG",
             Received::Other(f) => f.name(),
+            Received::Forget(_) => "MSG",
         }
     }
 }
@@ -505,27 +509,20 @@ impl ConnectionTask {
                     }
                 }
                 frame = conn.reader.next() => {
-                    // Then every frame that is already in the read buffer (or in the socket),
-                    // without going back through the select for each one.
-                    let mut frame = frame;
-                    for handled in 1.. {
-                        match frame {
-                            Some(Ok(f)) => {
-                                heard = true;
-                                if let Err(e) = self.on_received(&mut conn, f).await {
-                                    return End::Lost(e);
-                                }
+                    match frame {
+                        Some(Ok(f)) => {
+                            heard = true;
+                            if let Err(e) = self.on_received(&mut conn, f).await {
+                                return End::Lost(e);
                             }
-                            Some(Err(e)) => return End::Lost(codec_error(e)),
-                            None => return End::Lost(Error::ConnectionLost),
                         }
-                        if handled == READ_BATCH {
-                            break;
-                        }
-                        match conn.reader.next().now_or_never() {
-                            Some(next) => frame = next,
-                            None => break,
-                        }
+                        Some(Err(e)) => return End::Lost(codec_error(e)),
+                        None => return End::Lost(Error::ConnectionLost),
+                    }
+                    // Then every frame that is already in the read buffer, without going back
+                    // through the select for each one.
+                    if let Err(e) = self.drain_read_buffer(&mut conn).await {
+                        return End::Lost(e);
                     }
                 }
                 _ = tick.tick(), if !beat.is_zero() => {
@@ -589,23 +586,30 @@ impl ConnectionTask {
         Ok(true)
     }
 
-    /// Appends a run of PUB frames to the writer's buffer, about `WRITE_HIGH_WATER` at a time
-    /// (flushing in between, at frame boundaries), so the buffer stays bounded. When a flush
-    /// fails, the frames not in the buffer yet go to `leftover`, to be sent on the next
+    /// Writes a run of PUB frames straight from its buffer (not copied into the writer's),
+    /// after the frames the writer holds, which go first. When a write fails, the frames not
+    /// wholly written go to `leftover`, the one cut short included, to be sent on the next
     /// connection, in order.
     async fn write_run(&mut self, conn: &mut Conn, mut run: BytesMut) -> Result<()> {
+        if !conn.writer.write_buffer().is_empty()
+            && let Err(e) = SinkExt::<Frame>::flush(&mut conn.writer).await
+        {
+            self.leftover.push(Command::Publish(run));
+            return Err(codec_error(e));
+        }
         let mut at = 0;
         while at < run.len() {
-            if conn.writer.write_buffer().len() >= WRITE_HIGH_WATER
-                && let Err(e) = SinkExt::<Frame>::flush(&mut conn.writer).await
-            {
-                self.leftover.push(Command::Publish(run.split_off(at)));
-                return Err(codec_error(e));
+            let written = match conn.writer.get_mut().write(&run[at..]).await {
+                Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+                other => other,
+            };
+            match written {
+                Ok(n) => at += n,
+                Err(e) => {
+                    self.leftover.push(Command::Publish(run.split_off(frame_start(&run, at))));
+                    return Err(Error::Io(e));
+                }
             }
-            let room = WRITE_HIGH_WATER.saturating_sub(conn.writer.write_buffer().len());
-            let end = at + frames_within(&run[at..], room);
-            conn.writer.write_buffer_mut().extend_from_slice(&run[at..end]);
-            at = end;
         }
         self.commands.recycle(run);
         Ok(())
@@ -658,6 +662,35 @@ impl ConnectionTask {
         Ok(true)
     }
 
+    /// Handles up to `READ_BATCH` whole frames left in the read buffer. MSGs go from the buffer
+    /// straight into their subscription's queue, without being moved through the codec, the
+    /// stream and this task's future as a `Received` (a message is 150 bytes; each move is a
+    /// `memcpy`).
+    async fn drain_read_buffer(&mut self, conn: &mut Conn) -> Result<()> {
+        let max = conn.reader.decoder().0.max_frame_size();
+        for _ in 1..READ_BATCH {
+            let subs = &self.subs;
+            let decoded = busbar_core::frame::decode_msg_with(
+                conn.reader.read_buffer_mut(),
+                max,
+                |sid, inner| match subs.get(&sid) {
+                    Some((_, Sink::Events { tx, dropped })) => {
+                        offer(tx, dropped, sid, Message { sid, inner }).then_some(Received::Forget(sid))
+                    }
+                    _ => None,
+                },
+                |frame| Some(Received::Other(frame)),
+            );
+            match decoded.map_err(Error::Frame)? {
+                None => return Ok(()),
+                Some(None) => {}
+                Some(Some(Received::Forget(sid))) => self.forget_subscription(conn, sid).await?,
+                Some(Some(other)) => self.on_received(conn, other).await?,
+            }
+        }
+        Ok(())
+    }
+
     async fn on_received(&mut self, conn: &mut Conn, received: Received) -> Result<()> {
         match received {
             Received::Msg(message) => {
@@ -669,6 +702,7 @@ impl ConnectionTask {
                 Ok(())
             }
             Received::Other(frame) => self.on_frame(conn, frame).await,
+            Received::Forget(sid) => self.forget_subscription(conn, sid).await,
         }
     }
 
@@ -819,22 +853,18 @@ fn is_fatal(code: ErrorCode) -> bool {
     )
 }
 
-/// How many bytes of the whole frames at the start of `run` fit in `room`: at least one frame
-/// (or all of `run` when it fits).
-fn frames_within(run: &[u8], room: usize) -> usize {
-    if run.len() <= room {
-        return run.len();
-    }
-    let mut end = 0;
-    while let Some(&[a, b, c, d]) = run.get(end..end + 4) {
-        let next = (end + 4 + u32::from_be_bytes([a, b, c, d]) as usize).min(run.len());
-        if end > 0 && next > room {
+/// Where the frame that holds byte `at` of `run` starts (`at` itself when a frame starts there;
+/// the run's length when `at` is past its end).
+fn frame_start(run: &[u8], at: usize) -> usize {
+    let mut start = 0;
+    while let Some(&[a, b, c, d]) = run.get(start..start + 4) {
+        let next = start + 4 + u32::from_be_bytes([a, b, c, d]) as usize;
+        if next > at {
             break;
         }
-        end = next;
+        start = next;
     }
-    // (Never 0 for a run we encoded; all of it otherwise, so that the caller moves on.)
-    if end == 0 { run.len() } else { end }
+    start.min(run.len())
 }
 
 /// The frames of a run of encoded frames (each starts with its length).
@@ -851,18 +881,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_is_written_in_pieces_of_whole_frames() {
+    fn a_run_cut_short_is_sent_again_from_the_frame_it_cut() {
         let mut run = BytesMut::new();
         for _ in 0..3 {
             let message = busbar_core::Message::new("t", vec![0u8; 100]);
             busbar_core::frame::encode_pub(&mut run, &message, 1 << 20).unwrap();
         }
         let one = run.len() / 3;
-        assert_eq!(frames_within(&run, run.len()), run.len(), "all of it when it fits");
-        assert_eq!(frames_within(&run, 2 * one + 1), 2 * one, "whole frames only");
-        assert_eq!(frames_within(&run, 1), one, "at least one frame");
-        assert_eq!(frames_within(&run[one..], 0), one);
-        assert_eq!(frames_within(&[], 0), 0);
+        assert_eq!(frame_start(&run, 0), 0, "nothing written: all of it");
+        assert_eq!(frame_start(&run, 1), 0, "the first frame cut: from it");
+        assert_eq!(frame_start(&run, one), one, "one frame written whole: from the next");
+        assert_eq!(frame_start(&run, 2 * one + 1), 2 * one);
+        assert_eq!(frame_start(&run, run.len() - 1), 2 * one);
+        assert_eq!(frame_start(&run, run.len()), run.len(), "all written: nothing left");
+        assert_eq!(frame_start(&[], 0), 0);
     }
 
     #[test]

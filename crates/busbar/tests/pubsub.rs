@@ -108,6 +108,29 @@ async fn unsubscribe_stops_delivery() {
     eventually("dropped subscription removed", || broker.stats().subscriptions == 0).await;
 }
 
+/// A burst arrives as many frames per read, most of them handled straight from the read buffer:
+/// those of a dropped subscription go nowhere, the others arrive whole and in order.
+#[tokio::test]
+async fn a_burst_for_a_live_and_a_dropped_subscription() {
+    let broker = broker().await;
+    let publisher = client(&broker).await;
+    let subscriber = client(&broker).await;
+    let mut live = subscriber.subscribe("live").await.unwrap();
+    let gone = subscriber.subscribe("gone").await.unwrap();
+    drop(gone);
+    for i in 0..2_000u32 {
+        publisher.publish("gone", i.to_be_bytes().to_vec()).await.unwrap();
+        publisher.publish("live", i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for i in 0..2_000u32 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), live.next()).await.unwrap().unwrap();
+        assert_eq!(m.topic(), "live");
+        assert_eq!(&m.payload()[..], &i.to_be_bytes());
+    }
+    eventually("dropped subscription removed", || broker.stats().subscriptions == 1).await;
+}
+
 #[tokio::test]
 async fn a_disconnected_client_is_cleaned_up() {
     let broker = broker().await;
