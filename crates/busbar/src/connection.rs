@@ -18,14 +18,14 @@ use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tracing::{debug, info, warn};
 
 use crate::client::{ClientOptions, Credentials, OfflinePolicy, Status};
@@ -106,47 +106,52 @@ enum PongWaiter {
 
 /// An established connection.
 pub(crate) struct Conn {
-    reader: FramedRead<ReadHalf, ClientCodec>,
+    reader: Reader,
     writer: FramedWrite<WriteHalf, FrameCodec>,
 }
 
-/// What the connection reads: messages, the frames a client gets most, decoded straight into
-/// the form a subscription takes (without a `Frame` around them to move); every other frame.
-#[derive(Debug)]
-enum Received {
-    Msg(Message),
-    Other(Frame),
-    /// A MSG for a subscription whose receiver is gone (read straight from the buffer).
-    Forget(u64),
+/// Room a read takes, at least: the read buffer grows by this much when less is left.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// The read half and the bytes read from it but not decoded yet. Not a `FramedRead`: the
+/// connection task decodes straight from the buffer, so that a MSG goes from there to its
+/// subscription's queue without being moved through a codec, a stream and this task's future
+/// (a message is 150 bytes; each move is a `memcpy` call).
+struct Reader {
+    io: ReadHalf,
+    buf: BytesMut,
+    max_frame_size: usize,
 }
 
-impl Received {
-    fn name(&self) -> &'static str {
-        match self {
-            Received::Msg(_) => "MSG",
-            Received::Other(f) => f.name(),
-            Received::Forget(_) => "MSG",
+impl Reader {
+    /// Reads what the socket has (waiting for something); false at its end. Cancel safe.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        if self.buf.capacity() - self.buf.len() < READ_BUFFER / 8 {
+            self.buf.reserve(READ_BUFFER);
+        }
+        Ok(self.io.read_buf(&mut self.buf).await? > 0)
+    }
+
+    /// The next frame, reading as needed; `None` at the end of the stream.
+    async fn next(&mut self) -> Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = busbar_core::frame::decode(&mut self.buf, self.max_frame_size)? {
+                return Ok(Some(frame));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
         }
     }
 }
 
-/// The frame codec, reading MSGs as [`Received::Msg`].
+/// A decoded frame that needs the connection task's writer (the others are handled as they are
+/// decoded).
 #[derive(Debug)]
-struct ClientCodec(FrameCodec);
-
-impl tokio_util::codec::Decoder for ClientCodec {
-    type Item = Received;
-    type Error = busbar_core::CodecError;
-
-    fn decode(&mut self, src: &mut bytes::BytesMut) -> std::result::Result<Option<Received>, Self::Error> {
-        let received = busbar_core::frame::decode_msg_with(
-            src,
-            self.0.max_frame_size(),
-            |sid, inner| Received::Msg(Message { sid, inner }),
-            Received::Other,
-        )?;
-        Ok(received)
-    }
+enum Pending {
+    Frame(Frame),
+    /// A MSG or CALL for a subscription whose receiver is gone: unsubscribe.
+    Forget(u64),
 }
 
 fn codec_error(e: busbar_core::CodecError) -> Error {
@@ -182,7 +187,8 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
             let (rd, wr) = stream.into_split();
             (Box::new(rd), Box::new(wr))
         };
-        let mut reader = FramedRead::with_capacity(rd, ClientCodec(FrameCodec::default()), 64 * 1024);
+        let mut reader =
+            Reader { io: rd, buf: BytesMut::new(), max_frame_size: FrameCodec::default().max_frame_size() };
         let mut writer = FramedWrite::new(wr, FrameCodec::default());
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
         if let Some(service) = &options.service {
@@ -197,20 +203,17 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
             None => {}
         }
         writer.send(Frame::Hello(hello)).await.map_err(codec_error)?;
-        match reader.next().await {
-            Some(Ok(Received::Other(Frame::Welcome(w)))) => Ok((reader, writer, w)),
-            Some(Ok(Received::Other(Frame::Error(e)))) => {
-                Err(Error::Server { code: e.code, message: e.message.to_string() })
-            }
-            Some(Ok(other)) => Err(Error::Handshake(format!("expected WELCOME, got {}", other.name()))),
-            Some(Err(e)) => Err(codec_error(e)),
+        match reader.next().await? {
+            Some(Frame::Welcome(w)) => Ok((reader, writer, w)),
+            Some(Frame::Error(e)) => Err(Error::Server { code: e.code, message: e.message.to_string() }),
+            Some(other) => Err(Error::Handshake(format!("expected WELCOME, got {}", other.name()))),
             None => Err(Error::Handshake("connection closed during handshake".into())),
         }
     };
     let (mut reader, mut writer, welcome) =
         tokio::time::timeout(options.connect_timeout, attempt).await.map_err(|_| Error::Timeout)??;
     let max = welcome.max_frame_size as usize;
-    reader.decoder_mut().0.set_max_frame_size(max);
+    reader.max_frame_size = max;
     writer.encoder_mut().set_max_frame_size(max);
     debug!(%addr, service_id = welcome.service_id, server = %welcome.server_name, "connected");
     Ok((Conn { reader, writer }, welcome))
@@ -223,9 +226,6 @@ enum End {
     /// The connection failed.
     Lost(Error),
 }
-
-/// Most received frames handled in a row before commands get their turn.
-const READ_BATCH: usize = 256;
 
 pub(crate) struct ConnectionTask {
     pub(crate) options: ClientOptions,
@@ -508,20 +508,13 @@ impl ConnectionTask {
                         Err(e) => return End::Lost(e),
                     }
                 }
-                frame = conn.reader.next() => {
-                    match frame {
-                        Some(Ok(f)) => {
-                            heard = true;
-                            if let Err(e) = self.on_received(&mut conn, f).await {
-                                return End::Lost(e);
-                            }
-                        }
-                        Some(Err(e)) => return End::Lost(codec_error(e)),
-                        None => return End::Lost(Error::ConnectionLost),
+                read = conn.reader.fill() => {
+                    match read {
+                        Ok(true) => heard = true,
+                        Ok(false) => return End::Lost(Error::ConnectionLost),
+                        Err(e) => return End::Lost(Error::Io(e)),
                     }
-                    // Then every frame that is already in the read buffer, without going back
-                    // through the select for each one.
-                    if let Err(e) = self.drain_read_buffer(&mut conn).await {
+                    if let Err(e) = self.on_read(&mut conn).await {
                         return End::Lost(e);
                     }
                 }
@@ -662,89 +655,47 @@ impl ConnectionTask {
         Ok(true)
     }
 
-    /// Handles up to `READ_BATCH` whole frames left in the read buffer. MSGs go from the buffer
-    /// straight into their subscription's queue, without being moved through the codec, the
-    /// stream and this task's future as a `Received` (a message is 150 bytes; each move is a
-    /// `memcpy`).
-    async fn drain_read_buffer(&mut self, conn: &mut Conn) -> Result<()> {
-        let max = conn.reader.decoder().0.max_frame_size();
-        for _ in 1..READ_BATCH {
-            let subs = &self.subs;
+    /// Handles every whole frame in the read buffer. MSGs, CALLs and REPLYs are handed on from
+    /// inside the decoder's callbacks (no `Frame` to move around for MSGs; no await for any of
+    /// them); the rare frames that need the writer come back as [`Pending`].
+    async fn on_read(&mut self, conn: &mut Conn) -> Result<()> {
+        loop {
+            let (subs, requests, handle, ids) = (&self.subs, &mut self.requests, &self.handle, &self.ids);
             let decoded = busbar_core::frame::decode_msg_with(
-                conn.reader.read_buffer_mut(),
-                max,
+                &mut conn.reader.buf,
+                conn.reader.max_frame_size,
                 |sid, inner| match subs.get(&sid) {
                     Some((_, Sink::Events { tx, dropped })) => {
-                        offer(tx, dropped, sid, Message { sid, inner }).then_some(Received::Forget(sid))
+                        offer(tx, dropped, sid, Message { sid, inner }).then_some(Pending::Forget(sid))
                     }
                     _ => None,
                 },
-                |frame| Some(Received::Other(frame)),
-            );
-            match decoded.map_err(Error::Frame)? {
+                |frame| match frame {
+                    Frame::Call(call) => deliver_call(subs, handle, ids, call).map(Pending::Forget),
+                    Frame::Reply(reply) => {
+                        deliver_reply(requests, reply);
+                        None
+                    }
+                    other => Some(Pending::Frame(other)),
+                },
+            )?;
+            match decoded {
                 None => return Ok(()),
                 Some(None) => {}
-                Some(Some(Received::Forget(sid))) => self.forget_subscription(conn, sid).await?,
-                Some(Some(other)) => self.on_received(conn, other).await?,
+                Some(Some(Pending::Forget(sid))) => self.forget_subscription(conn, sid).await?,
+                Some(Some(Pending::Frame(frame))) => self.on_frame(conn, frame).await?,
             }
-        }
-        Ok(())
-    }
-
-    async fn on_received(&mut self, conn: &mut Conn, received: Received) -> Result<()> {
-        match received {
-            Received::Msg(message) => {
-                let sid = message.sid;
-                let Some((_, Sink::Events { tx, dropped })) = self.subs.get(&sid) else { return Ok(()) };
-                if offer(tx, dropped, sid, message) {
-                    self.forget_subscription(conn, sid).await?;
-                }
-                Ok(())
-            }
-            Received::Other(frame) => self.on_frame(conn, frame).await,
-            Received::Forget(sid) => self.forget_subscription(conn, sid).await,
         }
     }
 
     async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<()> {
         match frame {
             Frame::Call(call) => {
-                let Some((_, Sink::Requests { tx, dropped })) = self.subs.get(&call.sid) else {
-                    return Ok(());
-                };
-                let Some(commands) = self.handle.upgrade() else { return Ok(()) };
-                let message = Message { sid: call.sid, inner: call.message };
-                let request = Request::new(call.id, message, ReplyTo::Remote(commands), self.ids.clone());
-                if offer(tx, dropped, call.sid, request) {
-                    self.forget_subscription(conn, call.sid).await?;
+                if let Some(sid) = deliver_call(&self.subs, &self.handle, &self.ids, call) {
+                    self.forget_subscription(conn, sid).await?;
                 }
             }
-            Frame::Reply(reply) => {
-                let id = reply.id;
-                match self.requests.get(&id) {
-                    Some(ReplySink::One(_)) => {
-                        if let Some(ReplySink::One(tx)) = self.requests.remove(&id) {
-                            let _ = tx.send(reply);
-                        }
-                    }
-                    Some(ReplySink::All(tx)) => {
-                        let last = reply.remaining == 0;
-                        match tx.try_send(reply) {
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                warn!(id, "gather buffer full: reply dropped")
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => {
-                                self.requests.remove(&id);
-                            }
-                            Ok(()) if last => {
-                                self.requests.remove(&id);
-                            }
-                            Ok(()) => {}
-                        }
-                    }
-                    None => debug!(id, "reply to a request no longer waited for"),
-                }
-            }
+            Frame::Reply(reply) => deliver_reply(&mut self.requests, reply),
             Frame::Ping => conn.writer.send(Frame::Pong).await.map_err(codec_error)?,
             Frame::Pong => match self.pongs.pop_front() {
                 Some(PongWaiter::Heartbeat) | None => {}
@@ -817,6 +768,46 @@ async fn feed(conn: &mut Conn, frame: Frame) -> Result<()> {
 fn jitter(delay: Duration) -> Duration {
     let r = busbar_core::group::mix(busbar_core::id::now_ns()) % 1000;
     delay.mul_f64(0.5 + r as f64 / 1000.0)
+}
+
+/// Hands a CALL to its requests subscription; the subscription's id when its receiver is gone.
+fn deliver_call(
+    subs: &HashMap<u64, (Sub, Sink), foldhash::fast::RandomState>,
+    handle: &WeakCommandTx,
+    ids: &Arc<dyn IdGenerator>,
+    call: busbar_core::Call,
+) -> Option<u64> {
+    let Some((_, Sink::Requests { tx, dropped })) = subs.get(&call.sid) else { return None };
+    let commands = handle.upgrade()?;
+    let message = Message { sid: call.sid, inner: call.message };
+    let request = Request::new(call.id, message, ReplyTo::Remote(commands), ids.clone());
+    offer(tx, dropped, call.sid, request).then_some(call.sid)
+}
+
+/// Hands a REPLY to the request waiting for it.
+fn deliver_reply(requests: &mut HashMap<u64, ReplySink, foldhash::fast::RandomState>, reply: Reply) {
+    let id = reply.id;
+    match requests.get(&id) {
+        Some(ReplySink::One(_)) => {
+            if let Some(ReplySink::One(tx)) = requests.remove(&id) {
+                let _ = tx.send(reply);
+            }
+        }
+        Some(ReplySink::All(tx)) => {
+            let last = reply.remaining == 0;
+            match tx.try_send(reply) {
+                Err(mpsc::error::TrySendError::Full(_)) => warn!(id, "gather buffer full: reply dropped"),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    requests.remove(&id);
+                }
+                Ok(()) if last => {
+                    requests.remove(&id);
+                }
+                Ok(()) => {}
+            }
+        }
+        None => debug!(id, "reply to a request no longer waited for"),
+    }
 }
 
 /// Hands `item` to a subscription's buffer without waiting. A full buffer drops it and counts
