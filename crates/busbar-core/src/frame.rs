@@ -672,6 +672,50 @@ pub fn encode_pub(dst: &mut BytesMut, message: &Message, max_frame_size: usize) 
     finish(dst, max_frame_size, |dst| encode_message(dst, cmd::PUB, 0, message, |_| {}))
 }
 
+/// The fields of a [`Message`], borrowed: what a sender that has them without a `Message` passes
+/// to [`encode_pub_view`] (a client publishing to a `&str` topic need not copy it into a
+/// `ByteString` first, only to encode it and drop it).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageView<'a> {
+    /// Service id of the sender.
+    pub source: u32,
+    /// Service id of the addressee, 0 for "whoever subscribes".
+    pub destination: u32,
+    /// Balance key.
+    pub key: Option<u64>,
+    /// Envelope metadata.
+    pub envelope: Option<Envelope>,
+    /// The topic (not checked here).
+    pub topic: &'a str,
+    /// Application headers.
+    pub headers: &'a Headers,
+    /// Application bytes.
+    pub payload: &'a [u8],
+}
+
+impl<'a> From<&'a Message> for MessageView<'a> {
+    fn from(m: &'a Message) -> Self {
+        Self {
+            source: m.source,
+            destination: m.destination,
+            key: m.key,
+            envelope: m.envelope,
+            topic: &m.topic,
+            headers: &m.headers,
+            payload: &m.payload,
+        }
+    }
+}
+
+/// [`encode_pub`] from borrowed fields: the same bytes as for the `Message` they would make.
+pub fn encode_pub_view(
+    dst: &mut BytesMut,
+    view: MessageView<'_>,
+    max_frame_size: usize,
+) -> Result<(), FrameError> {
+    finish(dst, max_frame_size, |dst| encode_view(dst, cmd::PUB, 0, view, |_| {}))
+}
+
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
     dst.put_u32(0); // patched by `finish`
     dst.put_u16(MAGIC);
@@ -713,6 +757,18 @@ fn encode_message(
     m: &Message,
     fixed: impl FnOnce(&mut BytesMut),
 ) -> Result<(), FrameError> {
+    encode_view(dst, command, corr, m.into(), fixed)
+}
+
+/// [`encode_message`] from borrowed fields.
+#[inline]
+fn encode_view(
+    dst: &mut BytesMut,
+    command: u8,
+    corr: u64,
+    m: MessageView<'_>,
+    fixed: impl FnOnce(&mut BytesMut),
+) -> Result<(), FrameError> {
     let mut signal = command;
     if m.key.is_some() {
         signal |= SIGNAL_KEY;
@@ -726,14 +782,14 @@ fn encode_message(
         dst.put_u64(key);
     }
     fixed(dst);
-    if let Some(e) = &m.envelope {
+    if let Some(e) = m.envelope {
         dst.put_u128(e.id);
         dst.put_u128(e.tx);
         dst.put_u64(e.timestamp_ns);
     }
-    put_str(dst, &m.topic, "topic")?;
-    put_headers(dst, &m.headers, "headers")?;
-    dst.put_slice(&m.payload);
+    put_str(dst, m.topic, "topic")?;
+    put_headers(dst, m.headers, "headers")?;
+    dst.put_slice(m.payload);
     Ok(())
 }
 

@@ -194,6 +194,15 @@ proptest! {
     }
 
     #[test]
+    fn a_pub_from_borrowed_fields_is_the_same_bytes(m in message(), max in 0usize..300) {
+        let (mut owned, mut viewed) = (BytesMut::from(&b"kept"[..]), BytesMut::from(&b"kept"[..]));
+        let a = frame::encode_pub(&mut owned, &m, max);
+        let b = frame::encode_pub_view(&mut viewed, frame::MessageView::from(&m), max);
+        prop_assert_eq!(a, b);
+        prop_assert_eq!(owned, viewed);
+    }
+
+    #[test]
     fn mutated_frames_never_panic(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();

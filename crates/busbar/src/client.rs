@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use busbar_core::{
     ByteString, Group, GroupPolicy, IdGenerator, Sub, SubKind, UlidGenerator, Welcome, validate_pattern,
+    validate_topic,
 };
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -362,14 +362,39 @@ impl Client {
 
     /// Publishes `payload` to `topic`. Returns once the frame is queued for the socket; use
     /// [`Client::flush`] to wait until the broker has handled it.
-    pub async fn publish(&self, topic: impl Into<ByteString>, payload: impl Into<Bytes>) -> Result<()> {
-        self.publish_message(Outgoing::new(topic, payload)).await
+    ///
+    /// Both are borrowed: they are copied into the frame at once (a `&str` topic is not copied
+    /// into a `ByteString` first, as a [`Message`] would need).
+    pub async fn publish(&self, topic: impl AsRef<str>, payload: impl AsRef<[u8]>) -> Result<()> {
+        let (topic, payload) = (topic.as_ref(), payload.as_ref());
+        validate_topic(topic).map_err(|source| Error::InvalidTopic { topic: topic.to_string(), source })?;
+        let headers = busbar_core::Headers::new();
+        let view = busbar_core::frame::MessageView {
+            source: 0,
+            destination: 0,
+            key: None,
+            envelope: Some(crate::message::new_envelope(self.ids.as_ref(), None)),
+            topic,
+            headers: &headers,
+            payload,
+        };
+        self.check_offline_room()?;
+        let max = self.max_frame_size();
+        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
     }
 
     /// Publishes a message with headers, balance key, destination or transaction.
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
         let max = self.max_frame_size();
         let message = message.prepare(self.ids.as_ref(), max)?;
+        self.check_offline_room()?;
+        // Encoded straight into the connection task's queue.
+        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
+    }
+
+    /// Refuses a publish while disconnected with a full offline buffer, under
+    /// [`OfflinePolicy::Error`].
+    fn check_offline_room(&self) -> Result<()> {
         // The buffer's length first: one atomic load, where the status takes a lock.
         if self.offline_policy == OfflinePolicy::Error
             && self.buffered() >= self.offline_buffer
@@ -377,8 +402,7 @@ impl Client {
         {
             return Err(Error::BufferFull { capacity: self.offline_buffer });
         }
-        // Encoded straight into the connection task's queue.
-        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
+        Ok(())
     }
 
     async fn subscribe_kind(&self, pattern: Pattern, kind: SubKind, sink: Sink) -> Result<u64> {

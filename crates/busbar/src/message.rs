@@ -143,11 +143,7 @@ impl Outgoing {
         validate_topic(&message.topic)
             .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
         if message.envelope.is_none() {
-            // One clock read for the id's time and the envelope's.
-            let now = busbar_core::id::now_ns();
-            let id = ids.next_id_at(now);
-            let tx = tx.or_else(current_transaction).unwrap_or(id);
-            message.envelope = Some(Envelope { id, tx, timestamp_ns: now });
+            message.envelope = Some(new_envelope(ids, tx));
         }
         let size = message.frame_size();
         if size > max_frame_size {
@@ -155,6 +151,16 @@ impl Outgoing {
         }
         Ok(message)
     }
+}
+
+/// The envelope of a message sent now: a new id, the transaction (`tx`, else the one being handled
+/// on this task, else a new one), the time.
+pub(crate) fn new_envelope(ids: &dyn IdGenerator, tx: Option<u128>) -> Envelope {
+    // One clock read for the id's time and the envelope's.
+    let now = busbar_core::id::now_ns();
+    let id = ids.next_id_at(now);
+    let tx = tx.or_else(current_transaction).unwrap_or(id);
+    Envelope { id, tx, timestamp_ns: now }
 }
 
 /// Serialises a typed payload as JSON.
