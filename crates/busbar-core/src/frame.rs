@@ -693,6 +693,21 @@ pub struct MessageView<'a> {
     pub payload: &'a [u8],
 }
 
+impl MessageView<'_> {
+    /// The length of its PUB or MSG frame, length prefix included.
+    pub fn frame_len(&self) -> usize {
+        LEN_PREFIX
+            + HEADER_LEN
+            + if self.key.is_some() { 8 } else { 0 }
+            + if self.envelope.is_some() { ENVELOPE_LEN } else { 0 }
+            + 2
+            + self.topic.len()
+            + 2
+            + self.headers.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
+            + self.payload.len()
+    }
+}
+
 impl<'a> From<&'a Message> for MessageView<'a> {
     fn from(m: &'a Message) -> Self {
         Self {

@@ -380,7 +380,8 @@ impl Client {
         };
         self.check_offline_room()?;
         let max = self.max_frame_size();
-        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
+        let size = view.frame_len();
+        self.commands.publish(size, |run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
     }
 
     /// Publishes a message with headers, balance key, destination or transaction.
@@ -389,7 +390,8 @@ impl Client {
         let message = message.prepare(self.ids.as_ref(), max)?;
         self.check_offline_room()?;
         // Encoded straight into the connection task's queue.
-        self.commands.publish(|run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
+        let size = busbar_core::frame::MessageView::from(&message).frame_len();
+        self.commands.publish(size, |run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
     }
 
     /// Refuses a publish while disconnected with a full offline buffer, under

@@ -5,8 +5,8 @@
 //! lock, instead of travelling as a command of its own. A publish therefore costs one
 //! uncontended lock and the encoding, with no allocation, no per-message reference count and no
 //! wake-up of the connection task unless the queue was empty; the task takes everything queued in
-//! one lock and writes each run of frames straight from its buffer. A run stops growing at
-//! `RUN_CAPACITY` (the next publish starts a new one), so a buffer is never grown by copying.
+//! one lock and writes each run of frames straight from its buffer. A publish that does not fit
+//! in the room left in the tail run starts a new run, so a buffer is never grown by copying.
 //!
 //! Order is kept: other commands queue behind the run they follow, so a `flush` after a publish
 //! still covers it. The bound counts each publish as one command, as before.
@@ -149,8 +149,13 @@ impl CommandTx {
     }
 
     /// Encodes a publish into the run of frames at the tail of the queue, waiting for room.
-    /// `encode` appends one frame, or leaves the buffer as it was and fails.
-    pub(crate) async fn publish(&self, encode: impl Fn(&mut BytesMut) -> Result<()>) -> Result<()> {
+    /// `encode` appends one frame of at most `size` bytes, or leaves the buffer as it was and
+    /// fails.
+    pub(crate) async fn publish(
+        &self,
+        size: usize,
+        encode: impl Fn(&mut BytesMut) -> Result<()>,
+    ) -> Result<()> {
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
@@ -160,7 +165,7 @@ impl CommandTx {
                     return Err(Error::Closed);
                 }
                 if state.len < self.shared.capacity {
-                    return self.encode_into(state, &encode);
+                    return self.encode_into(state, size, &encode);
                 }
             }
             // Full (rare): wait like any other command.
@@ -171,7 +176,7 @@ impl CommandTx {
                     return Err(Error::Closed);
                 }
                 if state.len < self.shared.capacity {
-                    return self.encode_into(state, &encode);
+                    return self.encode_into(state, size, &encode);
                 }
                 state.waiting = true;
             }
@@ -182,16 +187,19 @@ impl CommandTx {
     fn encode_into(
         &self,
         mut state: MutexGuard<'_, State>,
+        size: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
         let was_empty = state.items.is_empty();
-        // A full run is left as it is (a new one starts) rather than grown, copying.
+        // A run without room for the frame is left as it is (a new one starts) rather than grown,
+        // copying.
         if let Some(Command::Publish(run)) = state.items.back_mut()
-            && run.len() < RUN_CAPACITY
+            && run.capacity() - run.len() >= size
         {
             encode(run)?;
         } else {
-            let mut run = state.spare.take().unwrap_or_else(|| BytesMut::with_capacity(RUN_CAPACITY));
+            let spare = state.spare.take().filter(|run| run.capacity() >= size);
+            let mut run = spare.unwrap_or_else(|| BytesMut::with_capacity(size.max(RUN_CAPACITY)));
             if let Err(e) = encode(&mut run) {
                 state.spare = Some(run);
                 return Err(e);
@@ -336,7 +344,7 @@ mod tests {
     use bytes::BufMut;
 
     fn publish_byte(tx: &CommandTx, b: u8) -> impl Future<Output = Result<()>> + '_ {
-        tx.publish(move |run| {
+        tx.publish(1, move |run| {
             run.put_u8(b);
             Ok(())
         })
@@ -362,7 +370,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_encoding_leaves_nothing_behind() {
         let (tx, mut rx) = commands(16);
-        let failed = tx.publish(|_| Err(Error::Closed)).await;
+        let failed = tx.publish(1, |_| Err(Error::Closed)).await;
         assert!(matches!(failed, Err(Error::Closed)));
         publish_byte(&tx, 9).await.unwrap();
         assert!(matches!(rx.recv().await, Some(Command::Publish(run)) if run[..] == [9]));
@@ -411,7 +419,7 @@ mod tests {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     for i in 0..N {
-                        tx.publish(|run| {
+                        tx.publish(5, |run| {
                             run.put_u8(p);
                             run.put_u32(i);
                             Ok(())
