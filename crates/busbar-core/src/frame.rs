@@ -1105,6 +1105,10 @@ fn get_str(b: &mut Bytes, field: &'static str) -> Result<ByteString, FrameError>
 
 fn get_headers(b: &mut Bytes, field: &'static str) -> Result<Headers, FrameError> {
     let count = get_u16(b, field)? as usize;
+    if count == 0 {
+        // Most messages: nothing to build (nor a Vec to drop).
+        return Ok(Headers::new());
+    }
     // Each pair takes at least 4 bytes: refuse absurd counts before allocating for them.
     need(b, count * 4, field)?;
     let mut pairs = Vec::with_capacity(count);
