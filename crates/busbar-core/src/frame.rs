@@ -732,13 +732,15 @@ pub fn encode_pub_view(
 }
 
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
-    dst.put_u32(0); // patched by `finish`
-    dst.put_u16(MAGIC);
-    dst.put_u8(VERSION);
-    dst.put_u8(signal);
-    dst.put_u32(source);
-    dst.put_u32(destination);
-    dst.put_u64(corr);
+    // Put together on the stack and appended at once: one capacity check, not seven.
+    let mut h = [0u8; LEN_PREFIX + HEADER_LEN]; // the prefix is patched by `finish`
+    h[4..6].copy_from_slice(&MAGIC.to_be_bytes());
+    h[6] = VERSION;
+    h[7] = signal;
+    h[8..12].copy_from_slice(&source.to_be_bytes());
+    h[12..16].copy_from_slice(&destination.to_be_bytes());
+    h[16..24].copy_from_slice(&corr.to_be_bytes());
+    dst.put_slice(&h);
 }
 
 /// Runs `body` (which writes a frame with a zero length prefix), then patches the prefix; on any
@@ -798,9 +800,11 @@ fn encode_view(
     }
     fixed(dst);
     if let Some(e) = m.envelope {
-        dst.put_u128(e.id);
-        dst.put_u128(e.tx);
-        dst.put_u64(e.timestamp_ns);
+        let mut b = [0u8; ENVELOPE_LEN];
+        b[..16].copy_from_slice(&e.id.to_be_bytes());
+        b[16..32].copy_from_slice(&e.tx.to_be_bytes());
+        b[32..].copy_from_slice(&e.timestamp_ns.to_be_bytes());
+        dst.put_slice(&b);
     }
     put_str(dst, m.topic, "topic")?;
     put_headers(dst, m.headers, "headers")?;
