@@ -127,6 +127,13 @@ impl CommandTx {
 
     /// Queues `command`, waiting for room.
     pub(crate) async fn send(&self, command: Command) -> Result<()> {
+        // Without a `Notified` registered (a lock on the Notify's list, and another to leave it)
+        // when there is room, the usual case.
+        let command = match self.try_send(command) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed) => return Err(Error::Closed),
+            Err(TrySendError::Full(command)) => command,
+        };
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
