@@ -10,8 +10,9 @@
 //! to its reply subject. A native request that NATS subscribers serve goes, as NATS does it, to
 //! every matching subscriber, and the first reply wins.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+
+use crate::FastMap;
 use std::time::Duration;
 
 use busbar_core::{ByteString, ErrorCode, Frame, Message, Reply};
@@ -71,8 +72,8 @@ pub(crate) struct TooMany;
 
 #[derive(Debug, Default)]
 pub(crate) struct Requests {
-    pending: HashMap<(u32, u64), Pending>,
-    per_requester: HashMap<u32, usize>,
+    pending: FastMap<(u32, u64), Pending>,
+    per_requester: FastMap<u32, usize>,
 }
 
 /// The header that carries a native error reply's code to a NATS requester.

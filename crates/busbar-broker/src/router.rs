@@ -16,6 +16,8 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+
+use crate::FastMap;
 use std::sync::Arc;
 
 use busbar_core::group::Balancer;
@@ -86,7 +88,7 @@ pub(crate) struct GroupState {
 /// What a connection holds, for cleanup and monitoring.
 #[derive(Debug)]
 struct ConnSubs {
-    subs: HashMap<u64, SubEntry>,
+    subs: FastMap<u64, SubEntry>,
     service: Option<ByteString>,
     /// Where it is reached: its own outbox, or the route to its broker.
     outbox: Outbox,
@@ -143,16 +145,16 @@ pub(crate) struct Router {
     events: SubscriptionTrie<SubRef>,
     /// Subscriptions that answer requests (CALL).
     responders: SubscriptionTrie<SubRef>,
-    conns: HashMap<u32, ConnSubs>,
-    groups: HashMap<ByteString, (Arc<GroupState>, usize)>,
+    conns: FastMap<u32, ConnSubs>,
+    groups: FastMap<ByteString, (Arc<GroupState>, usize)>,
     /// Service name → connections registered under it, oldest first.
-    services: HashMap<ByteString, Vec<u32>>,
+    services: FastMap<ByteString, Vec<u32>>,
     /// Round-robin position for responders that are in no group.
     ungrouped: Balancer,
     /// Routes to the other brokers of the cluster, by node id.
     routes: Vec<(u8, Outbox)>,
     /// Clients of each other broker known here (bounded per broker).
-    remote_conns: HashMap<u8, usize>,
+    remote_conns: FastMap<u8, usize>,
 }
 
 /// Most clients of one other broker whose subscriptions a broker keeps.
@@ -164,7 +166,7 @@ impl Router {
             self.services.entry(name.clone()).or_default().push(conn);
             self.announce(RouteOut::Service { conn, name: name.clone() });
         }
-        self.conns.insert(conn, ConnSubs { subs: HashMap::new(), service, outbox, remote: None });
+        self.conns.insert(conn, ConnSubs { subs: FastMap::default(), service, outbox, remote: None });
     }
 
     /// Removes a connection and every subscription it held.
@@ -216,7 +218,7 @@ impl Router {
             *known += 1;
         }
         let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
-            subs: HashMap::new(),
+            subs: FastMap::default(),
             service: None,
             outbox: outbox.clone(),
             remote: Some(node),
@@ -303,7 +305,7 @@ impl Router {
             *known += 1;
         }
         let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
-            subs: HashMap::new(),
+            subs: FastMap::default(),
             service: None,
             outbox: outbox.clone(),
             remote: Some(node),
