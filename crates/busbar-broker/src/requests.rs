@@ -37,7 +37,7 @@ pub(crate) struct NewRequest {
     /// The request's topic (replies are judged on it).
     pub(crate) topic: ByteString,
     /// The connections asked, once per CALL.
-    pub(crate) responders: Vec<u32>,
+    pub(crate) responders: Responders,
     pub(crate) timeout: Duration,
     /// The first reply answers it (NATS-style fan-out to several subscribers); otherwise every
     /// responder asked answers (one, or all for scatter-gather).
@@ -49,10 +49,13 @@ struct Pending {
     reply_to: ReplyTo,
     topic: ByteString,
     /// Responders that have not answered yet.
-    responders: Vec<u32>,
+    responders: Responders,
     deadline: Instant,
     first_wins: bool,
 }
+
+/// Connections asked to answer a request: usually one, on the stack.
+pub(crate) type Responders = smallvec::SmallVec<[u32; 4]>;
 
 /// What became of a reply.
 #[derive(Debug)]
@@ -274,7 +277,7 @@ mod tests {
 
     fn native(responders: Vec<u32>, timeout: Duration) -> NewRequest {
         let reply_to = ReplyTo::Conn(Outbox::detached());
-        NewRequest { reply_to, topic: "a".into(), responders, timeout, first_wins: false }
+        NewRequest { reply_to, topic: "a".into(), responders: responders.into(), timeout, first_wins: false }
     }
 
     fn reply(id: u64) -> Reply {
@@ -300,7 +303,13 @@ mod tests {
         r.insert(
             1,
             7,
-            NewRequest { reply_to, topic: "a".into(), responders: vec![2, 3], timeout: t, first_wins: true },
+            NewRequest {
+                reply_to,
+                topic: "a".into(),
+                responders: smallvec::smallvec![2, 3],
+                timeout: t,
+                first_wins: true,
+            },
             10,
         )
         .unwrap();

@@ -121,6 +121,9 @@ pub(crate) struct Target {
     pub(crate) outbox: Outbox,
 }
 
+/// The responders a request goes to: usually one, on the stack.
+pub(crate) type Targets = SmallVec<[Target; 2]>;
+
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SubError {
@@ -539,8 +542,8 @@ impl Router {
 
     /// The NATS subscriptions a native request goes to when no native responder serves its topic:
     /// as NATS does it, every matching subscription, one member per queue group.
-    pub(crate) fn nats_responders(&self, topic: &str, key: Option<u64>, only: Option<u32>) -> Vec<Target> {
-        let mut out = Vec::new();
+    pub(crate) fn nats_responders(&self, topic: &str, key: Option<u64>, only: Option<u32>) -> Targets {
+        let mut out = Targets::new();
         self.recipients(
             topic,
             key,
@@ -613,7 +616,7 @@ impl Router {
         key: Option<u64>,
         only: Option<u32>,
         all: bool,
-    ) -> Vec<Target> {
+    ) -> Targets {
         let mut candidates: SmallVec<[&SubRef; 16]> = SmallVec::new();
         self.responders.for_each_match(topic, |s| {
             if only.is_none_or(|c| c == s.conn) {
@@ -621,7 +624,7 @@ impl Router {
             }
         });
         if candidates.is_empty() {
-            return Vec::new();
+            return Targets::new();
         }
         candidates.sort_unstable_by_key(|s| (s.conn, s.sid));
         candidates.dedup_by_key(|s| (s.conn, s.sid));
@@ -642,7 +645,7 @@ impl Router {
             None => &candidates[..],
         };
         let chosen = balancer.pick(policy, key, candidates.len(), |i| member_id(candidates[i]));
-        vec![target(candidates[chosen])]
+        smallvec::smallvec![target(candidates[chosen])]
     }
 }
 

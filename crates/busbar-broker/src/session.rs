@@ -1054,7 +1054,7 @@ async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared,
                     (native, false)
                 }
             }
-            None => (Vec::new(), false),
+            None => (crate::router::Targets::new(), false),
         };
         let registered = (!targets.is_empty()).then(|| {
             let request = NewRequest {
