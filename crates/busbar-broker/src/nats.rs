@@ -22,7 +22,6 @@
 //! - No responders: a client that asked for it (`headers` and `no_responders` in CONNECT) gets an
 //!   `HMSG` with status `NATS/1.0 503` on its reply subject when nobody took the request.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -41,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::FastMap;
 use crate::auth::Permissions;
 use crate::requests::{NewRequest, ReplyTo};
 use crate::server::{ConnMeta, Shared};
@@ -208,8 +208,8 @@ async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let encoder = NatsEncoder {
         headers: false,
-        names: HashMap::new(),
-        subs: HashMap::new(),
+        names: FastMap::default(),
+        subs: FastMap::default(),
         done: done_tx,
         block: BytesMut::new(),
     };
@@ -225,7 +225,7 @@ async fn run(
         perms: None,
         tls_identity,
         deadline,
-        named: HashMap::new(),
+        named: FastMap::default(),
         next_named: NAMED_SIDS,
         next_request: 0,
     };
@@ -308,7 +308,7 @@ struct Conn<'a> {
     tls_identity: Option<String>,
     deadline: tokio::time::Instant,
     /// Sids the client named with text, and the ids they stand for.
-    named: HashMap<Box<str>, u64>,
+    named: FastMap<Box<str>, u64>,
     next_named: u64,
     next_request: u64,
 }
@@ -669,8 +669,8 @@ struct SidState {
 #[derive(Debug)]
 pub(crate) struct NatsEncoder {
     headers: bool,
-    names: HashMap<u64, Arc<str>>,
-    subs: HashMap<u64, SidState>,
+    names: FastMap<u64, Arc<str>>,
+    subs: FastMap<u64, SidState>,
     /// Subscriptions whose limit was reached, for the read loop to unsubscribe.
     done: mpsc::UnboundedSender<u64>,
     /// Scratch space for a header block.
@@ -806,8 +806,8 @@ mod tests {
         (
             NatsEncoder {
                 headers: true,
-                names: HashMap::new(),
-                subs: HashMap::new(),
+                names: FastMap::default(),
+                subs: FastMap::default(),
                 done,
                 block: BytesMut::new(),
             },
