@@ -372,15 +372,9 @@ impl Message {
     /// counts it (the number to compare with a maximum frame size); exact but for the 0–12 bytes of
     /// command-specific fields.
     pub fn frame_size(&self) -> usize {
-        HEADER_LEN
-            + if self.key.is_some() { 8 } else { 0 }
-            + if self.envelope.is_some() { ENVELOPE_LEN } else { 0 }
-            + 12 // the largest fixed fields of a data frame (CALL's); PUB and MSG have none
-            + 2
-            + self.topic.len()
-            + 2
-            + self.headers.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
-            + self.payload.len()
+        // A PUB's length without its prefix, plus the largest fixed fields of a data frame
+        // (CALL's 12 bytes; PUB and MSG have none).
+        MessageView::from(self).frame_len() - LEN_PREFIX + 12
     }
 }
 

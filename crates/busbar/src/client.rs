@@ -4,7 +4,7 @@
 //! ```text
 //!  Client (clone) ──┐  bounded queue of Command         ┌──► Subscription / Requests streams (bounded)
 //!  Client (clone) ──┼──────────────────► connection task ┼──► pending requests (oneshot / bounded mpsc)
-//!  Subscription ────┘  (unsubscribe on drop)             └──► socket (FramedRead / FramedWrite)
+//!  Subscription ────┘  (unsubscribe on drop)             └──► socket (own read buffer / FramedWrite)
 //! ```
 //!
 //! The connection task is the only code that touches the socket: it writes the frames that
@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use busbar_core::{
     ByteString, Group, GroupPolicy, IdGenerator, Sub, SubKind, UlidGenerator, Welcome, validate_pattern,
-    validate_topic,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -367,7 +366,7 @@ impl Client {
     /// into a `ByteString` first, as a [`Message`] would need).
     pub async fn publish(&self, topic: impl AsRef<str>, payload: impl AsRef<[u8]>) -> Result<()> {
         let (topic, payload) = (topic.as_ref(), payload.as_ref());
-        validate_topic(topic).map_err(|source| Error::InvalidTopic { topic: topic.to_string(), source })?;
+        crate::message::check_topic(topic)?;
         let headers = busbar_core::Headers::new();
         let view = busbar_core::frame::MessageView {
             source: 0,

@@ -688,14 +688,10 @@ impl ConnectionTask {
         }
     }
 
+    /// A frame that needs the writer or waits on this task (MSGs, CALLs and REPLYs are handled in
+    /// `on_read` as they are decoded).
     async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<()> {
         match frame {
-            Frame::Call(call) => {
-                if let Some(sid) = deliver_call(&self.subs, &self.handle, &self.ids, call) {
-                    self.forget_subscription(conn, sid).await?;
-                }
-            }
-            Frame::Reply(reply) => deliver_reply(&mut self.requests, reply),
             Frame::Ping => conn.writer.send(Frame::Pong).await.map_err(codec_error)?,
             Frame::Pong => match self.pongs.pop_front() {
                 Some(PongWaiter::Heartbeat) | None => {}

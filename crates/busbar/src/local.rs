@@ -37,9 +37,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use busbar_core::group::Balancer;
-use busbar_core::{
-    ByteString, GroupPolicy, IdGenerator, SubscriptionTrie, UlidGenerator, validate_pattern, validate_topic,
-};
+use busbar_core::{ByteString, GroupPolicy, IdGenerator, SubscriptionTrie, UlidGenerator, validate_pattern};
 use bytes::Bytes;
 use regex::Regex;
 use tokio::sync::{mpsc, oneshot};
@@ -369,7 +367,7 @@ impl Bus {
             .into_iter()
             .map(|t| {
                 let t = t.as_ref();
-                validate_topic(t).map_err(|source| Error::InvalidTopic { topic: t.to_string(), source })?;
+                crate::message::check_topic(t)?;
                 Ok(t.into())
             })
             .collect::<Result<_>>()?;

@@ -140,8 +140,7 @@ impl Outgoing {
         max_frame_size: usize,
     ) -> Result<busbar_core::Message> {
         let Outgoing(mut message, tx) = self;
-        validate_topic(&message.topic)
-            .map_err(|source| Error::InvalidTopic { topic: message.topic.to_string(), source })?;
+        check_topic(&message.topic)?;
         if message.envelope.is_none() {
             message.envelope = Some(new_envelope(ids, tx));
         }
@@ -151,6 +150,11 @@ impl Outgoing {
         }
         Ok(message)
     }
+}
+
+/// Checks a topic to publish to, naming it in the error.
+pub(crate) fn check_topic(topic: &str) -> Result<()> {
+    validate_topic(topic).map_err(|source| Error::InvalidTopic { topic: topic.to_string(), source })
 }
 
 /// The envelope of a message sent now: a new id, the transaction (`tx`, else the one being handled
