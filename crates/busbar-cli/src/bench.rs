@@ -420,35 +420,62 @@ async fn requests(args: &BenchArgs, target: &Target, name: &'static str, infligh
     let mut lost = 0;
     let mut wrong = 0;
     let start = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    let mut next = 0u64;
-    let mut done = 0u64;
-    while done < args.msgs {
-        while pending.len() < inflight.max(1) && next < args.msgs {
-            let (peer, p, seq) = (requester.clone(), payload(next, args.size), next);
-            pending.push(async move {
-                let t = Instant::now();
-                let reply = peer.request(subject, p).await;
-                (seq, t.elapsed(), reply)
-            });
-            next += 1;
-        }
-        let Some((seq, took, reply)) = pending.next().await else { break };
-        done += 1;
-        match reply {
-            Ok(r) if r.len() == args.size && r[..8] == seq.to_be_bytes() => {
-                let _ = h.record((took.as_nanos() as u64).max(1));
+    if inflight <= 1 {
+        // Awaited in this task, as an application would. (Not through `FuturesUnordered`: it
+        // wakes its own task each time it has polled all of its futures, which with one future
+        // is every poll, and that wake-up pulls in another worker thread per request.)
+        for seq in 0..args.msgs {
+            let t = Instant::now();
+            let reply = requester.request(subject, payload(seq, args.size)).await;
+            record(&mut h, &mut lost, &mut wrong, seq, t.elapsed(), reply, args.size);
+            if (seq + 1).is_multiple_of(256) {
+                bar.set_position(seq + 1);
             }
-            Ok(_) => wrong += 1,
-            Err(_) => lost += 1,
         }
-        if done.is_multiple_of(256) {
-            bar.set_position(done);
+    } else {
+        let mut pending = FuturesUnordered::new();
+        let mut next = 0u64;
+        let mut done = 0u64;
+        while done < args.msgs {
+            while pending.len() < inflight && next < args.msgs {
+                let (peer, p, seq) = (requester.clone(), payload(next, args.size), next);
+                pending.push(async move {
+                    let t = Instant::now();
+                    let reply = peer.request(subject, p).await;
+                    (seq, t.elapsed(), reply)
+                });
+                next += 1;
+            }
+            let Some((seq, took, reply)) = pending.next().await else { break };
+            done += 1;
+            record(&mut h, &mut lost, &mut wrong, seq, took, reply, args.size);
+            if done.is_multiple_of(256) {
+                bar.set_position(done);
+            }
         }
     }
     let elapsed = start.elapsed();
     bar.finish_and_clear();
     Ok(report(name, target, args, 1, args.msgs - lost, lost, wrong, elapsed, &h))
+}
+
+/// Counts one reply: its latency when it echoes request `seq`, else as wrong or lost.
+fn record(
+    h: &mut Histogram<u64>,
+    lost: &mut u64,
+    wrong: &mut u64,
+    seq: u64,
+    took: Duration,
+    reply: Result<Bytes>,
+    size: usize,
+) {
+    match reply {
+        Ok(r) if r.len() == size && r[..8] == seq.to_be_bytes() => {
+            let _ = h.record((took.as_nanos() as u64).max(1));
+        }
+        Ok(_) => *wrong += 1,
+        Err(_) => *lost += 1,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
