@@ -127,7 +127,9 @@ pub struct ClientOptions {
     pub heartbeat_interval: Duration,
     /// Heartbeats missed before the connection counts as lost.
     pub heartbeat_max_missed: u32,
-    /// Publishes buffered while disconnected, flushed on reconnect.
+    /// Publishes buffered while disconnected, flushed on reconnect. One larger than the new
+    /// broker's `max_frame_size` (after a failover to a broker with a smaller limit) is dropped
+    /// with a warning; the others still go.
     pub offline_buffer: usize,
     /// What a publish does when that buffer is full.
     pub offline_policy: OfflinePolicy,

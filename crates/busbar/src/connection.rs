@@ -548,10 +548,26 @@ impl ConnectionTask {
             feed(conn, Frame::Sub(sub.clone())).await?;
         }
         let buffered = self.offline.len();
+        // Encoded for the broker of the time they were published: a broker with a smaller
+        // `max_frame_size` would close the connection on the first one too large, and lose the
+        // ones after it. It is skipped alone.
+        let max = conn.reader.max_frame_size;
+        let mut too_large = 0usize;
         while let Some(frame) = self.offline.pop_front() {
+            if frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max {
+                too_large += 1;
+                continue;
+            }
             write_encoded(conn, &frame).await?;
         }
         self.offline_len.store(0, Ordering::Relaxed);
+        if too_large > 0 {
+            warn!(
+                too_large,
+                max_frame_size = max,
+                "dropped messages published offline: over this broker's max_frame_size"
+            );
+        }
         if buffered > 0 || !self.subs.is_empty() {
             debug!(subscriptions = self.subs.len(), buffered, "restored subscriptions, flushed buffer");
         }

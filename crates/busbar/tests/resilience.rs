@@ -67,6 +67,32 @@ async fn a_broker_restarted_on_the_same_port_gets_its_clients_back() {
 }
 
 #[tokio::test]
+async fn a_message_buffered_offline_too_large_for_the_new_broker_is_dropped_alone() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let c = Client::connect_with(fast_reconnect(addr.to_string())).await.unwrap();
+    let mut events = c.subscribe("up.>").await.unwrap();
+    broker.stop().await;
+    wait_status(&c, Status::Reconnecting).await;
+    // Within the first broker's limit (1 MiB), not the next one's (64 KiB).
+    c.publish("up.big", vec![7u8; 200 * 1024]).await.unwrap();
+    c.publish("up.small", "still here").await.unwrap();
+    eventually("both buffered", || c.buffered() == 2).await;
+
+    let config = Config { max_frame_size: 64 * 1024, ..Config::with_listen(addr) };
+    let broker = Broker::start(config).await.expect("rebind the same port");
+    wait_status(&c, Status::Connected).await;
+    // The large one is dropped; the one after it arrives, on a connection that stays up.
+    let first = tokio::time::timeout(PATIENCE, events.next()).await.unwrap().unwrap();
+    assert_eq!(first.topic(), "up.small");
+    c.publish("up.later", "after").await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, events.next()).await.unwrap().unwrap();
+    assert_eq!(next.payload_str(), Some("after"));
+    assert_eq!(c.status(), Status::Connected);
+    assert_eq!(broker.stats().connections, 1);
+}
+
+#[tokio::test]
 async fn clients_fail_over_to_another_broker_on_shutdown() {
     let a = broker().await;
     let b = broker().await;
