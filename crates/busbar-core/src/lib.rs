@@ -44,5 +44,5 @@ pub use frame::{
     Headers, Hello, Message, Reply, Request, Sub, SubKind, Welcome,
 };
 pub use id::{IdGenerator, SequentialGenerator, UlidGenerator};
-pub use topic::{TopicError, validate_pattern, validate_topic};
+pub use topic::{TopicError, TopicMemo, validate_pattern, validate_topic};
 pub use trie::SubscriptionTrie;

@@ -320,3 +320,18 @@ fn structural_errors_are_specific() {
     b[26] = 0xff;
     assert_eq!(frame::decode(&mut b, DEFAULT_MAX_FRAME_SIZE), Err(FrameError::InvalidUtf8("topic")));
 }
+
+proptest! {
+    /// The memo answers exactly as `validate_topic` does, over any sequence of topics, patterns
+    /// (invalid as topics) and arbitrary strings, repeats included.
+    #[test]
+    fn the_topic_memo_agrees_with_the_check(
+        seq in proptest::collection::vec(
+            prop_oneof![3 => topic(), 1 => pattern(), 1 => ".{0,80}", 1 => "[a.]{60,70}"], 1..40),
+    ) {
+        let mut memo = TopicMemo::new();
+        for t in seq.iter().chain(seq.iter().rev()) {
+            prop_assert_eq!(memo.validate(t), validate_topic(t), "{:?}", t);
+        }
+    }
+}
