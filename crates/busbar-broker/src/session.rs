@@ -19,7 +19,7 @@ use std::time::Duration;
 use busbar_core::frame::{self, FrameError};
 use busbar_core::{
     ByteString, Call, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, Message, Request, TopicMemo,
-    Welcome, validate_pattern, validate_topic,
+    Welcome, validate_pattern,
 };
 use bytes::BytesMut;
 use futures_util::{FutureExt, StreamExt};
@@ -713,7 +713,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     // The writers this batch of frames queued messages for: woken once the batch is routed.
     let mut deferred = Deferred::default();
     let mut batch = 0u32;
-    // A run of PUBs to one topic has it checked once (the check was 5 % of the broker's
+    // A run of PUBs (or requests) to one topic has it checked once (the check was 5 % of the broker's
     // instructions in pubsub).
     let mut last_topic = TopicMemo::new();
     loop {
@@ -796,7 +796,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 // comes in batches too, with many requests in flight).
                 // (A refused one goes to `apply`, which answers it.)
                 Frame::Request(request) if perms.publish.permits_topic(&request.message.topic) => {
-                    request_in(request, outbox, id, shared, &mut deferred).await;
+                    request_in(request, outbox, id, shared, &mut deferred, &mut last_topic).await;
                     Ok(())
                 }
                 Frame::Reply(reply) if is_local_reply(&reply, shared) => {
@@ -916,7 +916,7 @@ async fn apply(
         }
         Frame::Request(request) => {
             let mut now = Deferred::default();
-            request_in(request, outbox, id, shared, &mut now).await
+            request_in(request, outbox, id, shared, &mut now, &mut TopicMemo::new()).await
         }
         Frame::Reply(reply) if is_local_reply(&reply, shared) => local_reply(reply, id, shared, perms),
         Frame::Reply(reply) => {
@@ -1030,14 +1030,21 @@ fn local_reply(reply: busbar_core::Reply, id: u32, shared: &Shared, perms: &Perm
 
 /// A REQUEST from the client. Its CALLs are queued under `deferred` (woken with the batch); the
 /// held wake-ups are done before any wait.
-async fn request_in(request: Request, outbox: &Outbox, id: u32, shared: &Shared, deferred: &mut Deferred) {
+async fn request_in(
+    request: Request,
+    outbox: &Outbox,
+    id: u32,
+    shared: &Shared,
+    deferred: &mut Deferred,
+    last_topic: &mut TopicMemo,
+) {
     count_in(outbox, &request.message);
     let Request { id: req_id, all, timeout_ms, mut message } = request;
     shared.stats.requests.inc();
     let fail = |code, text: &str, topic: ByteString| {
         Outbound::frame(crate::requests::error_reply(req_id, code, 0, topic, text))
     };
-    if let Err(e) = validate_topic(&message.topic) {
+    if let Err(e) = last_topic.validate(&message.topic) {
         deferred.wake_all();
         let text = format!("invalid topic {:?}: {e}", shown(&message.topic));
         outbox.send(fail(ErrorCode::InvalidTopic, &text, message.topic.clone())).await;
