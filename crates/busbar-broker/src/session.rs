@@ -713,8 +713,8 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
     // The writers this batch of frames queued messages for: woken once the batch is routed.
     let mut deferred = Deferred::default();
     let mut batch = 0u32;
-    // A run of PUBs (or requests) to one topic has it checked once (the check was 5 % of the broker's
-    // instructions in pubsub).
+    // A run of PUBs (or requests) to one topic has it checked once (the check was 5 % of the
+    // broker's instructions in pubsub).
     let mut last_topic = TopicMemo::new();
     loop {
         if frames >= BUSY_AFTER {
