@@ -187,10 +187,34 @@ proptest! {
         let with = frame::decode_with(&mut other, DEFAULT_MAX_FRAME_SIZE, Frame::Pub, |f| f);
         prop_assert_eq!(with, plain.clone());
         prop_assert_eq!(&other, &buf);
-        let mut other = other_start;
-        let msg = frame::decode_msg_with(&mut other, DEFAULT_MAX_FRAME_SIZE, |sid, message| Frame::Msg { sid, message }, |f| f);
+        let mut other = other_start.clone();
+        let mut last = frame::LastTopic::default();
+        let msg = frame::decode_msg_with(&mut other, DEFAULT_MAX_FRAME_SIZE, &mut last, |sid, message| Frame::Msg { sid, message }, |f| f);
+        prop_assert_eq!(&msg, &plain);
+        prop_assert_eq!(&other, &buf);
+        // Again with the topic remembered from the first: the same frame or error.
+        let mut again = other_start;
+        let msg = frame::decode_msg_with(&mut again, DEFAULT_MAX_FRAME_SIZE, &mut last, |sid, message| Frame::Msg { sid, message }, |f| f);
         prop_assert_eq!(msg, plain);
-        prop_assert_eq!(other, buf);
+        prop_assert_eq!(again, buf);
+    }
+
+    /// A remembered topic is reused only for the same bytes: MSGs to a mix of topics, decoded
+    /// in one stream with one `LastTopic`, come out as they went in.
+    #[test]
+    fn msgs_decoded_with_a_remembered_topic_keep_their_own_topics(
+        msgs in proptest::collection::vec((any::<u64>(), prop_oneof![Just("a.b".to_string()), Just("a.c".to_string()), Just("a".to_string()), text(6).prop_map(|t| t.to_string())]), 1..20),
+    ) {
+        let mut buf = BytesMut::new();
+        for (sid, topic) in &msgs {
+            Frame::Msg { sid: *sid, message: Message::new(topic.clone(), "x") }.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        }
+        let mut last = frame::LastTopic::default();
+        for (sid, topic) in &msgs {
+            let got = frame::decode_msg_with(&mut buf, DEFAULT_MAX_FRAME_SIZE, &mut last, |s, m| (s, m.topic.to_string()), |_| (0, String::new()));
+            prop_assert_eq!(got, Ok(Some((*sid, topic.clone()))));
+        }
+        prop_assert!(buf.is_empty());
     }
 
     #[test]

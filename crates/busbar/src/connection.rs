@@ -121,6 +121,8 @@ struct Reader {
     io: ReadHalf,
     buf: BytesMut,
     max_frame_size: usize,
+    /// The last MSG's topic: the next one to the same topic skips the UTF-8 check.
+    last_topic: busbar_core::frame::LastTopic,
 }
 
 impl Reader {
@@ -187,8 +189,12 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
             let (rd, wr) = stream.into_split();
             (Box::new(rd), Box::new(wr))
         };
-        let mut reader =
-            Reader { io: rd, buf: BytesMut::new(), max_frame_size: FrameCodec::default().max_frame_size() };
+        let mut reader = Reader {
+            io: rd,
+            buf: BytesMut::new(),
+            max_frame_size: FrameCodec::default().max_frame_size(),
+            last_topic: Default::default(),
+        };
         let mut writer = FramedWrite::new(wr, FrameCodec::default());
         let mut hello = Hello { name: options.name.clone().into(), properties: Default::default() };
         if let Some(service) = &options.service {
@@ -680,6 +686,7 @@ impl ConnectionTask {
             let decoded = busbar_core::frame::decode_msg_with(
                 &mut conn.reader.buf,
                 conn.reader.max_frame_size,
+                &mut conn.reader.last_topic,
                 |sid, inner| match subs.get(&sid) {
                     Some((_, Sink::Events { tx, dropped })) => {
                         offer(tx, dropped, sid, Message { sid, inner }).then_some(Pending::Forget(sid))
