@@ -257,6 +257,9 @@ pub(crate) struct ConnectionTask {
     learned: Vec<String>,
     /// Commands taken from the channel but not sent when the connection failed.
     leftover: Vec<Command>,
+    /// This broker's `max_frame_size` is smaller than the last one's: publishes encoded before
+    /// its WELCOME (queued during the handshake) may be over it, so runs are checked.
+    smaller_limit: bool,
 }
 
 /// Most broker addresses learned from a cluster.
@@ -290,6 +293,7 @@ impl ConnectionTask {
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
             learned: Vec::new(),
+            smaller_limit: false,
             leftover: Vec::new(),
         }
     }
@@ -418,7 +422,8 @@ impl ConnectionTask {
                 Ok((conn, welcome)) => {
                     info!(%addr, attempt, service_id = welcome.service_id, "reconnected");
                     self.learn(&welcome);
-                    self.max_frame.store(welcome.max_frame_size as usize, Ordering::Relaxed);
+                    let max = welcome.max_frame_size as usize;
+                    self.smaller_limit = max < self.max_frame.swap(max, Ordering::Relaxed);
                     self.welcome.send_replace(Arc::new(welcome));
                     return Some(conn);
                 }
@@ -556,7 +561,7 @@ impl ConnectionTask {
         let buffered = self.offline.len();
         // Encoded for the broker of the time they were published: a broker with a smaller
         // `max_frame_size` would close the connection on the first one too large, and lose the
-        // ones after it. It is skipped alone.
+        // ones after it. It is skipped alone (as in `write_run`, for what was queued meanwhile).
         let max = conn.reader.max_frame_size;
         let mut too_large = 0usize;
         while let Some(frame) = self.offline.pop_front() {
@@ -606,6 +611,14 @@ impl ConnectionTask {
     /// wholly written go to `leftover`, the one cut short included, to be sent on the next
     /// connection, in order.
     async fn write_run(&mut self, conn: &mut Conn, mut run: BytesMut) -> Result<()> {
+        if self.smaller_limit {
+            let max = conn.reader.max_frame_size;
+            let dropped;
+            (run, dropped) = without_oversized(run, max);
+            if dropped > 0 {
+                warn!(dropped, max_frame_size = max, "dropped messages over this broker's max_frame_size");
+            }
+        }
         if !conn.writer.write_buffer().is_empty()
             && let Err(e) = SinkExt::<Frame>::flush(&mut conn.writer).await
         {
@@ -878,6 +891,31 @@ fn frame_start(run: &[u8], at: usize) -> usize {
 }
 
 /// The frames of a run of encoded frames (each starts with its length).
+/// The frames of `run` whose size (after the length prefix) is at most `max`, and how many were
+/// not. A run where all fit (the rule) comes back as it is, after a walk over its prefixes.
+fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, usize) {
+    let over = |frame: &[u8]| frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max;
+    let mut at = 0;
+    while let Some(prefix) = run.get(at..at + 4) {
+        let len =
+            (4 + u32::from_be_bytes(prefix.try_into().unwrap_or_default()) as usize).min(run.len() - at);
+        if over(&run[at..at + len]) {
+            let mut kept = BytesMut::with_capacity(run.len());
+            let mut dropped = 0;
+            for frame in frames(run.freeze()) {
+                if over(&frame) {
+                    dropped += 1;
+                } else {
+                    kept.extend_from_slice(&frame);
+                }
+            }
+            return (kept, dropped);
+        }
+        at += len;
+    }
+    (run, 0)
+}
+
 fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
     std::iter::from_fn(move || {
         let prefix: [u8; 4] = run.get(..4)?.try_into().ok()?;
@@ -889,6 +927,27 @@ fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_loses_only_its_frames_over_a_smaller_limit() {
+        let mut run = BytesMut::new();
+        let mut sizes = Vec::new();
+        for len in [10, 500, 20, 600, 30] {
+            let start = run.len();
+            let message = busbar_core::Message::new("t", vec![7u8; len]);
+            busbar_core::frame::encode_pub(&mut run, &message, 1 << 20).unwrap();
+            sizes.push(run.len() - start);
+        }
+        let (same, dropped) = without_oversized(run.clone(), 1 << 20);
+        assert_eq!((&same[..], dropped), (&run[..], 0), "all fit: unchanged");
+        let (kept, dropped) = without_oversized(run.clone(), 200);
+        assert_eq!(dropped, 2);
+        let kept: Vec<usize> = frames(kept.freeze()).map(|f| f.len()).collect();
+        assert_eq!(kept, vec![sizes[0], sizes[2], sizes[4]]);
+        // At the limit exactly: kept (the broker refuses only what is over it).
+        let (_, dropped) = without_oversized(run, sizes[1] - 4);
+        assert_eq!(dropped, 1);
+    }
 
     #[test]
     fn a_run_cut_short_is_sent_again_from_the_frame_it_cut() {
