@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p busbar-cli --example tcp_floor -- [N]          # all roles in this process
 //! cargo run --release -p busbar-cli --example tcp_floor -- relay        # only the relay; prints its address
-//! cargo run --release -p busbar-cli --example tcp_floor -- [N] ADDR     # requester and responder, via that relay
+//! cargo run --release -p busbar-cli --example tcp_floor -- N ADDR       # requester and responder, via that relay
 //! ```
 //!
 //! With the relay in a process of its own, `taskset` can put it and the two ends on one CPU or

@@ -114,7 +114,8 @@ impl TopicMemo {
         self.check_and_remember(topic)
     }
 
-    #[cold]
+    // Apart, so that `validate` stays small enough to inline.
+    #[inline(never)]
     fn check_and_remember(&mut self, topic: &str) -> Result<(), TopicError> {
         let bytes = topic.as_bytes();
         validate_topic(topic)?;
