@@ -239,7 +239,7 @@ pub struct Headers(Option<Box<Vec<(ByteString, ByteString)>>>);
 
 impl Headers {
     /// No headers; does not allocate.
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         Self(None)
     }
     fn from_vec(pairs: Vec<(ByteString, ByteString)>) -> Self {
@@ -711,6 +711,48 @@ pub fn encode_pub_view(
     max_frame_size: usize,
 ) -> Result<(), FrameError> {
     finish(dst, max_frame_size, |dst| encode_view(dst, cmd::PUB, 0, view, |_| {}))
+}
+
+/// A REQUEST (REQUEST_ALL when `all`) from borrowed fields: the same bytes as
+/// [`Frame::Request`] around the `Message` they would make. Its length is
+/// `view.frame_len() + 4`.
+pub fn encode_request_view(
+    dst: &mut BytesMut,
+    id: u64,
+    all: bool,
+    timeout_ms: u32,
+    view: MessageView<'_>,
+    max_frame_size: usize,
+) -> Result<(), FrameError> {
+    let command = if all { cmd::REQUEST_ALL } else { cmd::REQUEST };
+    finish(dst, max_frame_size, |dst| encode_view(dst, command, id, view, |d| d.put_u32(timeout_ms)))
+}
+
+/// A REPLY from borrowed fields: the same bytes as [`Frame::Reply`] around the `Message` they
+/// would make. Its length is `view.frame_len() + 6`.
+pub fn encode_reply_view(
+    dst: &mut BytesMut,
+    id: u64,
+    error: Option<ErrorCode>,
+    remaining: u32,
+    view: MessageView<'_>,
+    max_frame_size: usize,
+) -> Result<(), FrameError> {
+    finish(dst, max_frame_size, |dst| {
+        encode_view(dst, cmd::REPLY, id, view, |d| {
+            d.put_u16(error.map_or(0, ErrorCode::as_u16));
+            d.put_u32(remaining);
+        })
+    })
+}
+
+/// True for an encoded REQUEST, REQUEST_ALL or REPLY (`frame` from its length prefix on): the
+/// frames a client does not send again on a new connection (the request they belong to failed
+/// with the old one).
+pub fn is_request_or_reply(frame: &[u8]) -> bool {
+    frame.get(LEN_PREFIX + 3).is_some_and(|&signal| {
+        matches!(signal & !(SIGNAL_KEY | SIGNAL_ENVELOPE), cmd::REQUEST | cmd::REQUEST_ALL | cmd::REPLY)
+    })
 }
 
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {

@@ -230,6 +230,41 @@ proptest! {
     }
 
     #[test]
+    fn requests_and_replies_from_borrowed_fields_are_the_same_bytes(
+        m in message(), id in any::<u64>(), all in any::<bool>(), timeout_ms in any::<u32>(),
+        status in 0u16..12, remaining in any::<u32>(), max in 0usize..300,
+    ) {
+        let view = frame::MessageView::from(&m);
+        let request = Frame::Request(Request { id, all, timeout_ms, message: m.clone() });
+        let (mut owned, mut viewed) = (BytesMut::from(&b"kept"[..]), BytesMut::from(&b"kept"[..]));
+        let a = request.encode(&mut owned, max);
+        prop_assert_eq!(&a, &frame::encode_request_view(&mut viewed, id, all, timeout_ms, view, max));
+        prop_assert_eq!(&owned, &viewed);
+        if a.is_ok() {
+            prop_assert_eq!(owned.len() - 4, view.frame_len() + 4, "the exact length");
+            prop_assert!(frame::is_request_or_reply(&owned[4..]));
+        }
+        let error = (status != 0).then(|| ErrorCode::from_u16(status));
+        let reply = Frame::Reply(Reply { id, error, remaining, message: m.clone() });
+        let (mut owned, mut viewed) = (BytesMut::new(), BytesMut::new());
+        let a = reply.encode(&mut owned, max);
+        prop_assert_eq!(&a, &frame::encode_reply_view(&mut viewed, id, error, remaining, view, max));
+        prop_assert_eq!(&owned, &viewed);
+        if a.is_ok() {
+            prop_assert_eq!(owned.len(), view.frame_len() + 6, "the exact length");
+            prop_assert!(frame::is_request_or_reply(&owned));
+        }
+        // Not the other data frames.
+        for other in [Frame::Pub(m.clone()), Frame::Msg { sid: id, message: m.clone() },
+                      Frame::Call(Call { id, sid: id, timeout_ms, message: m.clone() })] {
+            let mut buf = BytesMut::new();
+            if other.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).is_ok() {
+                prop_assert!(!frame::is_request_or_reply(&buf), "{}", other.name());
+            }
+        }
+    }
+
+    #[test]
     fn mutated_frames_never_panic(f in any_frame(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
         let mut buf = BytesMut::new();
         f.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();

@@ -356,11 +356,6 @@ impl Client {
         }
     }
 
-    fn prepare(&self, message: Outgoing) -> Result<busbar_core::Message> {
-        // (Encoding for PUB happens in the publishing task, see `encode_pub`.)
-        message.prepare(self.ids.as_ref(), self.max_frame_size())
-    }
-
     /// Publishes `payload` to `topic`. Returns once the frame is queued for the socket; use
     /// [`Client::flush`] to wait until the broker has handled it.
     ///
@@ -420,11 +415,26 @@ impl Client {
         Ok(sid)
     }
 
-    fn new_request(&self, message: Outgoing, timeout: Duration, all: bool) -> Result<busbar_core::Request> {
-        let message = self.prepare(message)?;
+    /// Sends a request: its replies go to `sink`. The REQUEST frame is encoded here into the
+    /// connection task's queue, like a publish, after the command that registers `sink`.
+    /// Returns the request's id.
+    async fn send_request(
+        &self,
+        message: Outgoing,
+        timeout: Duration,
+        all: bool,
+        sink: ReplySink,
+    ) -> Result<u64> {
+        let max = self.max_frame_size();
+        let message = message.prepare(self.ids.as_ref(), max)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        Ok(busbar_core::Request { id, all, timeout_ms, message })
+        let view = busbar_core::frame::MessageView::from(&message);
+        let encode = |run: &mut bytes::BytesMut| {
+            Ok(busbar_core::frame::encode_request_view(run, id, all, timeout_ms, view, max)?)
+        };
+        self.commands.request(Command::Expect { id, sink }, view.frame_len() + 4, encode).await?;
+        Ok(id)
     }
 
     /// Subscribes to events matching a pattern (`*` and `>` wildcards allowed; see [`Pattern`]
@@ -467,10 +477,8 @@ impl Client {
 
     /// [`Client::request`] with headers, a balance key or a destination.
     pub async fn request_message(&self, message: Outgoing, timeout: Duration) -> Result<Message> {
-        let request = self.new_request(message, timeout, false)?;
-        let id = request.id;
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Request { request: Box::new(request), sink: ReplySink::One(tx) }).await?;
+        let id = self.send_request(message, timeout, false, ReplySink::One(tx)).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply_result(reply),
             // The connection task dropped the request: the connection is gone.
@@ -492,10 +500,8 @@ impl Client {
         timeout: Duration,
         expected: Option<usize>,
     ) -> Result<Vec<Result<Message>>> {
-        let request = self.new_request(message, timeout, true)?;
-        let id = request.id;
         let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
-        self.command(Command::Request { request: Box::new(request), sink: ReplySink::All(tx) }).await?;
+        let id = self.send_request(message, timeout, true, ReplySink::All(tx)).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut answers = Vec::new();
         loop {

@@ -157,9 +157,48 @@ impl CommandTx {
 
     /// Encodes a publish into the run of frames at the tail of the queue, waiting for room.
     /// `encode` appends one frame of at most `size` bytes, or leaves the buffer as it was and
-    /// fails.
+    /// fails. (REQUEST and REPLY frames go the same way: see [`CommandTx::request`].)
     pub(crate) async fn publish(
         &self,
+        size: usize,
+        encode: impl Fn(&mut BytesMut) -> Result<()>,
+    ) -> Result<()> {
+        self.encode_after(None, size, encode).await
+    }
+
+    /// Like [`CommandTx::publish`] for a REQUEST frame, with `expect` (the command that
+    /// registers where its replies go) queued before the run the frame is in, so that the
+    /// connection task knows the request before it writes it. Nothing is queued when `encode`
+    /// fails.
+    pub(crate) async fn request(
+        &self,
+        expect: Command,
+        size: usize,
+        encode: impl Fn(&mut BytesMut) -> Result<()>,
+    ) -> Result<()> {
+        self.encode_after(Some(expect), size, encode).await
+    }
+
+    /// [`CommandTx::publish`] without waiting: fails with `BufferFull` when the queue is full
+    /// (for a reply sent from `Drop`).
+    pub(crate) fn try_publish(
+        &self,
+        size: usize,
+        encode: impl Fn(&mut BytesMut) -> Result<()>,
+    ) -> Result<()> {
+        let state = self.shared.lock();
+        if state.closed {
+            return Err(Error::Closed);
+        }
+        if state.len >= self.shared.capacity {
+            return Err(Error::BufferFull { capacity: self.shared.capacity });
+        }
+        self.encode_into(state, None, size, &encode)
+    }
+
+    async fn encode_after(
+        &self,
+        mut first: Option<Command>,
         size: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
@@ -172,7 +211,7 @@ impl CommandTx {
                     return Err(Error::Closed);
                 }
                 if state.len < self.shared.capacity {
-                    return self.encode_into(state, size, &encode);
+                    return self.encode_into(state, first.take(), size, &encode);
                 }
             }
             // Full (rare): wait like any other command.
@@ -183,7 +222,7 @@ impl CommandTx {
                     return Err(Error::Closed);
                 }
                 if state.len < self.shared.capacity {
-                    return self.encode_into(state, size, &encode);
+                    return self.encode_into(state, first.take(), size, &encode);
                 }
                 state.waiting = true;
             }
@@ -194,22 +233,35 @@ impl CommandTx {
     fn encode_into(
         &self,
         mut state: MutexGuard<'_, State>,
+        first: Option<Command>,
         size: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
         let was_empty = state.items.is_empty();
         // A run without room for the frame is left as it is (a new one starts) rather than grown,
         // copying.
+        let tail = state.items.len();
         if let Some(Command::Publish(run)) = state.items.back_mut()
             && run.capacity() - run.len() >= size
         {
             encode(run)?;
+            if let Some(first) = first {
+                // Before the run, which the task has not taken yet: it reads `first` before it
+                // writes any of the run's frames (moving it ahead of earlier publishes is
+                // harmless).
+                state.items.insert(tail - 1, first);
+                state.len += 1;
+            }
         } else {
             let spare = state.spare.take().filter(|run| run.capacity() >= size);
             let mut run = spare.unwrap_or_else(|| BytesMut::with_capacity(size.max(RUN_CAPACITY)));
             if let Err(e) = encode(&mut run) {
                 state.spare = Some(run);
                 return Err(e);
+            }
+            if let Some(first) = first {
+                state.items.push_back(first);
+                state.len += 1;
             }
             state.items.push_back(Command::Publish(run));
         }

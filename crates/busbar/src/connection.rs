@@ -51,14 +51,15 @@ pub(crate) enum Command {
     UnsubscribeAll {
         done: oneshot::Sender<()>,
     },
-    Request {
-        request: Box<busbar_core::Request>,
+    /// Replies to request `id` go to `sink`. Queued before the run that holds the REQUEST frame
+    /// (see `CommandTx::request`); REPLY frames travel in runs too.
+    Expect {
+        id: u64,
         sink: ReplySink,
     },
     CancelRequest {
         id: u64,
     },
-    Reply(Box<Reply>),
     Flush {
         done: oneshot::Sender<Result<()>>,
     },
@@ -442,8 +443,13 @@ impl ConnectionTask {
         match command {
             Command::Publish(run) => {
                 // Kept frame by frame: the bound and the drop policy count messages. Copied, so
-                // that a small frame does not keep its run's whole buffer alive.
+                // that a small frame does not keep its run's whole buffer alive. Requests and
+                // replies are not kept: their request fails with this connection (its requester
+                // has `ConnectionLost`), and a responder must not run it again later.
                 for frame in frames(run.freeze()) {
+                    if busbar_core::frame::is_request_or_reply(&frame) {
+                        continue;
+                    }
                     let frame = Bytes::copy_from_slice(&frame);
                     if self.offline.len() >= self.options.offline_buffer {
                         match self.options.offline_policy {
@@ -472,12 +478,9 @@ impl ConnectionTask {
                 let _ = done.send(());
             }
             // Dropping the sink fails the request with `ConnectionLost` at once.
-            Command::Request { .. } => {}
+            Command::Expect { .. } => {}
             Command::CancelRequest { id } => {
                 self.requests.remove(&id);
-            }
-            Command::Reply(reply) => {
-                debug!(id = reply.id, "reply dropped: its requester's broker is out of reach")
             }
             Command::Flush { done } => {
                 let _ = done.send(Err(Error::ConnectionLost));
@@ -665,18 +668,16 @@ impl ConnectionTask {
                 }
                 let _ = done.send(());
             }
-            Command::Request { request, sink } => {
+            Command::Expect { id, sink } => {
                 if self.requests.len() >= 1024 && self.requests.len().is_power_of_two() {
                     // Also without heartbeats, forget requests whose caller stopped waiting.
                     self.requests.retain(|_, sink| !sink.is_closed());
                 }
-                self.requests.insert(request.id, sink);
-                feed(conn, Frame::Request(*request)).await?;
+                self.requests.insert(id, sink);
             }
             Command::CancelRequest { id } => {
                 self.requests.remove(&id);
             }
-            Command::Reply(reply) => feed(conn, Frame::Reply(*reply)).await?,
             Command::Flush { done } => {
                 feed(conn, Frame::Ping).await?;
                 self.pongs.push_back(PongWaiter::Flush(done));
@@ -696,6 +697,7 @@ impl ConnectionTask {
     async fn on_read(&mut self, conn: &mut Conn) -> Result<()> {
         loop {
             let (subs, requests, handle, ids) = (&self.subs, &mut self.requests, &self.handle, &self.ids);
+            let max = conn.reader.max_frame_size;
             let decoded = busbar_core::frame::decode_msg_with(
                 &mut conn.reader.buf,
                 conn.reader.max_frame_size,
@@ -707,7 +709,7 @@ impl ConnectionTask {
                     _ => None,
                 },
                 |frame| match frame {
-                    Frame::Call(call) => deliver_call(subs, handle, ids, call).map(Pending::Forget),
+                    Frame::Call(call) => deliver_call(subs, handle, ids, max, call).map(Pending::Forget),
                     Frame::Reply(reply) => {
                         deliver_reply(requests, reply);
                         None
@@ -807,12 +809,13 @@ fn deliver_call(
     subs: &HashMap<u64, (Sub, Sink), foldhash::fast::RandomState>,
     handle: &WeakCommandTx,
     ids: &Arc<dyn IdGenerator>,
+    max_frame_size: usize,
     call: busbar_core::Call,
 ) -> Option<u64> {
     let Some((_, Sink::Requests { tx, dropped })) = subs.get(&call.sid) else { return None };
     let commands = handle.upgrade()?;
     let message = Message { sid: call.sid, inner: call.message };
-    let request = Request::new(call.id, message, ReplyTo::Remote(commands), ids.clone());
+    let request = Request::new(call.id, message, ReplyTo::Remote { commands, max_frame_size }, ids.clone());
     offer(tx, dropped, call.sid, request).then_some(call.sid)
 }
 

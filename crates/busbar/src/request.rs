@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use busbar_core::{Envelope, ErrorCode, IdGenerator, Reply};
+use busbar_core::frame::{MessageView, encode_reply_view};
+use busbar_core::{Envelope, ErrorCode, Headers, IdGenerator, Reply};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::Command;
 use crate::error::{Error, Result};
 use crate::message::Message;
 
@@ -27,8 +27,9 @@ pub struct Request {
 /// Where a reply goes.
 #[derive(Debug)]
 pub(crate) enum ReplyTo {
-    /// Over the network, through the connection task.
-    Remote(crate::commands::CommandTx),
+    /// Over the network: encoded into the connection task's queue, like a publish, within the
+    /// broker's frame size limit.
+    Remote { commands: crate::commands::CommandTx, max_frame_size: usize },
     /// In process, straight to the waiting requester.
     One(Option<oneshot::Sender<Reply>>),
     /// In process, to a scatter-gather collector.
@@ -36,9 +37,11 @@ pub(crate) enum ReplyTo {
 }
 
 impl ReplyTo {
+    /// In process only (`Remote` replies are encoded where they are made: see
+    /// `Request::answer`).
     async fn send(&mut self, reply: Reply) -> Result<()> {
         match self {
-            ReplyTo::Remote(commands) => commands.send(Command::Reply(Box::new(reply))).await,
+            ReplyTo::Remote { .. } => Err(Error::Closed),
             ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
             ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
         }
@@ -46,10 +49,43 @@ impl ReplyTo {
 
     fn send_now(&mut self, reply: Reply) {
         let _ = match self {
-            ReplyTo::Remote(commands) => commands.try_send(Command::Reply(Box::new(reply))).is_ok(),
+            ReplyTo::Remote { .. } => false,
             ReplyTo::All(tx) => tx.try_send(reply).is_ok(),
             ReplyTo::One(tx) => tx.take().is_some_and(|tx| tx.send(reply).is_ok()),
         };
+    }
+}
+
+/// What a REPLY needs besides its status and payload, taken from the request it answers.
+struct ReplyFields<'a> {
+    id: u64,
+    topic: &'a str,
+    destination: u32,
+    envelope: Envelope,
+}
+
+impl ReplyFields<'_> {
+    /// The frame's size and encoder, for the connection task's queue.
+    fn encoder<'b>(
+        &'b self,
+        error: Option<ErrorCode>,
+        payload: &'b [u8],
+        max: usize,
+    ) -> (usize, impl Fn(&mut bytes::BytesMut) -> Result<()> + 'b) {
+        static NO_HEADERS: Headers = Headers::new();
+        let view = MessageView {
+            source: 0,
+            destination: self.destination,
+            key: None,
+            envelope: Some(self.envelope),
+            topic: self.topic,
+            headers: &NO_HEADERS,
+            payload,
+        };
+        let id = self.id;
+        (view.frame_len() + 6, move |run: &mut bytes::BytesMut| {
+            Ok(encode_reply_view(run, id, error, 0, view, max)?)
+        })
     }
 }
 
@@ -85,9 +121,8 @@ impl Request {
     }
 
     /// Answers with `payload`.
-    pub async fn reply(mut self, payload: impl Into<Bytes>) -> Result<()> {
-        let reply = self.build(None, payload.into());
-        self.reply_to.send(reply).await
+    pub async fn reply(self, payload: impl Into<Bytes>) -> Result<()> {
+        self.answer(None, payload.into()).await
     }
 
     /// Answers with `value` as JSON.
@@ -97,30 +132,81 @@ impl Request {
     }
 
     /// Answers with an error: the requester's call fails with [`Error::Handler`] and this text.
-    pub async fn fail(mut self, reason: impl std::fmt::Display) -> Result<()> {
-        let reply = self.build(Some(ErrorCode::HandlerError), reason.to_string().into());
-        self.reply_to.send(reply).await
+    pub async fn fail(self, reason: impl std::fmt::Display) -> Result<()> {
+        self.answer(Some(ErrorCode::HandlerError), reason.to_string().into()).await
     }
 
-    fn build(&mut self, error: Option<ErrorCode>, payload: Bytes) -> Reply {
+    async fn answer(mut self, error: Option<ErrorCode>, payload: Bytes) -> Result<()> {
         self.answered = true;
-        let request = &self.message.inner;
-        let mut message = busbar_core::Message::new(request.topic.clone(), payload);
-        message.destination = request.source;
-        let now = busbar_core::id::now_ns();
-        let id = self.ids.next_id_at(now);
-        let tx = request.envelope.map_or(id, |e| e.tx);
-        message.envelope = Some(Envelope { id, tx, timestamp_ns: now });
-        Reply { id: self.id, error, remaining: 0, message }
+        let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
+        match &mut self.reply_to {
+            ReplyTo::Remote { commands, max_frame_size } => {
+                let (size, encode) = fields.encoder(error, &payload, *max_frame_size);
+                let sent = commands.publish(size, encode).await;
+                if let Err(Error::Frame(e)) = &sent {
+                    // Too large for the broker: the requester learns it now, not at its timeout.
+                    let text = format!("the reply could not be sent: {e}");
+                    let (size, encode) =
+                        fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
+                    let _ = commands.publish(size, encode).await;
+                }
+                sent
+            }
+            reply_to => {
+                let reply = Reply { id: fields.id, error, remaining: 0, message: fields.message(payload) };
+                reply_to.send(reply).await
+            }
+        }
+    }
+}
+
+/// The fields of the reply to request `id`, which came as `request`: back to its sender, on its
+/// topic, in its transaction, with a new id and the time now.
+fn reply_fields<'a>(id: u64, request: &'a Message, ids: &dyn IdGenerator) -> ReplyFields<'a> {
+    let request = &request.inner;
+    let now = busbar_core::id::now_ns();
+    let envelope_id = ids.next_id_at(now);
+    let tx = request.envelope.map_or(envelope_id, |e| e.tx);
+    ReplyFields {
+        id,
+        topic: &request.topic,
+        destination: request.source,
+        envelope: Envelope { id: envelope_id, tx, timestamp_ns: now },
+    }
+}
+
+impl ReplyFields<'_> {
+    /// The reply as a message, for a requester in the same process.
+    fn message(&self, payload: Bytes) -> busbar_core::Message {
+        let mut message = busbar_core::Message::new(self.topic, payload);
+        message.destination = self.destination;
+        message.envelope = Some(self.envelope);
+        message
     }
 }
 
 impl Drop for Request {
     fn drop(&mut self) {
         if !self.answered {
-            let reply = self.build(Some(ErrorCode::HandlerError), "request dropped without a reply".into());
+            let text = "request dropped without a reply";
+            let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
             // Best effort: when the queue is full the requester times out instead.
-            self.reply_to.send_now(reply);
+            match &mut self.reply_to {
+                ReplyTo::Remote { commands, max_frame_size } => {
+                    let (size, encode) =
+                        fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
+                    let _ = commands.try_publish(size, encode);
+                }
+                reply_to => {
+                    let message = fields.message(Bytes::from_static(text.as_bytes()));
+                    reply_to.send_now(Reply {
+                        id: fields.id,
+                        error: Some(ErrorCode::HandlerError),
+                        remaining: 0,
+                        message,
+                    });
+                }
+            }
         }
     }
 }

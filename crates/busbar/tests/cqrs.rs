@@ -105,6 +105,28 @@ async fn handler_errors_panics_and_forgotten_replies_reach_the_requester() {
 }
 
 #[tokio::test]
+async fn a_reply_too_large_for_the_broker_fails_the_request_at_once() {
+    let config = busbar_broker::Config { max_frame_size: 64 * 1024, ..common::config() };
+    let broker = broker_with(config).await;
+    let responder = client(&broker).await;
+    let requester = client(&broker).await;
+    let mut requests = responder.requests("big").await.unwrap();
+    let answered = tokio::spawn(async move {
+        let request = requests.next().await.unwrap();
+        request.reply(vec![0u8; 100 * 1024]).await
+    });
+    match requester.request("big", "", LONG).await {
+        Err(Error::Handler(text)) => assert!(text.contains("could not be sent"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    let sent = answered.await.unwrap();
+    assert!(matches!(sent, Err(Error::Frame(_))), "the handler is told too: {sent:?}");
+    // The connection is still good.
+    let _h = responder.respond("small", |_| async { Ok::<_, String>("ok") }).await.unwrap();
+    assert_eq!(requester.request("small", "", LONG).await.unwrap().payload_str(), Some("ok"));
+}
+
+#[tokio::test]
 async fn a_responder_that_disconnects_fails_the_request_fast() {
     let broker = broker().await;
     let responder = client(&broker).await;

@@ -93,6 +93,44 @@ async fn a_message_buffered_offline_too_large_for_the_new_broker_is_dropped_alon
 }
 
 #[tokio::test]
+async fn a_request_made_while_offline_fails_and_is_never_run_later() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let responder = Client::connect_with(fast_reconnect(addr.to_string())).await.unwrap();
+    let counted = calls.clone();
+    let _h = responder
+        .respond("jobs.run", move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, String>("done") }
+        })
+        .await
+        .unwrap();
+    let requester = Client::connect_with(fast_reconnect(addr.to_string())).await.unwrap();
+    broker.stop().await;
+    wait_status(&requester, Status::Reconnecting).await;
+    assert!(matches!(requester.request("jobs.run", "offline", LONG).await, Err(Error::ConnectionLost)));
+    requester.publish("jobs.note", "buffered").await.unwrap();
+    eventually("only the publish is buffered", || requester.buffered() == 1).await;
+
+    let _broker = Broker::start(Config::with_listen(addr)).await.expect("rebind the same port");
+    wait_status(&requester, Status::Connected).await;
+    wait_status(&responder, Status::Connected).await;
+    let reply = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match requester.request("jobs.run", "online", LONG).await {
+                Err(Error::NoResponders { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the responder is back in time");
+    assert_eq!(reply.unwrap().payload_str(), Some("done"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the request that failed offline never ran");
+}
+
+#[tokio::test]
 async fn clients_fail_over_to_another_broker_on_shutdown() {
     let a = broker().await;
     let b = broker().await;
