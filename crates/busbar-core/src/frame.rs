@@ -755,6 +755,16 @@ pub fn is_request_or_reply(frame: &[u8]) -> bool {
     })
 }
 
+/// The id of an encoded REQUEST or REQUEST_ALL (`frame` from its length prefix on); `None` for
+/// any other frame.
+pub fn request_id(frame: &[u8]) -> Option<u64> {
+    let signal = *frame.get(LEN_PREFIX + 3)?;
+    if !matches!(signal & !(SIGNAL_KEY | SIGNAL_ENVELOPE), cmd::REQUEST | cmd::REQUEST_ALL) {
+        return None;
+    }
+    Some(u64::from_be_bytes(frame.get(LEN_PREFIX + 12..LEN_PREFIX + 20)?.try_into().ok()?))
+}
+
 fn header(dst: &mut BytesMut, signal: u8, source: u32, destination: u32, corr: u64) {
     // Put together on the stack and appended at once: one capacity check, not seven.
     let mut h = [0u8; LEN_PREFIX + HEADER_LEN]; // the prefix is patched by `finish`

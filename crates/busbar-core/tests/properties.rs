@@ -243,6 +243,7 @@ proptest! {
         if a.is_ok() {
             prop_assert_eq!(owned.len() - 4, view.frame_len() + 4, "the exact length");
             prop_assert!(frame::is_request_or_reply(&owned[4..]));
+            prop_assert_eq!(frame::request_id(&owned[4..]), Some(id));
         }
         let error = (status != 0).then(|| ErrorCode::from_u16(status));
         let reply = Frame::Reply(Reply { id, error, remaining, message: m.clone() });
@@ -253,6 +254,7 @@ proptest! {
         if a.is_ok() {
             prop_assert_eq!(owned.len(), view.frame_len() + 6, "the exact length");
             prop_assert!(frame::is_request_or_reply(&owned));
+            prop_assert_eq!(frame::request_id(&owned), None);
         }
         // Not the other data frames.
         for other in [Frame::Pub(m.clone()), Frame::Msg { sid: id, message: m.clone() },
@@ -260,6 +262,7 @@ proptest! {
             let mut buf = BytesMut::new();
             if other.encode(&mut buf, DEFAULT_MAX_FRAME_SIZE).is_ok() {
                 prop_assert!(!frame::is_request_or_reply(&buf), "{}", other.name());
+                prop_assert_eq!(frame::request_id(&buf), None);
             }
         }
     }

@@ -377,7 +377,7 @@ impl Client {
         self.check_offline_room()?;
         let max = self.max_frame_size();
         let size = view.frame_len();
-        self.commands.publish(size, |run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
+        self.commands.publish(size, max, |run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
     }
 
     /// Publishes a message with headers, balance key, destination or transaction.
@@ -387,7 +387,7 @@ impl Client {
         self.check_offline_room()?;
         // Encoded straight into the connection task's queue.
         let size = busbar_core::frame::MessageView::from(&message).frame_len();
-        self.commands.publish(size, |run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
+        self.commands.publish(size, max, |run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
     }
 
     /// Refuses a publish while disconnected with a full offline buffer, under
@@ -433,7 +433,7 @@ impl Client {
         let encode = |run: &mut bytes::BytesMut| {
             Ok(busbar_core::frame::encode_request_view(run, id, all, timeout_ms, view, max)?)
         };
-        self.commands.request(Command::Expect { id, sink }, view.frame_len() + 4, encode).await?;
+        self.commands.request(Command::Expect { id, sink }, view.frame_len() + 4, max, encode).await?;
         Ok(id)
     }
 

@@ -156,26 +156,33 @@ impl CommandTx {
     }
 
     /// Encodes a publish into the run of frames at the tail of the queue, waiting for room.
-    /// `encode` appends one frame of at most `size` bytes, or leaves the buffer as it was and
-    /// fails. (REQUEST and REPLY frames go the same way: see [`CommandTx::request`].)
+    /// `encode` appends one frame of `size` bytes (its exact length, prefix included), or leaves
+    /// the buffer as it was and fails. A frame over `max` (the broker's `max_frame_size`) fails
+    /// first, without taking the lock or room for it. (REQUEST and REPLY frames go the same way:
+    /// see [`CommandTx::request`].)
     pub(crate) async fn publish(
         &self,
         size: usize,
+        max: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
+        fits(size, max)?;
         self.encode_after(None, size, encode).await
     }
 
     /// Like [`CommandTx::publish`] for a REQUEST frame, with `expect` (the command that
     /// registers where its replies go) queued before the run the frame is in, so that the
     /// connection task knows the request before it writes it. Nothing is queued when `encode`
-    /// fails.
+    /// fails. The two count as two commands against the bound, which is checked once (so the
+    /// queue may hold one more than its capacity).
     pub(crate) async fn request(
         &self,
         expect: Command,
         size: usize,
+        max: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
+        fits(size, max)?;
         self.encode_after(Some(expect), size, encode).await
     }
 
@@ -184,8 +191,10 @@ impl CommandTx {
     pub(crate) fn try_publish(
         &self,
         size: usize,
+        max: usize,
         encode: impl Fn(&mut BytesMut) -> Result<()>,
     ) -> Result<()> {
+        fits(size, max)?;
         let state = self.shared.lock();
         if state.closed {
             return Err(Error::Closed);
@@ -256,7 +265,10 @@ impl CommandTx {
             let spare = state.spare.take().filter(|run| run.capacity() >= size);
             let mut run = spare.unwrap_or_else(|| BytesMut::with_capacity(size.max(RUN_CAPACITY)));
             if let Err(e) = encode(&mut run) {
-                state.spare = Some(run);
+                // Kept for the next run unless it is larger than `recycle` keeps.
+                if run.capacity() <= 4 * RUN_CAPACITY {
+                    state.spare = Some(run);
+                }
                 return Err(e);
             }
             if let Some(first) = first {
@@ -283,6 +295,16 @@ impl CommandTx {
             self.shared.task.wake();
         }
     }
+}
+
+/// Refuses a frame of `size` bytes (prefix included) over `max`, with the error its encoding
+/// would give.
+fn fits(size: usize, max: usize) -> Result<()> {
+    let size = size.saturating_sub(busbar_core::frame::LEN_PREFIX);
+    if size > max {
+        return Err(busbar_core::frame::FrameError::TooLarge { size, max }.into());
+    }
+    Ok(())
 }
 
 /// A handle that does not keep the connection task alive (the task's own, for the requests it
@@ -369,6 +391,7 @@ impl CommandRx {
     }
 
     /// The next command; `None` once every sender is gone and the queue is empty.
+    #[cfg(test)]
     pub(crate) async fn recv(&mut self) -> Option<Command> {
         if poll_fn(|cx| self.poll_ready(cx)).await { self.taken.pop_front() } else { None }
     }
@@ -403,7 +426,7 @@ mod tests {
     use bytes::BufMut;
 
     fn publish_byte(tx: &CommandTx, b: u8) -> impl Future<Output = Result<()>> + '_ {
-        tx.publish(1, move |run| {
+        tx.publish(1, usize::MAX, move |run| {
             run.put_u8(b);
             Ok(())
         })
@@ -426,10 +449,52 @@ mod tests {
         }
     }
 
+    fn request_byte(tx: &CommandTx, id: u64, b: u8) -> impl Future<Output = Result<()>> + '_ {
+        let (sink, _) = tokio::sync::oneshot::channel();
+        let expect = Command::Expect { id, sink: crate::connection::ReplySink::One(sink) };
+        tx.request(expect, 1, usize::MAX, move |run| {
+            run.put_u8(b);
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_is_expected_before_the_run_that_holds_its_frame() {
+        let (tx, mut rx) = commands(16);
+        request_byte(&tx, 1, 1).await.unwrap(); // starts a run after its Expect
+        publish_byte(&tx, 2).await.unwrap();
+        request_byte(&tx, 3, 3).await.unwrap(); // joins that run: its Expect goes before it
+        tx.send(Command::Unsubscribe { sid: 7 }).await.unwrap();
+        request_byte(&tx, 4, 4).await.unwrap(); // after a command: a new run
+        let mut got = Vec::new();
+        rx.recv_all(&mut got).await;
+        match &got[..] {
+            [
+                Command::Expect { id: 1, .. },
+                Command::Expect { id: 3, .. },
+                Command::Publish(a),
+                Command::Unsubscribe { sid: 7 },
+                Command::Expect { id: 4, .. },
+                Command::Publish(b),
+            ] => assert_eq!((&a[..], &b[..]), (&[1u8, 2, 3][..], &[4u8][..])),
+            other => panic!("unexpected {other:?}"),
+        }
+        // A frame over the limit is refused before anything is queued, its Expect included.
+        let (sink, _) = tokio::sync::oneshot::channel();
+        let expect = Command::Expect { id: 5, sink: crate::connection::ReplySink::One(sink) };
+        let refused = tx.request(expect, 100, 10, |_| unreachable!("not encoded")).await;
+        assert!(matches!(
+            refused,
+            Err(Error::Frame(busbar_core::FrameError::TooLarge { size: 96, max: 10 }))
+        ));
+        publish_byte(&tx, 9).await.unwrap();
+        assert!(matches!(rx.recv().await, Some(Command::Publish(run)) if run[..] == [9]));
+    }
+
     #[tokio::test]
     async fn a_failed_encoding_leaves_nothing_behind() {
         let (tx, mut rx) = commands(16);
-        let failed = tx.publish(1, |_| Err(Error::Closed)).await;
+        let failed = tx.publish(1, usize::MAX, |_| Err(Error::Closed)).await;
         assert!(matches!(failed, Err(Error::Closed)));
         publish_byte(&tx, 9).await.unwrap();
         assert!(matches!(rx.recv().await, Some(Command::Publish(run)) if run[..] == [9]));
@@ -478,7 +543,7 @@ mod tests {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     for i in 0..N {
-                        tx.publish(5, |run| {
+                        tx.publish(5, usize::MAX, |run| {
                             run.put_u8(p);
                             run.put_u32(i);
                             Ok(())

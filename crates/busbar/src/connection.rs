@@ -395,16 +395,26 @@ impl ConnectionTask {
         let policy = self.options.reconnect.clone();
         let mut delay = policy.initial_delay;
         let mut attempt: u32 = 0;
+        // Taken a whole batch at a time: a request's Expect and the run with its frame are
+        // queued together, and must be handled together (one taken without the other would
+        // fail the request here and send its frame on the next connection).
+        let mut batch = Vec::new();
         loop {
             let wake = tokio::time::sleep(jitter(delay));
             tokio::pin!(wake);
             loop {
                 tokio::select! {
                     () = &mut wake => break,
-                    command = self.commands.recv() => match command {
-                        Some(command) => if !self.offline_command(command) { return None },
-                        None => return None,
-                    },
+                    n = self.commands.recv_all(&mut batch) => {
+                        if n == 0 {
+                            return None;
+                        }
+                        for command in batch.drain(..) {
+                            if !self.offline_command(command) {
+                                return None;
+                            }
+                        }
+                    }
                 }
             }
             attempt += 1;
@@ -609,17 +619,29 @@ impl ConnectionTask {
         Ok(true)
     }
 
-    /// Writes a run of PUB frames straight from its buffer (not copied into the writer's),
-    /// after the frames the writer holds, which go first. When a write fails, the frames not
-    /// wholly written go to `leftover`, the one cut short included, to be sent on the next
-    /// connection, in order.
+    /// Writes a run of frames (PUB, REQUEST, REPLY) straight from its buffer (not copied into
+    /// the writer's), after the frames the writer holds, which go first. When a write fails, the
+    /// frames not wholly written go to `leftover`, the one cut short included: the PUBs among
+    /// them are sent on the next connection, in order, and the requests fail with this one (see
+    /// `offline_command`).
     async fn write_run(&mut self, conn: &mut Conn, mut run: BytesMut) -> Result<()> {
         if self.smaller_limit {
             let max = conn.reader.max_frame_size;
             let dropped;
             (run, dropped) = without_oversized(run, max);
-            if dropped > 0 {
-                warn!(dropped, max_frame_size = max, "dropped messages over this broker's max_frame_size");
+            if !dropped.is_empty() {
+                warn!(
+                    dropped = dropped.len(),
+                    max_frame_size = max,
+                    "dropped messages over this broker's max_frame_size"
+                );
+            }
+            // A request among them fails now rather than at its timeout.
+            for id in dropped.iter().filter_map(|frame| busbar_core::frame::request_id(frame)) {
+                let text = format!("request over this broker's max_frame_size ({max} bytes)");
+                let message = busbar_core::Message::new("", text);
+                let reply = Reply { id, error: Some(ErrorCode::FrameTooLarge), remaining: 0, message };
+                deliver_reply(&mut self.requests, reply);
             }
         }
         if !conn.writer.write_buffer().is_empty()
@@ -894,9 +916,9 @@ fn frame_start(run: &[u8], at: usize) -> usize {
 }
 
 /// The frames of a run of encoded frames (each starts with its length).
-/// The frames of `run` whose size (after the length prefix) is at most `max`, and how many were
-/// not. A run where all fit (the rule) comes back as it is, after a walk over its prefixes.
-fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, usize) {
+/// The frames of `run` whose size (after the length prefix) is at most `max`, and the ones that
+/// were not. A run where all fit (the rule) comes back as it is, after a walk over its prefixes.
+fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, Vec<Bytes>) {
     let over = |frame: &[u8]| frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max;
     let mut at = 0;
     while let Some(prefix) = run.get(at..at + 4) {
@@ -904,10 +926,10 @@ fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, usize) {
             (4 + u32::from_be_bytes(prefix.try_into().unwrap_or_default()) as usize).min(run.len() - at);
         if over(&run[at..at + len]) {
             let mut kept = BytesMut::with_capacity(run.len());
-            let mut dropped = 0;
+            let mut dropped = Vec::new();
             for frame in frames(run.freeze()) {
                 if over(&frame) {
-                    dropped += 1;
+                    dropped.push(frame);
                 } else {
                     kept.extend_from_slice(&frame);
                 }
@@ -916,7 +938,7 @@ fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, usize) {
         }
         at += len;
     }
-    (run, 0)
+    (run, Vec::new())
 }
 
 fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
@@ -942,14 +964,14 @@ mod tests {
             sizes.push(run.len() - start);
         }
         let (same, dropped) = without_oversized(run.clone(), 1 << 20);
-        assert_eq!((&same[..], dropped), (&run[..], 0), "all fit: unchanged");
+        assert_eq!((&same[..], dropped.len()), (&run[..], 0), "all fit: unchanged");
         let (kept, dropped) = without_oversized(run.clone(), 200);
-        assert_eq!(dropped, 2);
+        assert_eq!(dropped.iter().map(|f| f.len()).collect::<Vec<_>>(), vec![sizes[1], sizes[3]]);
         let kept: Vec<usize> = frames(kept.freeze()).map(|f| f.len()).collect();
         assert_eq!(kept, vec![sizes[0], sizes[2], sizes[4]]);
         // At the limit exactly: kept (the broker refuses only what is over it).
         let (_, dropped) = without_oversized(run, sizes[1] - 4);
-        assert_eq!(dropped, 1);
+        assert_eq!(dropped.len(), 1);
     }
 
     #[test]

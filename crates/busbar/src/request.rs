@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use busbar_core::frame::{MessageView, encode_reply_view};
-use busbar_core::{Envelope, ErrorCode, Headers, IdGenerator, Reply};
+use busbar_core::{ByteString, Envelope, ErrorCode, Headers, IdGenerator, Reply};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -59,7 +59,7 @@ impl ReplyTo {
 /// What a REPLY needs besides its status and payload, taken from the request it answers.
 struct ReplyFields<'a> {
     id: u64,
-    topic: &'a str,
+    topic: &'a ByteString,
     destination: u32,
     envelope: Envelope,
 }
@@ -142,13 +142,13 @@ impl Request {
         match &mut self.reply_to {
             ReplyTo::Remote { commands, max_frame_size } => {
                 let (size, encode) = fields.encoder(error, &payload, *max_frame_size);
-                let sent = commands.publish(size, encode).await;
+                let sent = commands.publish(size, *max_frame_size, encode).await;
                 if let Err(Error::Frame(e)) = &sent {
                     // Too large for the broker: the requester learns it now, not at its timeout.
                     let text = format!("the reply could not be sent: {e}");
                     let (size, encode) =
                         fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
-                    let _ = commands.publish(size, encode).await;
+                    let _ = commands.publish(size, *max_frame_size, encode).await;
                 }
                 sent
             }
@@ -178,7 +178,7 @@ fn reply_fields<'a>(id: u64, request: &'a Message, ids: &dyn IdGenerator) -> Rep
 impl ReplyFields<'_> {
     /// The reply as a message, for a requester in the same process.
     fn message(&self, payload: Bytes) -> busbar_core::Message {
-        let mut message = busbar_core::Message::new(self.topic, payload);
+        let mut message = busbar_core::Message::new(self.topic.clone(), payload);
         message.destination = self.destination;
         message.envelope = Some(self.envelope);
         message
@@ -195,7 +195,7 @@ impl Drop for Request {
                 ReplyTo::Remote { commands, max_frame_size } => {
                     let (size, encode) =
                         fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
-                    let _ = commands.try_publish(size, encode);
+                    let _ = commands.try_publish(size, *max_frame_size, encode);
                 }
                 reply_to => {
                     let message = fields.message(Bytes::from_static(text.as_bytes()));
