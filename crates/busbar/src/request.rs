@@ -37,21 +37,44 @@ pub(crate) enum ReplyTo {
 }
 
 impl ReplyTo {
-    /// In process only (`Remote` replies are encoded where they are made: see
-    /// `Request::answer`).
-    async fn send(&mut self, reply: Reply) -> Result<()> {
+    /// Sends the reply made of `fields`, `error` and `payload`. Over the network it is encoded
+    /// straight into the connection task's queue; a reply too large for the broker fails, and
+    /// the requester gets a `HandlerError` saying so at once rather than waiting for its timeout.
+    async fn send(
+        &mut self,
+        fields: &ReplyFields<'_>,
+        error: Option<ErrorCode>,
+        payload: Bytes,
+    ) -> Result<()> {
         match self {
-            ReplyTo::Remote { .. } => Err(Error::Closed),
-            ReplyTo::All(tx) => tx.send(reply).await.map_err(|_| Error::Closed),
-            ReplyTo::One(tx) => tx.take().ok_or(Error::Closed)?.send(reply).map_err(|_| Error::Closed),
+            ReplyTo::Remote { commands, max_frame_size } => {
+                let max = *max_frame_size;
+                let (size, encode) = fields.encoder(error, &payload, max);
+                let sent = commands.publish(size, max, encode).await;
+                if let Err(Error::Frame(e)) = &sent {
+                    let text = format!("the reply could not be sent: {e}");
+                    let (size, encode) = fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), max);
+                    let _ = commands.publish(size, max, encode).await;
+                }
+                sent
+            }
+            ReplyTo::All(tx) => tx.send(fields.reply(error, payload)).await.map_err(|_| Error::Closed),
+            ReplyTo::One(tx) => {
+                tx.take().ok_or(Error::Closed)?.send(fields.reply(error, payload)).map_err(|_| Error::Closed)
+            }
         }
     }
 
-    fn send_now(&mut self, reply: Reply) {
+    /// [`ReplyTo::send`] without waiting (from `Drop`): best effort, when the queue is full the
+    /// requester times out instead.
+    fn send_now(&mut self, fields: &ReplyFields<'_>, error: Option<ErrorCode>, payload: Bytes) {
         let _ = match self {
-            ReplyTo::Remote { .. } => false,
-            ReplyTo::All(tx) => tx.try_send(reply).is_ok(),
-            ReplyTo::One(tx) => tx.take().is_some_and(|tx| tx.send(reply).is_ok()),
+            ReplyTo::Remote { commands, max_frame_size } => {
+                let (size, encode) = fields.encoder(error, &payload, *max_frame_size);
+                commands.try_publish(size, *max_frame_size, encode).is_ok()
+            }
+            ReplyTo::All(tx) => tx.try_send(fields.reply(error, payload)).is_ok(),
+            ReplyTo::One(tx) => tx.take().is_some_and(|tx| tx.send(fields.reply(error, payload)).is_ok()),
         };
     }
 }
@@ -139,24 +162,7 @@ impl Request {
     async fn answer(mut self, error: Option<ErrorCode>, payload: Bytes) -> Result<()> {
         self.answered = true;
         let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
-        match &mut self.reply_to {
-            ReplyTo::Remote { commands, max_frame_size } => {
-                let (size, encode) = fields.encoder(error, &payload, *max_frame_size);
-                let sent = commands.publish(size, *max_frame_size, encode).await;
-                if let Err(Error::Frame(e)) = &sent {
-                    // Too large for the broker: the requester learns it now, not at its timeout.
-                    let text = format!("the reply could not be sent: {e}");
-                    let (size, encode) =
-                        fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
-                    let _ = commands.publish(size, *max_frame_size, encode).await;
-                }
-                sent
-            }
-            reply_to => {
-                let reply = Reply { id: fields.id, error, remaining: 0, message: fields.message(payload) };
-                reply_to.send(reply).await
-            }
-        }
+        self.reply_to.send(&fields, error, payload).await
     }
 }
 
@@ -176,37 +182,21 @@ fn reply_fields<'a>(id: u64, request: &'a Message, ids: &dyn IdGenerator) -> Rep
 }
 
 impl ReplyFields<'_> {
-    /// The reply as a message, for a requester in the same process.
-    fn message(&self, payload: Bytes) -> busbar_core::Message {
+    /// The reply itself, for a requester in the same process.
+    fn reply(&self, error: Option<ErrorCode>, payload: Bytes) -> Reply {
         let mut message = busbar_core::Message::new(self.topic.clone(), payload);
         message.destination = self.destination;
         message.envelope = Some(self.envelope);
-        message
+        Reply { id: self.id, error, remaining: 0, message }
     }
 }
 
 impl Drop for Request {
     fn drop(&mut self) {
         if !self.answered {
-            let text = "request dropped without a reply";
             let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
-            // Best effort: when the queue is full the requester times out instead.
-            match &mut self.reply_to {
-                ReplyTo::Remote { commands, max_frame_size } => {
-                    let (size, encode) =
-                        fields.encoder(Some(ErrorCode::HandlerError), text.as_bytes(), *max_frame_size);
-                    let _ = commands.try_publish(size, *max_frame_size, encode);
-                }
-                reply_to => {
-                    let message = fields.message(Bytes::from_static(text.as_bytes()));
-                    reply_to.send_now(Reply {
-                        id: fields.id,
-                        error: Some(ErrorCode::HandlerError),
-                        remaining: 0,
-                        message,
-                    });
-                }
-            }
+            let text = Bytes::from_static(b"request dropped without a reply");
+            self.reply_to.send_now(&fields, Some(ErrorCode::HandlerError), text);
         }
     }
 }
