@@ -578,7 +578,7 @@ impl ConnectionTask {
         let max = conn.reader.max_frame_size;
         let mut too_large = 0usize;
         while let Some(frame) = self.offline.pop_front() {
-            if frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max {
+            if over_limit(&frame, max) {
                 too_large += 1;
                 continue;
             }
@@ -916,10 +916,16 @@ fn frame_start(run: &[u8], at: usize) -> usize {
 }
 
 /// The frames of a run of encoded frames (each starts with its length).
+/// True when an encoded frame (length prefix included) is over a broker's `max_frame_size`: the
+/// broker would close the connection on it.
+fn over_limit(frame: &[u8], max: usize) -> bool {
+    frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max
+}
+
 /// The frames of `run` whose size (after the length prefix) is at most `max`, and the ones that
 /// were not. A run where all fit (the rule) comes back as it is, after a walk over its prefixes.
 fn without_oversized(run: BytesMut, max: usize) -> (BytesMut, Vec<Bytes>) {
-    let over = |frame: &[u8]| frame.len().saturating_sub(busbar_core::frame::LEN_PREFIX) > max;
+    let over = |frame: &[u8]| over_limit(frame, max);
     let mut at = 0;
     while let Some(prefix) = run.get(at..at + 4) {
         let len =
