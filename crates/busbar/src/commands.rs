@@ -164,10 +164,10 @@ impl CommandTx {
         &self,
         size: usize,
         max: usize,
-        encode: impl Fn(&mut BytesMut) -> Result<()>,
+        encode: impl Fn(&mut BytesMut) -> Result<()> + Sync,
     ) -> Result<()> {
         fits(size, max)?;
-        self.encode_after(None, size, encode).await
+        self.encode_after(None, size, &encode).await
     }
 
     /// Like [`CommandTx::publish`] for a REQUEST frame, with `expect` (the command that
@@ -180,10 +180,10 @@ impl CommandTx {
         expect: Command,
         size: usize,
         max: usize,
-        encode: impl Fn(&mut BytesMut) -> Result<()>,
+        encode: impl Fn(&mut BytesMut) -> Result<()> + Sync,
     ) -> Result<()> {
         fits(size, max)?;
-        self.encode_after(Some(expect), size, encode).await
+        self.encode_after(Some(expect), size, &encode).await
     }
 
     /// [`CommandTx::publish`] without waiting: fails with `BufferFull` when the queue is full
@@ -205,25 +205,39 @@ impl CommandTx {
         self.encode_into(state, None, size, &encode)
     }
 
+    /// Encodes at once when there is room (the usual case); otherwise waits for it. The
+    /// waiting half is boxed, so the future of every publish stays small: futures are moved
+    /// (copied) as they are built and awaited, and a `Notified` in each would be copied with it.
     async fn encode_after(
+        &self,
+        first: Option<Command>,
+        size: usize,
+        encode: &(dyn Fn(&mut BytesMut) -> Result<()> + Sync),
+    ) -> Result<()> {
+        let first = {
+            let state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            if state.len < self.shared.capacity {
+                return self.encode_into(state, first, size, encode);
+            }
+            first
+        };
+        Box::pin(self.wait_and_encode(first, size, encode)).await
+    }
+
+    /// [`CommandTx::encode_after`] for a full queue (rare): waits like any other command.
+    async fn wait_and_encode(
         &self,
         mut first: Option<Command>,
         size: usize,
-        encode: impl Fn(&mut BytesMut) -> Result<()>,
+        encode: &(dyn Fn(&mut BytesMut) -> Result<()> + Sync),
     ) -> Result<()> {
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
-            {
-                let state = self.shared.lock();
-                if state.closed {
-                    return Err(Error::Closed);
-                }
-                if state.len < self.shared.capacity {
-                    return self.encode_into(state, first.take(), size, &encode);
-                }
-            }
-            // Full (rare): wait like any other command.
+            // Registered before looking, so that room made in between is not missed.
             room.as_mut().enable();
             {
                 let mut state = self.shared.lock();
@@ -231,7 +245,7 @@ impl CommandTx {
                     return Err(Error::Closed);
                 }
                 if state.len < self.shared.capacity {
-                    return self.encode_into(state, first.take(), size, &encode);
+                    return self.encode_into(state, first.take(), size, encode);
                 }
                 state.waiting = true;
             }
