@@ -58,9 +58,17 @@ impl ReplyTo {
                 }
                 sent
             }
-            ReplyTo::All(tx) => tx.send(fields.reply(error, payload)).await.map_err(|_| Error::Closed),
+            // A requester that is gone (timed out, or has all the answers it wanted) is no error
+            // of the responder's, as over the network, where the broker drops such a reply.
+            ReplyTo::All(tx) => {
+                let _ = tx.send(fields.reply(error, payload)).await;
+                Ok(())
+            }
             ReplyTo::One(tx) => {
-                tx.take().ok_or(Error::Closed)?.send(fields.reply(error, payload)).map_err(|_| Error::Closed)
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(fields.reply(error, payload));
+                }
+                Ok(())
             }
         }
     }

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::connection::Command;
 use crate::context::in_transaction;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::request::Request;
 
@@ -215,7 +215,9 @@ impl HandlerTask {
         self.sid
     }
 
-    /// Stops the handler (after the message it is handling, if any) and unsubscribes.
+    /// Stops the handler at once and unsubscribes. A message being handled is abandoned at its
+    /// next `.await` (a request being answered then gets the "dropped without a reply" error);
+    /// to let handlers finish, use [`Client::drain`] instead.
     pub fn stop(self) {
         self.task.abort();
     }
@@ -272,8 +274,13 @@ where
                     request.fail("the handler panicked").await
                 }
             };
-            if sent.is_err() {
-                break;
+            match sent {
+                Ok(()) => {}
+                // The connection is closed for good: nothing more will come.
+                Err(Error::Closed) => break,
+                // One reply failed (too large for the broker, say; the requester was told):
+                // the next request is served as usual.
+                Err(e) => warn!(error = %e, "a reply could not be sent"),
             }
         }
     });

@@ -121,9 +121,17 @@ async fn a_reply_too_large_for_the_broker_fails_the_request_at_once() {
     }
     let sent = answered.await.unwrap();
     assert!(matches!(sent, Err(Error::Frame(_))), "the handler is told too: {sent:?}");
-    // The connection is still good.
-    let _h = responder.respond("small", |_| async { Ok::<_, String>("ok") }).await.unwrap();
-    assert_eq!(requester.request("small", "", LONG).await.unwrap().payload_str(), Some("ok"));
+    // The connection is still good, and a `respond` handler whose reply was too large keeps
+    // serving.
+    let _h = responder
+        .respond("sized", |m| async move {
+            let size = if m.payload_str() == Some("big") { 100 * 1024 } else { 2 };
+            Ok::<_, String>(vec![b'k'; size])
+        })
+        .await
+        .unwrap();
+    assert!(matches!(requester.request("sized", "big", LONG).await, Err(Error::Handler(_))));
+    assert_eq!(requester.request("sized", "small", LONG).await.unwrap().payload_str(), Some("kk"));
 }
 
 #[tokio::test]

@@ -115,6 +115,46 @@ async fn groups_round_robin(bus: &impl EventBus) {
     assert!(members.iter_mut().all(|m| m.try_next().is_none()), "10 each, no more");
 }
 
+/// A requester that stopped waiting (timed out, or had the answers it wanted) does not stop the
+/// responder: its late reply is dropped and the next request is served.
+async fn a_responder_outlives_abandoned_requests(bus: &impl EventBus) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut handlers = Vec::new();
+    for name in ["late.a", "late.b"] {
+        let release = release.clone();
+        let handler = bus
+            .respond("late", move |m| {
+                let release = release.clone();
+                async move {
+                    // "hold" holds whoever gets it; a responder's own name holds only it.
+                    if matches!(m.payload_str(), Some(p) if p == "hold" || p == name) {
+                        release.notified().await;
+                    }
+                    Ok::<_, String>(name)
+                }
+            })
+            .await
+            .unwrap();
+        handlers.push(handler);
+    }
+    // One responder holds this request past its timeout, then answers it.
+    assert!(matches!(bus.request("late", "hold", Duration::from_millis(50)).await, Err(Error::Timeout)));
+    release.notify_one();
+    // Scatter-gather content with the first answer (from late.a): late.b answers after it.
+    let first = bus.request_all("late", "late.b", LONG, Some(1)).await.unwrap();
+    assert_eq!(
+        first.into_iter().map(|a| a.unwrap().payload_str().unwrap().to_string()).collect::<Vec<_>>(),
+        ["late.a"]
+    );
+    release.notify_one();
+    // Both replied to requesters that were gone, and both still serve.
+    let answers = bus.request_all("late", "fast", LONG, None).await.unwrap();
+    let mut names: Vec<String> =
+        answers.into_iter().map(|a| a.unwrap().payload_str().unwrap().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["late.a", "late.b"]);
+}
+
 async fn whole_suite(bus: AnyBus) {
     pub_sub_with_wildcards(&bus).await;
     handler_runs_and_propagates_the_transaction(&bus).await;
@@ -122,6 +162,7 @@ async fn whole_suite(bus: AnyBus) {
     commands_reach_one_handler(&bus).await;
     scatter_gather(&bus).await;
     groups_round_robin(&bus).await;
+    a_responder_outlives_abandoned_requests(&bus).await;
 }
 
 #[tokio::test]
