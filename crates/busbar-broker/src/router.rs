@@ -20,7 +20,7 @@ use std::collections::hash_map::Entry;
 use crate::FastMap;
 use std::sync::Arc;
 
-use busbar_core::group::Balancer;
+use busbar_core::group::{Balancer, Turn};
 use busbar_core::{ByteString, ErrorCode, Group, GroupPolicy, Message, Sub, SubKind, SubscriptionTrie};
 use smallvec::SmallVec;
 
@@ -63,12 +63,14 @@ impl RouteOut {
 }
 
 /// One subscription as stored in the trie: where to deliver, and under which id.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct SubRef {
     conn: u32,
     sid: u64,
     group: Option<Arc<GroupState>>,
     outbox: Outbox,
+    /// Its round-robin place in its group (or among the responders in no group).
+    turn: Turn,
 }
 
 impl PartialEq for SubRef {
@@ -275,7 +277,7 @@ impl Router {
             SubKind::Events => &mut self.events,
             SubKind::Requests => &mut self.responders,
         };
-        trie.insert(&pattern, SubRef { conn, sid, group: group.clone(), outbox });
+        trie.insert(&pattern, SubRef { conn, sid, group: group.clone(), outbox, turn: Turn::default() });
         if local {
             let group_frame = group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
             let sub = Sub { sid, pattern: pattern.clone(), group: group_frame, kind };
@@ -422,7 +424,7 @@ impl Router {
             self.announce(RouteOut::Unsub { conn, sid });
         }
         // Only `conn` and `sid` take part in SubRef equality; the outbox is a placeholder.
-        let probe = SubRef { conn, sid, group: None, outbox: Outbox::detached() };
+        let probe = SubRef { conn, sid, group: None, outbox: Outbox::detached(), turn: Turn::default() };
         match sub.kind {
             SubKind::Events => self.events.remove(&sub.pattern, &probe),
             SubKind::Requests => self.responders.remove(&sub.pattern, &probe),
@@ -601,7 +603,13 @@ impl Router {
                 }
                 None => members,
             };
-            let chosen = state.balancer.pick(state.policy, key, members.len(), |i| member_id(members[i]));
+            let chosen = state.balancer.pick(
+                state.policy,
+                key,
+                members.len(),
+                |i| member_id(members[i]),
+                |i| &members[i].turn,
+            );
             visit(members[chosen], true);
         }
     }
@@ -644,7 +652,13 @@ impl Router {
             }
             None => &candidates[..],
         };
-        let chosen = balancer.pick(policy, key, candidates.len(), |i| member_id(candidates[i]));
+        let chosen = balancer.pick(
+            policy,
+            key,
+            candidates.len(),
+            |i| member_id(candidates[i]),
+            |i| &candidates[i].turn,
+        );
         smallvec::smallvec![target(candidates[chosen])]
     }
 }

@@ -310,9 +310,10 @@ pub struct Envelope {
 pub enum GroupPolicy {
     /// 1: a member chosen at random.
     Random,
-    /// 2: members in turn.
+    /// 2: members in turn (of those matching the message's topic, the one chosen longest ago).
     RoundRobin,
-    /// 3: consistent hashing of the message's balance key.
+    /// 3: consistent hashing of the message's balance key: a key stays with its member while
+    /// the group's membership does not change. Messages without a key go round-robin.
     Hash,
 }
 

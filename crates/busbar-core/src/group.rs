@@ -6,37 +6,65 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::GroupPolicy;
 
-/// Per-group state for [`Balancer::pick`]: a round-robin position and a lock-free random stream.
+/// Per-group state for [`Balancer::pick`]: a round-robin clock and a lock-free random stream.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    next: AtomicU64,
+    clock: AtomicU64,
     rng: AtomicU64,
 }
+
+/// A member's place in round-robin: when it was last chosen (0: never). Each member keeps its
+/// own, so that members that match different topics (or patterns) take turns fairly whatever
+/// mix of topics is published.
+#[derive(Debug, Default)]
+pub struct Turn(AtomicU64);
 
 impl Balancer {
     /// A balancer whose random stream starts at `seed`.
     pub fn with_seed(seed: u64) -> Self {
-        Self { next: AtomicU64::new(0), rng: AtomicU64::new(seed) }
+        Self { clock: AtomicU64::new(0), rng: AtomicU64::new(seed) }
     }
 
-    /// Picks one of `n` members (`n > 0`). `member(i)` is a stable identity of member `i`, used by
-    /// the hash policy; members must be listed in a stable order for round-robin to be fair.
-    pub fn pick(
+    /// Picks one of `n` members (`n > 0`), listed in a stable order. `member(i)` is a stable
+    /// identity of member `i`, used by the hash policy; `turn(i)` its round-robin place.
+    ///
+    /// - Round-robin takes the member chosen longest ago (the first listed on a tie), so each
+    ///   member matching a topic gets its turn even when other topics, matched by other members
+    ///   of the group, are published in between.
+    /// - Hash takes the member that wins the key by rendezvous hashing; a message without a key
+    ///   has no affinity to keep and goes round-robin.
+    pub fn pick<'a>(
         &self,
         policy: GroupPolicy,
         key: Option<u64>,
         n: usize,
         member: impl Fn(usize) -> u64,
+        turn: impl Fn(usize) -> &'a Turn,
     ) -> usize {
         debug_assert!(n > 0);
-        match policy {
-            GroupPolicy::RoundRobin => (self.next.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
-            GroupPolicy::Random => {
+        match (policy, key) {
+            (GroupPolicy::Hash, Some(key)) => rendezvous(key, n, member),
+            (GroupPolicy::Random, _) => {
                 let r = mix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
                 // Lemire's multiply-shift: unbiased enough for load spreading, no division.
                 ((u128::from(r) * n as u128) >> 64) as usize
             }
-            GroupPolicy::Hash => rendezvous(key.unwrap_or(0), n, member),
+            (GroupPolicy::RoundRobin | GroupPolicy::Hash, _) => self.least_recent(n, turn),
+        }
+    }
+
+    /// The member chosen longest ago, stamped as chosen now. Two publishers picking at once
+    /// cannot both take the same turn: the stamp is swapped in only if no one moved it since.
+    fn least_recent<'a>(&self, n: usize, turn: impl Fn(usize) -> &'a Turn) -> usize {
+        loop {
+            let (i, last) = (0..n)
+                .map(|i| (i, turn(i).0.load(Ordering::Relaxed)))
+                .min_by_key(|&(i, last)| (last, i))
+                .unwrap_or((0, 0));
+            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            if turn(i).0.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                return i;
+            }
         }
     }
 }
@@ -64,14 +92,48 @@ mod tests {
     #[test]
     fn round_robin_and_random_spread() {
         let b = Balancer::with_seed(7);
+        let turns: [Turn; 3] = Default::default();
         let mut rr = [0; 3];
         let mut rand = [0; 3];
         for _ in 0..3000 {
-            rr[b.pick(GroupPolicy::RoundRobin, None, 3, |i| i as u64)] += 1;
-            rand[b.pick(GroupPolicy::Random, None, 3, |i| i as u64)] += 1;
+            rr[b.pick(GroupPolicy::RoundRobin, None, 3, |i| i as u64, |i| &turns[i])] += 1;
+            rand[b.pick(GroupPolicy::Random, None, 3, |i| i as u64, |i| &turns[i])] += 1;
         }
         assert_eq!(rr, [1000; 3]);
         assert!(rand.iter().all(|&c| (900..=1100).contains(&c)), "{rand:?}");
+    }
+
+    #[test]
+    fn round_robin_is_fair_per_topic_when_topics_interleave() {
+        // One group, members 0 and 1 match topic a, members 2 and 3 topic b, member 4 both.
+        let b = Balancer::default();
+        let turns: [Turn; 5] = Default::default();
+        let (on_a, on_b) = ([0, 1, 4], [2, 3, 4]);
+        let mut got = [0; 5];
+        for _ in 0..300 {
+            got[on_a[b.pick(GroupPolicy::RoundRobin, None, 3, |i| i as u64, |i| &turns[on_a[i]])]] += 1;
+            got[on_b[b.pick(GroupPolicy::RoundRobin, None, 3, |i| i as u64, |i| &turns[on_b[i]])]] += 1;
+        }
+        // 600 messages: members 0-3 take turns with member 4, which both topics share.
+        assert_eq!(got.iter().sum::<i32>(), 600);
+        assert!(got.iter().all(|&c| (100..=200).contains(&c)), "{got:?}");
+        // A shared counter modulo the candidates would have starved members 1 and 2.
+        assert!(got[1] > 0 && got[2] > 0);
+    }
+
+    #[test]
+    fn hash_without_a_key_spreads_and_with_one_sticks() {
+        let b = Balancer::default();
+        let turns: [Turn; 4] = Default::default();
+        let mut keyless = [0; 4];
+        for _ in 0..400 {
+            keyless[b.pick(GroupPolicy::Hash, None, 4, |i| i as u64, |i| &turns[i])] += 1;
+        }
+        assert_eq!(keyless, [100; 4]);
+        let first = b.pick(GroupPolicy::Hash, Some(42), 4, |i| i as u64, |i| &turns[i]);
+        assert!(
+            (0..50).all(|_| b.pick(GroupPolicy::Hash, Some(42), 4, |i| i as u64, |i| &turns[i]) == first)
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use busbar_core::group::Balancer;
+use busbar_core::group::{Balancer, Turn};
 use busbar_core::{ByteString, GroupPolicy, IdGenerator, SubscriptionTrie, UlidGenerator, validate_pattern};
 use bytes::Bytes;
 use regex::Regex;
@@ -145,6 +145,8 @@ struct Handler {
     group: Option<GroupRef>,
     regex: Option<Regex>,
     sink: Sink,
+    /// Its round-robin place in its group.
+    turn: Turn,
 }
 
 struct Responder {
@@ -152,6 +154,8 @@ struct Responder {
     group: Option<GroupRef>,
     tx: crate::feed::FeedTx<Request>,
     dropped: Arc<AtomicU64>,
+    /// Its round-robin place in its group (or among the responders in no group).
+    turn: Turn,
 }
 
 // The trie finds entries to remove by equality; a subscription id identifies one.
@@ -213,13 +217,20 @@ impl Table {
                     group: None,
                     regex: None,
                     sink: Sink::Sync(Box::new(|_| Ok(()))),
+                    turn: Turn::default(),
                 });
                 self.events.remove(&pattern, &probe);
             }
             Slot::Regex => self.regexes.retain(|h| h.sid != sid),
             Slot::Responder(pattern) => {
                 let (tx, _) = crate::feed::feed(1);
-                let probe = Arc::new(Responder { sid, group: None, tx, dropped: Arc::default() });
+                let probe = Arc::new(Responder {
+                    sid,
+                    group: None,
+                    tx,
+                    dropped: Arc::default(),
+                    turn: Turn::default(),
+                });
                 self.responders.remove(&pattern, &probe);
             }
         }
@@ -392,7 +403,7 @@ impl Bus {
             let group = t.group(&pattern)?;
             let group_name = group.as_ref().map(|g| g.name.clone());
             let is_regex = regex.is_some();
-            let handler = Arc::new(Handler { sid, group, regex, sink });
+            let handler = Arc::new(Handler { sid, group, regex, sink, turn: Turn::default() });
             if is_regex {
                 t.regexes.push(handler);
                 t.slots.insert(sid, (Slot::Regex, group_name));
@@ -464,7 +475,8 @@ impl Bus {
         self.update(|t| {
             let group = t.group(&pattern)?;
             let group_name = group.as_ref().map(|g| g.name.clone());
-            let responder = Arc::new(Responder { sid, group, tx, dropped: dropped.clone() });
+            let responder =
+                Arc::new(Responder { sid, group, tx, dropped: dropped.clone(), turn: Turn::default() });
             t.responders.insert(pattern.pattern_str(), responder);
             t.slots.insert(sid, (Slot::Responder(pattern.pattern_str().into()), group_name));
             Ok(())
@@ -525,7 +537,13 @@ impl Bus {
             Some(g) => (&*g.balancer, g.policy),
             None => (&self.inner.ungrouped, GroupPolicy::RoundRobin),
         };
-        let chosen = balancer.pick(policy, message.key(), candidates.len(), |i| candidates[i].sid);
+        let chosen = balancer.pick(
+            policy,
+            message.key(),
+            candidates.len(),
+            |i| candidates[i].sid,
+            |i| &candidates[i].turn,
+        );
         Ok(vec![candidates[chosen].clone()])
     }
 
@@ -611,7 +629,13 @@ fn deliver_all<'t>(table: &'t Table, message: &Message) -> Delivery {
         grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
         for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
             let Some(g) = &members[0].group else { continue };
-            let chosen = g.balancer.pick(g.policy, message.key(), members.len(), |i| members[i].sid);
+            let chosen = g.balancer.pick(
+                g.policy,
+                message.key(),
+                members.len(),
+                |i| members[i].sid,
+                |i| &members[i].turn,
+            );
             deliver(members[chosen], message, &mut delivery);
         }
     }

@@ -115,6 +115,45 @@ async fn groups_round_robin(bus: &impl EventBus) {
     assert!(members.iter_mut().all(|m| m.try_next().is_none()), "10 each, no more");
 }
 
+/// Round-robin takes turns per topic, even when members of one group (or responders in no group)
+/// match different topics and those topics are published in turn.
+async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
+    let served: Arc<[AtomicUsize; 4]> = Arc::default();
+    let mut handlers = Vec::new();
+    for (i, topic) in ["rrq.a", "rrq.a", "rrq.b", "rrq.b"].into_iter().enumerate() {
+        let served = served.clone();
+        let handler = bus
+            .respond(topic, move |_| {
+                served[i].fetch_add(1, Ordering::Relaxed);
+                async { Ok::<_, String>("") }
+            })
+            .await
+            .unwrap();
+        handlers.push(handler);
+    }
+    let mut members = Vec::new();
+    for topic in ["rre.a", "rre.a", "rre.b", "rre.b"] {
+        let pattern = Pattern::new(topic).group("mixed", GroupPolicy::RoundRobin);
+        members.push(bus.subscribe(pattern).await.unwrap());
+    }
+    for _ in 0..10 {
+        for topic in ["a", "b"] {
+            bus.request(format!("rrq.{topic}"), "", LONG).await.unwrap();
+            bus.publish(format!("rre.{topic}"), "").await.unwrap();
+        }
+    }
+    let served: Vec<usize> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    assert_eq!(served, [5; 4], "responders in no group");
+    bus.flush().await.unwrap();
+    for m in &mut members {
+        for _ in 0..5 {
+            next(m).await;
+        }
+    }
+    bus.flush().await.unwrap();
+    assert!(members.iter_mut().all(|m| m.try_next().is_none()), "5 each, no more");
+}
+
 /// A requester that stopped waiting (timed out, or had the answers it wanted) does not stop the
 /// responder: its late reply is dropped and the next request is served.
 async fn a_responder_outlives_abandoned_requests(bus: &impl EventBus) {
@@ -163,6 +202,7 @@ async fn whole_suite(bus: AnyBus) {
     scatter_gather(&bus).await;
     groups_round_robin(&bus).await;
     a_responder_outlives_abandoned_requests(&bus).await;
+    round_robin_is_fair_when_topics_interleave(&bus).await;
 }
 
 #[tokio::test]
