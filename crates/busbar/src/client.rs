@@ -502,7 +502,7 @@ impl Client {
     ) -> Result<Vec<Result<Message>>> {
         let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
         let id = self.send_request(message, timeout, true, ReplySink::All(tx)).await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::request::deadline_in(timeout);
         let mut answers = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -511,7 +511,7 @@ impl ConnectionTask {
         let beat = self.options.heartbeat_interval;
         let dead_after = beat.checked_mul(self.options.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
         let period = (beat / 4).max(Duration::from_millis(5));
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        let mut tick = tokio::time::interval_at(crate::request::deadline_in(period), period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The clock is read once per tick, not per frame: a frame only sets `heard`.
         let mut last_seen = Instant::now();

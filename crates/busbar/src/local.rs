@@ -601,7 +601,7 @@ impl Bus {
         }
         drop(tx);
         let want = expected.map_or(asked, |n| n.min(asked));
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::request::deadline_in(timeout);
         let mut answers = Vec::new();
         while answers.len() < want {
             match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -209,6 +209,13 @@ impl Drop for Request {
     }
 }
 
+/// `timeout` from now; a timeout too long to add to the clock (`Duration::MAX`, say) means one
+/// that never comes (30 years, as tokio's own "far future").
+pub(crate) fn deadline_in(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
+}
+
 /// A reply as the requester sees it: the message, or the error its status names.
 pub(crate) fn reply_result(reply: Reply) -> Result<Message> {
     let text = || String::from_utf8_lossy(&reply.message.payload).into_owned();

@@ -53,6 +53,7 @@ async fn queries_and_errors(bus: &impl EventBus) {
     let _fail = bus.respond("fail", |_| async { Err::<Bytes, _>("nope") }).await.unwrap();
     let reply = bus.request_message(Outgoing::new("echo", "hi").transaction(55), LONG).await.unwrap();
     assert_eq!((reply.payload_str(), reply.transaction()), (Some("hi"), 55));
+    assert_eq!(bus.request("echo", "forever", Duration::MAX).await.unwrap().payload_str(), Some("forever"));
     assert!(matches!(bus.request("fail", "", LONG).await, Err(Error::Handler(t)) if t == "nope"));
     let quick = tokio::time::timeout(common::PATIENCE, bus.request("nobody", "", LONG)).await.unwrap();
     assert!(matches!(quick, Err(Error::NoResponders { .. })));
@@ -93,6 +94,8 @@ async fn scatter_gather(bus: &impl EventBus) {
     let mut got: Vec<u8> = answers.into_iter().map(|a| a.unwrap().payload()[0]).collect();
     got.sort();
     assert_eq!(got, [0, 1, 2]);
+    // A timeout too long to add to the clock is one that never comes.
+    assert_eq!(bus.request_all("poll", "", Duration::MAX, None).await.unwrap().len(), 3);
     assert!(matches!(bus.request_all("nobody.polls", "", LONG, None).await, Err(Error::NoResponders { .. })));
 }
 
