@@ -463,8 +463,9 @@ impl Client {
         self.subscribe(Pattern::new(pattern).group(group, policy)).await
     }
 
-    /// Serves requests (queries and commands) matching a pattern: a stream of [`Request`]s, each
-    /// to be answered with [`Request::reply`] or [`Request::fail`].
+    /// Serves requests (queries and commands) matching a pattern: a stream of [`Request`](crate::Request)s,
+    /// each to be answered with [`Request::reply`](crate::Request::reply) or
+    /// [`Request::fail`](crate::Request::fail).
     pub async fn requests(&self, pattern: impl Into<Pattern>) -> Result<Requests> {
         let pattern = pattern.into();
         let (tx, rx) = crate::feed::feed(self.subscription_capacity);
@@ -475,7 +476,8 @@ impl Client {
         Ok(Requests::new(sid, rx, dropped, unsub).tracked(self.handlers.clone()))
     }
 
-    /// [`Client::request`] with headers, a balance key or a destination.
+    /// [`EventBus::request`](crate::EventBus::request) with headers, a balance key or a
+    /// destination.
     pub async fn request_message(&self, message: Outgoing, timeout: Duration) -> Result<Message> {
         let (tx, rx) = oneshot::channel();
         let id = self.send_request(message, timeout, false, ReplySink::One(tx)).await?;

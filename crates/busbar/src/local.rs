@@ -16,7 +16,7 @@
 //!
 //! # How it works
 //!
-//! Subscriptions live in an immutable [`Table`] behind an [`ArcSwap`]: emitting loads the current
+//! Subscriptions live in an immutable `Table` behind an [`ArcSwap`]: emitting loads the current
 //! table without a lock and walks the same [`SubscriptionTrie`] the broker uses (plus the regex
 //! handlers); subscribing copies the table, changes the copy and swaps it in. So a handler may
 //! subscribe, unsubscribe or publish while it runs, and emitters never wait for each other.
@@ -28,6 +28,11 @@
 //! publishes delivers that message at once (depth first). Streams ([`Bus::subscribe`]) and async handlers
 //! ([`crate::EventBus::subscribe_with`]) receive through a bounded buffer; a full buffer drops
 //! and counts, never blocks the emitter.
+//!
+//! The whole bus is one service, as one network client is: its id is [`BusOptions::source`] and
+//! its name [`BusOptions::service`]. A message addressed to another id or name
+//! ([`Outgoing::to`], [`Outgoing::to_service`]) reaches no one, and such a request fails with
+//! [`Error::NoResponders`], as it would over the network with no such service connected.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -59,8 +64,12 @@ pub struct BusOptions {
     pub strict: bool,
     /// Messages (or requests) buffered per stream subscription before new ones are dropped.
     pub subscription_capacity: usize,
-    /// The source id stamped on messages published through this bus.
+    /// The source id stamped on messages published through this bus. It is also the bus's own
+    /// service id: a message addressed to another id ([`Outgoing::to`]) reaches no one here.
     pub source: u32,
+    /// The service name this bus answers to: a message addressed by name
+    /// ([`Outgoing::to_service`]) to any other name reaches no one here.
+    pub service: Option<ByteString>,
 }
 
 impl Default for BusOptions {
@@ -70,6 +79,7 @@ impl Default for BusOptions {
             strict: false,
             subscription_capacity: 65_536,
             source: 0,
+            service: None,
         }
     }
 }
@@ -85,6 +95,23 @@ impl BusOptions {
     pub fn id_generator(mut self, ids: Arc<dyn IdGenerator>) -> Self {
         self.id_generator = ids;
         self
+    }
+
+    /// Answers to `name` when a message is addressed by service name.
+    pub fn service(mut self, name: impl Into<ByteString>) -> Self {
+        self.service = Some(name.into());
+        self
+    }
+
+    /// Whether `message` is addressed to some other service than this bus (by id or by name),
+    /// and so reaches no one here, as over the network it would reach only that service.
+    fn addressed_elsewhere(&self, message: &busbar_core::Message) -> bool {
+        let other_id = message.destination != 0 && message.destination != self.source;
+        let other_name = message
+            .headers
+            .get(crate::message::TO_HEADER)
+            .is_some_and(|name| self.service.as_deref() != Some(name));
+        other_id || other_name
     }
 }
 
@@ -510,6 +537,9 @@ impl Bus {
         if self.inner.options.strict && !table.topics.contains(topic) {
             return Err(Error::UnknownTopic { topic: topic.to_string() });
         }
+        if self.inner.options.addressed_elsewhere(&message.inner) {
+            return Ok(Delivery::default());
+        }
         // Handlers run in the message's transaction: set once for all of them.
         let tx = message.envelope().map(|e| e.tx);
         Ok(in_transaction_sync(tx, || deliver_all(&table, message)))
@@ -524,7 +554,9 @@ impl Bus {
     fn responders_for(&self, message: &Message, all: bool) -> Result<Vec<Arc<Responder>>> {
         let table = self.inner.table.load();
         let mut candidates: Vec<&Arc<Responder>> = Vec::new();
-        table.responders.for_each_match(message.topic(), |r| candidates.push(r));
+        if !self.inner.options.addressed_elsewhere(&message.inner) {
+            table.responders.for_each_match(message.topic(), |r| candidates.push(r));
+        }
         if candidates.is_empty() {
             return Err(Error::NoResponders { topic: message.topic().to_string() });
         }

@@ -137,7 +137,7 @@ impl Drop for Subscription {
     }
 }
 
-/// A stream of requests to answer, from [`Client::requests`]. Dropping it unsubscribes.
+/// A stream of requests to answer, from [`Client::requests`](crate::Client::requests). Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Requests {
     sid: u64,
@@ -201,8 +201,9 @@ impl Drop for Requests {
     }
 }
 
-/// A handler started by [`Client::subscribe_with`], [`Client::respond`] or
-/// [`Client::handle_commands`].
+/// A handler started by [`EventBus::subscribe_with`](crate::EventBus::subscribe_with),
+/// [`EventBus::respond`](crate::EventBus::respond) or
+/// [`EventBus::handle_commands`](crate::EventBus::handle_commands).
 #[derive(Debug)]
 pub struct HandlerTask {
     sid: u64,
@@ -217,7 +218,7 @@ impl HandlerTask {
 
     /// Stops the handler at once and unsubscribes. A message being handled is abandoned at its
     /// next `.await` (a request being answered then gets the "dropped without a reply" error);
-    /// to let handlers finish, use [`Client::drain`] instead.
+    /// to let handlers finish, use [`Client::drain`](crate::Client::drain) instead.
     pub fn stop(self) {
         self.task.abort();
     }

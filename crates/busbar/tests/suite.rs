@@ -197,6 +197,26 @@ async fn a_responder_outlives_abandoned_requests(bus: &impl EventBus) {
     assert_eq!(names, ["late.a", "late.b"]);
 }
 
+/// Addressed by service name (the suite's bus is "suite"), a message reaches only that service:
+/// its own name reaches it, any other name or service id reaches no one here.
+async fn direct_addressing(bus: &impl EventBus) {
+    let _echo =
+        bus.respond("direct.echo", |m| async move { Ok::<_, String>(m.payload().clone()) }).await.unwrap();
+    let mut notes = bus.subscribe("direct.note").await.unwrap();
+    let mine = bus.request_message(Outgoing::new("direct.echo", "me").to_service("suite"), LONG).await;
+    assert_eq!(mine.unwrap().payload_str(), Some("me"));
+    let ghost = bus.request_message(Outgoing::new("direct.echo", "").to_service("ghost"), LONG).await;
+    assert!(matches!(ghost, Err(Error::NoResponders { .. })), "{ghost:?}");
+    let by_id = bus.request_message(Outgoing::new("direct.echo", "").to(0x7fff_fff0), LONG).await;
+    assert!(matches!(by_id, Err(Error::NoResponders { .. })), "{by_id:?}");
+    bus.publish_message(Outgoing::new("direct.note", "ghost").to_service("ghost")).await.unwrap();
+    bus.publish_message(Outgoing::new("direct.note", "other id").to(0x7fff_fff0)).await.unwrap();
+    bus.publish_message(Outgoing::new("direct.note", "me").to_service("suite")).await.unwrap();
+    assert_eq!(next(&mut notes).await.payload_str(), Some("me"));
+    bus.flush().await.unwrap();
+    assert!(notes.try_next().is_none());
+}
+
 async fn whole_suite(bus: AnyBus) {
     pub_sub_with_wildcards(&bus).await;
     handler_runs_and_propagates_the_transaction(&bus).await;
@@ -206,11 +226,12 @@ async fn whole_suite(bus: AnyBus) {
     groups_round_robin(&bus).await;
     a_responder_outlives_abandoned_requests(&bus).await;
     round_robin_is_fair_when_topics_interleave(&bus).await;
+    direct_addressing(&bus).await;
 }
 
 #[tokio::test]
 async fn suite_on_the_in_process_bus() {
-    let bus = AnyBus::new(BusConfig::Local(BusOptions::default())).await.unwrap();
+    let bus = AnyBus::new(BusConfig::Local(BusOptions::default().service("suite"))).await.unwrap();
     assert!(matches!(bus, AnyBus::Local(_)));
     whole_suite(bus).await;
 }
@@ -219,7 +240,9 @@ async fn suite_on_the_in_process_bus() {
 async fn suite_over_a_broker() {
     let broker = Broker::start(common::config()).await.unwrap();
     let bus =
-        AnyBus::new(BusConfig::Remote(ClientOptions::new(broker.local_addr().to_string()))).await.unwrap();
+        AnyBus::new(BusConfig::Remote(ClientOptions::new(broker.local_addr().to_string()).service("suite")))
+            .await
+            .unwrap();
     assert!(matches!(bus, AnyBus::Remote(_)));
     whole_suite(bus).await;
 }
