@@ -426,10 +426,14 @@ impl Bus {
             validate_pattern(p).map_err(|source| Error::InvalidTopic { topic: p.to_string(), source })?;
         }
         let sid = self.next_sid();
-        self.update(|t| {
+        // Taken only once the handler is stored; when it is refused, it is dropped below, after
+        // the lock: it may own a Registration of this bus, whose drop takes the lock again.
+        let mut sink = Some(sink);
+        let added = self.update(|t| {
             let group = t.group(&pattern)?;
             let group_name = group.as_ref().map(|g| g.name.clone());
             let is_regex = regex.is_some();
+            let sink = sink.take().expect("taken once");
             let handler = Arc::new(Handler { sid, group, regex, sink, turn: Turn::default() });
             if is_regex {
                 t.regexes.push(handler);
@@ -439,7 +443,9 @@ impl Bus {
                 t.slots.insert(sid, (Slot::Event(pattern.pattern_str().into()), group_name));
             }
             Ok(sid)
-        })
+        });
+        drop(sink);
+        added
     }
 
     fn registration(&self, sid: u64) -> Registration {

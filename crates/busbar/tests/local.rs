@@ -273,3 +273,28 @@ fn a_handler_that_owns_a_registration_of_the_same_bus_can_be_dropped() {
     drop(outer);
     assert_eq!(bus.subscription_count(), 0);
 }
+
+#[test]
+fn a_refused_handler_that_owns_a_registration_of_the_same_bus_is_dropped_without_deadlock() {
+    // The group exists under another policy, so the handler is refused and dropped: that drops
+    // the inner registration, which unsubscribes, taking the bus's writer lock.
+    let bus = Bus::new();
+    let member = bus.on(Pattern::new("work").group("g", GroupPolicy::Random), |_| ()).unwrap();
+    let inner = bus.on("inner", |_| ()).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let b = bus.clone();
+    std::thread::spawn(move || {
+        let refused = b.on(Pattern::new("work").group("g", GroupPolicy::RoundRobin), move |_| {
+            let _keep = &inner;
+        });
+        done_tx.send(refused.is_err()).unwrap();
+    });
+    let Ok(refused) = done_rx.recv_timeout(Duration::from_secs(10)) else {
+        // Dropping `member` would wait for the lock too: fail rather than hang.
+        let _leaked = std::mem::ManuallyDrop::new(member);
+        panic!("deadlock: the refused handler was dropped under the bus's writer lock");
+    };
+    assert!(refused, "a clashing policy is an error");
+    assert_eq!(bus.subscription_count(), 1, "the inner registration went with the refused handler");
+    drop(member);
+}
