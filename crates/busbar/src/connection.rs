@@ -838,7 +838,20 @@ fn deliver_call(
     let commands = handle.upgrade()?;
     let message = Message { sid: call.sid, inner: call.message };
     let request = Request::new(call.id, message, ReplyTo::Remote { commands, max_frame_size }, ids.clone());
-    offer(tx, dropped, call.sid, request).then_some(call.sid)
+    // Refused with the errors the in-process bus gives, so the requester sees the same either way.
+    match tx.try_send(request) {
+        Ok(()) => None,
+        Err(crate::feed::TrySendError::Full(request)) => {
+            count_dropped(dropped, call.sid);
+            request.refuse(ErrorCode::TooManyRequests, crate::request::RESPONDER_FULL);
+            None
+        }
+        Err(crate::feed::TrySendError::Closed(request)) => {
+            let text = format!("no responders for {:?}", request.topic());
+            request.refuse(ErrorCode::NoResponders, &text);
+            Some(call.sid)
+        }
+    }
 }
 
 /// Hands a REPLY to the request waiting for it.
@@ -873,13 +886,18 @@ fn offer<T>(tx: &crate::feed::FeedTx<T>, dropped: &AtomicU64, sid: u64, item: T)
     match tx.try_send(item) {
         Ok(()) => false,
         Err(crate::feed::TrySendError::Full(_)) => {
-            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(sid, dropped = n, "subscription buffer full: dropping");
-            }
+            count_dropped(dropped, sid);
             false
         }
         Err(crate::feed::TrySendError::Closed(_)) => true,
+    }
+}
+
+/// Counts one message or request dropped by a full buffer (logged at each power of two).
+fn count_dropped(dropped: &AtomicU64, sid: u64) {
+    let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!(sid, dropped = n, "subscription buffer full: dropping");
     }
 }
 

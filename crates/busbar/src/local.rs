@@ -597,7 +597,7 @@ impl Bus {
                 responder.dropped.fetch_add(1, Ordering::Relaxed);
                 Err(Error::Server {
                     code: busbar_core::ErrorCode::TooManyRequests,
-                    message: "the responder's request buffer is full".into(),
+                    message: crate::request::RESPONDER_FULL.into(),
                 })
             }
             Err(crate::feed::TrySendError::Closed(mut request)) => {
@@ -631,16 +631,16 @@ impl Bus {
         let message = self.prepare(message)?;
         let responders = self.responders_for(&message, true)?;
         let (tx, mut rx) = mpsc::channel(responders.len());
-        let mut asked = 0;
+        // A responder that cannot take the request answers with its error, as over the network.
+        let mut answers = Vec::new();
         for r in &responders {
-            if self.hand_over(r, &message, ReplyTo::All(tx.clone())).is_ok() {
-                asked += 1;
+            if let Err(e) = self.hand_over(r, &message, ReplyTo::All(tx.clone())) {
+                answers.push(Err(e));
             }
         }
         drop(tx);
-        let want = expected.map_or(asked, |n| n.min(asked));
+        let want = expected.map_or(responders.len(), |n| n.min(responders.len()));
         let deadline = crate::request::deadline_in(timeout);
-        let mut answers = Vec::new();
         while answers.len() < want {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(reply)) => answers.push(reply_result(reply)),

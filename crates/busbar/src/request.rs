@@ -167,6 +167,14 @@ impl Request {
         self.answer(Some(ErrorCode::HandlerError), reason.to_string().into()).await
     }
 
+    /// Answers at once with an error the handler never saw (the request could not be handed
+    /// to it), without waiting: best effort, like the reply of a dropped request.
+    pub(crate) fn refuse(mut self, code: ErrorCode, text: &str) {
+        self.answered = true;
+        let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
+        self.reply_to.send_now(&fields, Some(code), Bytes::copy_from_slice(text.as_bytes()));
+    }
+
     async fn answer(mut self, error: Option<ErrorCode>, payload: Bytes) -> Result<()> {
         self.answered = true;
         let fields = reply_fields(self.id, &self.message, self.ids.as_ref());
@@ -208,6 +216,9 @@ impl Drop for Request {
         }
     }
 }
+
+/// The text of the error a request gets when its responder's buffer is full.
+pub(crate) const RESPONDER_FULL: &str = "the responder's request buffer is full";
 
 /// `timeout` from now; a timeout too long to add to the clock (`Duration::MAX`, say) means one
 /// that never comes (30 years, as tokio's own "far future").

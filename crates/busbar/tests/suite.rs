@@ -246,3 +246,44 @@ async fn suite_over_a_broker() {
     assert!(matches!(bus, AnyBus::Remote(_)));
     whole_suite(bus).await;
 }
+
+/// With one request of buffer per responder: a responder whose buffer is full refuses at once
+/// with TooManyRequests, for a request and as one answer of a scatter-gather, on both transports.
+async fn full_responders_refuse(bus: AnyBus) {
+    let _held = bus.requests("full").await.unwrap(); // never read
+    let _free = bus.respond("full", |_| async { Ok::<_, String>("free") }).await.unwrap();
+    // Round-robin: the first goes to the held responder (it subscribed first) and stays in its
+    // buffer; the second to the free one; the third to the held one again, whose buffer is full.
+    let first = bus.request("full", "1", Duration::from_millis(300)).await;
+    assert!(matches!(first, Err(Error::Timeout)), "{first:?}");
+    assert_eq!(bus.request("full", "2", LONG).await.unwrap().payload_str(), Some("free"));
+    let third = bus.request("full", "3", Duration::from_secs(5)).await;
+    assert!(
+        matches!(&third, Err(Error::Server { code: busbar_core::ErrorCode::TooManyRequests, .. })),
+        "{third:?}"
+    );
+    let answers = bus.request_all("full", "all", Duration::from_secs(5), None).await.unwrap();
+    let mut outcomes: Vec<String> = answers
+        .into_iter()
+        .map(|a| match a {
+            Ok(m) => m.payload_str().unwrap().to_string(),
+            Err(e) => format!("{:?}", e.code()),
+        })
+        .collect();
+    outcomes.sort();
+    assert_eq!(outcomes, ["Some(TooManyRequests)", "free"]);
+}
+
+#[tokio::test]
+async fn full_responders_refuse_in_process() {
+    let options = BusOptions { subscription_capacity: 1, ..BusOptions::default() };
+    full_responders_refuse(AnyBus::new(BusConfig::Local(options)).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn full_responders_refuse_over_a_broker() {
+    let broker = Broker::start(common::config()).await.unwrap();
+    let options =
+        ClientOptions { subscription_capacity: 1, ..ClientOptions::new(broker.local_addr().to_string()) };
+    full_responders_refuse(AnyBus::new(BusConfig::Remote(options)).await.unwrap()).await;
+}
