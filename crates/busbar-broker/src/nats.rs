@@ -546,9 +546,16 @@ impl Conn<'_> {
         let perms = self.perms();
         if !perms.subscribe.permits_pattern(subject) || queue.is_some_and(|q| !perms.groups.permits_topic(q))
         {
-            return self
-                .denied(format!("Permissions Violation for Subscription to {:?}", shown(subject)))
-                .await;
+            // nats-server's texts: clients match the subject and queue to flag the subscription.
+            let text = match queue {
+                Some(q) => format!(
+                    "Permissions Violation for Subscription to {:?} using queue {:?}",
+                    shown(subject),
+                    shown(q)
+                ),
+                None => format!("Permissions Violation for Subscription to {:?}", shown(subject)),
+            };
+            return self.denied(text).await;
         }
         let mut named = false;
         let sid = match numeric_sid(sid_text) {
@@ -785,8 +792,9 @@ impl Encoder for NatsEncoder {
 /// NATS servers do not announce with -ERR.
 pub(crate) fn closing_text(e: &ErrorFrame) -> Option<&str> {
     Some(match e.code {
-        ErrorCode::ShuttingDown => return None,
-        ErrorCode::SlowConsumer => "Slow Consumer",
+        // Closed without a word, as nats-server does: official clients (nats.go, nats.py) take
+        // an -ERR they do not know, 'Slow Consumer' among them, as final and stop reconnecting.
+        ErrorCode::ShuttingDown | ErrorCode::SlowConsumer => return None,
         ErrorCode::StaleConnection => "Stale Connection",
         ErrorCode::AuthenticationFailed => "Authorization Violation",
         ErrorCode::HandshakeTimeout => "Authentication Timeout",
@@ -884,9 +892,10 @@ mod tests {
     fn closing_errors_use_the_standard_texts() {
         let (mut enc, _) = encoder();
         let mut buf = BytesMut::new();
+        assert!(enc.encode(&mut buf, Outbound::Close(error(ErrorCode::StaleConnection, 0, "x")), 0));
         assert!(enc.encode(&mut buf, Outbound::Close(error(ErrorCode::SlowConsumer, 0, "x")), 0));
         assert!(enc.encode(&mut buf, Outbound::Close(error(ErrorCode::ShuttingDown, 0, "x")), 0));
-        assert_eq!(&buf[..], b"-ERR 'Slow Consumer'\r\n");
+        assert_eq!(&buf[..], b"-ERR 'Stale Connection'\r\n", "closed without a word after the first");
         assert_eq!(max_payload(1 << 20), (1 << 20) - 8448);
     }
 }

@@ -355,6 +355,55 @@ async fn users_authenticate_and_permissions_apply() {
     eventually("the violation counted", || broker.stats().permission_denied == 1).await;
 }
 
+#[tokio::test]
+async fn a_denied_queue_subscription_is_named_with_its_queue() {
+    let mut config = nats_config();
+    let no_queue_q = Permissions { groups: Rules::only(["ok"]), ..Permissions::default() };
+    config.auth = AuthConfig {
+        users: vec![User {
+            name: "ana".into(),
+            password_hash: hash_password("s3cret"),
+            permissions: Some(no_queue_q),
+        }],
+        ..AuthConfig::default()
+    };
+    let broker = broker_with(config).await;
+    let (mut raw, _) = RawNats::connect(&broker).await;
+    raw.send(b"CONNECT {\"user\":\"ana\",\"pass\":\"s3cret\"}\r\nSUB a q 1\r\nSUB a ok 2\r\nPING\r\n").await;
+    // nats-server's text: clients (nats.go) match subject and queue to flag the subscription.
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some(r#"-ERR 'Permissions Violation for Subscription to "a" using queue "q"'"#)
+    );
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"), "the allowed queue subscription is taken");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_without_an_err_line() {
+    // nats.go and nats.py stop reconnecting on an -ERR they do not know: nats-server sends none.
+    let config = Config { max_frame_size: 64 * 1024, max_pending_bytes: 64 * 1024, ..nats_config() };
+    let broker = broker_with(config).await;
+    let (mut slow, _) = RawNats::connect(&broker).await;
+    slow.send(b"CONNECT {}\r\nSUB flood 1\r\nPING\r\n").await;
+    assert_eq!(slow.line().await.as_deref(), Some("PONG"));
+    // From here on `slow` reads nothing until the flood is over.
+    let publisher = nats(&broker).await;
+    let chunk = Bytes::from(vec![b'x'; 8 * 1024]);
+    for _ in 0..2000 {
+        publisher.publish("flood", chunk.clone()).await.unwrap();
+        if broker.stats().slow_consumers > 0 {
+            break;
+        }
+    }
+    publisher.flush().await.unwrap();
+    eventually("cut off as a slow consumer", || broker.stats().slow_consumers == 1).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, slow.rd.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(_))), "closed: {read:?}");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("-ERR"), "no -ERR line: {}", &text[text.len().saturating_sub(200)..]);
+}
+
 /// A raw NATS connection for protocol-level checks.
 struct RawNats {
     rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
