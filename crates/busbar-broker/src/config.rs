@@ -104,13 +104,17 @@ pub struct ClusterConfig {
     pub token: Option<String>,
     /// Mutual TLS on routes; plain TCP when None.
     pub tls: Option<crate::tls::RouteTls>,
-    /// The route address other brokers are told to dial (gossip); the listen address when None.
-    /// Set it when listening on 0.0.0.0 or behind NAT.
+    /// The route address other brokers are told to dial (gossip); when None, the listen address,
+    /// or, when that is a wildcard (0.0.0.0 or ::), this machine's address on its default route.
+    /// Set it behind NAT, or to choose another interface.
     pub advertise: Option<SocketAddr>,
     /// The native client address other brokers' clients are told of (WELCOME's
-    /// `connect_urls`); the native listen address when None. (NATS INFO's `connect_urls` list the
-    /// NATS listen addresses.)
+    /// `connect_urls`), to fail over to; when None, the native listen address, chosen as for
+    /// `advertise` when it is a wildcard.
     pub client_advertise: Option<SocketAddr>,
+    /// The NATS address NATS clients are told of (INFO's `connect_urls`); when None, the NATS
+    /// listen address, chosen as for `advertise` when it is a wildcard.
+    pub nats_advertise: Option<SocketAddr>,
 }
 
 impl ClusterConfig {
@@ -125,6 +129,7 @@ impl ClusterConfig {
             tls: None,
             advertise: None,
             client_advertise: None,
+            nats_advertise: None,
         }
     }
 }

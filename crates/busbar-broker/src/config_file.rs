@@ -76,6 +76,7 @@ struct ClusterSection {
     tls: Option<RouteTlsSection>,
     advertise: Option<SocketAddr>,
     client_advertise: Option<SocketAddr>,
+    nats_advertise: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +266,7 @@ impl Config {
             tls: k.tls.map(|t| crate::tls::RouteTls { cert: t.cert, key: t.key, ca: t.ca }),
             advertise: k.advertise,
             client_advertise: k.client_advertise,
+            nats_advertise: k.nats_advertise,
         });
         if let Some(p) = file.slow_consumer.policy {
             c.slow_consumer = match p {
@@ -398,8 +400,10 @@ policy = "disconnect"
 # listen = "127.0.0.1:4901"                # where the other brokers connect
 # routes = ["10.0.0.2:4901"]               # seeds; the rest of the cluster is learned from them
 # token = "a shared secret of 16+ chars"   # brokers must present it
-# advertise = "10.0.0.1:4901"              # the route address others dial (when listen is 0.0.0.0)
-# client_advertise = "10.0.0.1:4900"       # the client address clients are told of
+# advertise = "10.0.0.1:4901"              # the route address others dial (default: the listen
+#                                          # address; for 0.0.0.0, this machine's default-route IP)
+# client_advertise = "10.0.0.1:4900"       # the client address clients are told of (same default)
+# nats_advertise = "10.0.0.1:4222"         # the NATS address NATS clients are told of (same default)
 # [cluster.tls]                            # mutual TLS between brokers
 # cert = "/etc/busbar/node1.pem"           # must name the address others dial (IP SAN for an IP)
 # key = "/etc/busbar/node1.key"

@@ -327,14 +327,71 @@ async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(tokio::ne
     }
 }
 
+/// The address to tell others for a listener bound to `bound`: `advertise` when set; else
+/// `bound`, unless it is a wildcard (0.0.0.0 or ::), which no one can dial: then this machine's
+/// address on its default route (`local_ip`), with the bound port. Without one, a clear error
+/// naming the setting (`key`), rather than gossiping an address that leads nowhere.
+fn advertised(
+    bound: SocketAddr,
+    advertise: Option<SocketAddr>,
+    key: &'static str,
+    local_ip: impl FnOnce(bool) -> std::io::Result<std::net::IpAddr>,
+) -> Result<SocketAddr, BrokerError> {
+    if let Some(a) = advertise {
+        return Ok(a);
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    match local_ip(bound.is_ipv4()) {
+        Ok(ip) if !ip.is_unspecified() => {
+            let chosen = SocketAddr::new(ip, bound.port());
+            info!(%bound, advertised = %chosen, "listening on a wildcard address: telling the cluster {chosen}; set `{key}` to choose");
+            Ok(chosen)
+        }
+        outcome => Err(crate::config_file::ConfigError::Invalid {
+            key,
+            reason: format!(
+                "listening on {bound}, which no one can dial, and this machine's own address could not be found ({}): set it",
+                outcome.map_or_else(|e| e.to_string(), |ip| format!("got {ip}"))
+            ),
+        }
+        .into()),
+    }
+}
+
+/// This machine's source address toward the internet (a connected UDP socket: nothing is sent).
+fn default_route_ip(v4: bool) -> std::io::Result<std::net::IpAddr> {
+    let (any, documentation): (SocketAddr, SocketAddr) = if v4 {
+        (([0, 0, 0, 0], 0).into(), ([192, 0, 2, 1], 9).into())
+    } else {
+        (
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            ("2001:db8::1".parse::<std::net::Ipv6Addr>().expect("an address"), 9).into(),
+        )
+    };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(documentation)?;
+    Ok(probe.local_addr()?.ip())
+}
+
 fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, BrokerError> {
     let cluster = match (&config.cluster, &listeners.cluster) {
-        (Some(c), Some(l)) => Some(crate::cluster::Cluster::new(
-            c.clone(),
-            c.advertise.map_or_else(|| l.local_addr(), Ok)?,
-            c.client_advertise.map_or_else(|| listeners.native.local_addr(), Ok)?,
-            listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?,
-        )?),
+        (Some(c), Some(l)) => {
+            let nats = listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?;
+            Some(crate::cluster::Cluster::new(
+                c.clone(),
+                advertised(l.local_addr()?, c.advertise, "cluster.advertise", default_route_ip)?,
+                advertised(
+                    listeners.native.local_addr()?,
+                    c.client_advertise,
+                    "cluster.client_advertise",
+                    default_route_ip,
+                )?,
+                nats.map(|n| advertised(n, c.nats_advertise, "cluster.nats_advertise", default_route_ip))
+                    .transpose()?,
+            )?)
+        }
         _ => None,
     };
     Ok(Arc::new(Shared {
@@ -554,5 +611,41 @@ impl Drop for Broker {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_advertised_by_an_address_others_can_dial() {
+        let never = |_| -> std::io::Result<std::net::IpAddr> { unreachable!("not needed") };
+        let set = advertised(addr("0.0.0.0:4901"), Some(addr("10.1.2.3:7000")), "k", never).unwrap();
+        assert_eq!(set, addr("10.1.2.3:7000"), "an advertise setting wins");
+        assert_eq!(advertised(addr("127.0.0.1:4901"), None, "k", never).unwrap(), addr("127.0.0.1:4901"));
+        // A wildcard: this machine's address (found by the function given), with the bound port.
+        let found = advertised(addr("0.0.0.0:4901"), None, "k", |v4| {
+            assert!(v4);
+            Ok("10.9.8.7".parse().unwrap())
+        });
+        assert_eq!(found.unwrap(), addr("10.9.8.7:4901"));
+        let v6 = advertised(addr("[::]:4222"), None, "k", |v4| {
+            assert!(!v4);
+            Ok("fd00::5".parse().unwrap())
+        });
+        assert_eq!(v6.unwrap(), addr("[fd00::5]:4222"));
+        // None found: a clear error naming the setting, not a gossiped 0.0.0.0.
+        let lost = advertised(addr("0.0.0.0:4900"), None, "cluster.client_advertise", |_| {
+            Err(std::io::Error::other("network unreachable"))
+        });
+        let text = lost.unwrap_err().to_string();
+        assert!(text.contains("cluster.client_advertise") && text.contains("0.0.0.0:4900"), "{text}");
+        let wildcard = advertised(addr("0.0.0.0:4900"), None, "k", |_| Ok("0.0.0.0".parse().unwrap()));
+        assert!(wildcard.is_err());
     }
 }

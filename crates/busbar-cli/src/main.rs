@@ -33,7 +33,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a broker until Ctrl-C or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish a message.
     #[command(name = "pub")]
     Publish(PubArgs),
@@ -149,6 +149,9 @@ struct ServeArgs {
     /// The client address clients are told of, to fail over to this broker.
     #[arg(long, env = "BUSBAR_CLIENT_ADVERTISE")]
     client_advertise: Option<SocketAddr>,
+    /// The NATS address NATS clients are told of, to fail over to this broker.
+    #[arg(long, env = "BUSBAR_NATS_ADVERTISE")]
+    nats_advertise: Option<SocketAddr>,
     /// Mutual TLS on routes: this broker's certificate (PEM; it must name the address others
     /// dial), with --cluster-tls-key and --cluster-tls-ca.
     #[arg(long, env = "BUSBAR_CLUSTER_TLS_CERT", requires_all = ["cluster_tls_key", "cluster_tls_ca"])]
@@ -280,7 +283,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Publish(args) => publish(args).await,
             Command::Subscribe(args) => subscribe(args).await,
             Command::Request(args) => request(args).await,
@@ -340,6 +343,7 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         }
         cluster.advertise = args.cluster_advertise.or(cluster.advertise);
         cluster.client_advertise = args.client_advertise.or(cluster.client_advertise);
+        cluster.nats_advertise = args.nats_advertise.or(cluster.nats_advertise);
     }
     if let (Some(cluster), Some(cert), Some(key), Some(ca)) =
         (config.cluster.as_mut(), &args.cluster_tls_cert, &args.cluster_tls_key, &args.cluster_tls_ca)
