@@ -250,8 +250,10 @@ pub mod headers {
         }
         for line in lines {
             let (name, value) = line.split_once(':')?;
+            // Any name but an empty one: nats-server relays header blocks unread, and clients
+            // (nats.go) let a name hold spaces.
             let name = name.trim();
-            if name.is_empty() || name.contains([' ', '\t']) {
+            if name.is_empty() {
                 return None;
             }
             out.pairs.push((name, value.trim()));
@@ -260,7 +262,7 @@ pub mod headers {
     }
 
     /// Writes a header block. Names and values must not contain CR or LF (they are dropped if
-    /// they do), names no colon.
+    /// they do), names no colon nor leading or trailing white space.
     pub fn write<'a>(
         out: &mut impl bytes::BufMut,
         status: Option<(u16, &str)>,
@@ -278,7 +280,8 @@ pub mod headers {
         out.put_slice(b"\r\n");
         let clean = |s: &str| !s.contains(['\r', '\n']);
         for (name, value) in pairs {
-            let name_ok = !name.is_empty() && !name.contains([':', ' ', '\t']);
+            // What `parse` gives back: no colon, nothing for the trim to take.
+            let name_ok = !name.is_empty() && !name.contains(':') && name.trim() == name;
             if clean(name) && clean(value) && name_ok {
                 out.put_slice(name.as_bytes());
                 out.put_slice(b": ");
@@ -464,11 +467,17 @@ mod tests {
         assert_eq!(block.pairs, vec![("A", "1"), ("B", "two words")]);
         let plain = headers::parse(b"NATS/1.0\r\nX-Id: 7\r\nX-Id:8\r\n\r\n").unwrap();
         assert_eq!((plain.status, plain.pairs), (None, vec![("X-Id", "7"), ("X-Id", "8")]));
+        let spaced = headers::parse(b"NATS/1.0\r\nMy Key: 1\r\n\r\n").unwrap();
+        assert_eq!(spaced.pairs, vec![("My Key", "1")]);
         let status = headers::parse(b"NATS/1.0 408 Request Timeout\r\n\r\n").unwrap();
         assert_eq!((status.status, status.description), (Some(408), "Request Timeout"));
-        for bad in
-            [&b"HTTP/1.1\r\n\r\n"[..], b"NATS/1.0\r\nnocolon\r\n\r\n", b"NATS/1.0 5x3\r\n\r\n", b"\xff"]
-        {
+        for bad in [
+            &b"HTTP/1.1\r\n\r\n"[..],
+            b"NATS/1.0\r\nnocolon\r\n\r\n",
+            b"NATS/1.0\r\n : x\r\n\r\n",
+            b"NATS/1.0 5x3\r\n\r\n",
+            b"\xff",
+        ] {
             assert_eq!(headers::parse(bad), None, "{bad:?}");
         }
     }

@@ -379,6 +379,22 @@ async fn a_denied_queue_subscription_is_named_with_its_queue() {
 }
 
 #[tokio::test]
+async fn a_header_name_with_a_space_is_carried_not_refused() {
+    let broker = nats_broker().await;
+    let (mut raw, _) = RawNats::connect(&broker).await;
+    raw.send(b"CONNECT {\"headers\":true}\r\nSUB h 1\r\nPING\r\n").await;
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+    let block = "NATS/1.0\r\nMy Key: 1\r\n\r\n";
+    raw.send(format!("HPUB h {} {}\r\n{block}\r\nPING\r\n", block.len(), block.len()).as_bytes()).await;
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some(format!("HMSG h 1 {} {}", block.len(), block.len()).as_str())
+    );
+    assert_eq!(raw.payload(block.len()).await, block.as_bytes());
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"), "the connection stays open");
+}
+
+#[tokio::test]
 async fn a_slow_consumer_is_closed_without_an_err_line() {
     // nats.go and nats.py stop reconnecting on an -ERR they do not know: nats-server sends none.
     let config = Config { max_frame_size: 64 * 1024, max_pending_bytes: 64 * 1024, ..nats_config() };
