@@ -313,7 +313,9 @@ pub enum GroupPolicy {
     /// 2: members in turn (of those matching the message's topic, the one chosen longest ago).
     RoundRobin,
     /// 3: consistent hashing of the message's balance key: a key stays with its member while
-    /// the group's membership does not change. Messages without a key go round-robin.
+    /// the group's membership does not change. Messages without a key go round-robin. A member
+    /// is its subscription: one that resubscribes (or reconnects) joins as a new member and wins
+    /// its own share of keys, not necessarily the ones it had.
     Hash,
 }
 
