@@ -6,12 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::GroupPolicy;
 
-/// Per-group state for [`Balancer::pick`]: a round-robin clock and a lock-free random stream.
+/// Per-group state for [`Balancer::pick`]: a lock-free random stream.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    clock: AtomicU64,
     rng: AtomicU64,
 }
+
+/// The round-robin clock, one for the whole process: a member can be a candidate under several
+/// balancers (a responder in no group answers beside a group's members), so every stamp must
+/// come from the same clock for "chosen longest ago" to mean anything.
+static CLOCK: AtomicU64 = AtomicU64::new(0);
 
 /// A member's place in round-robin: when it was last chosen (0: never). Each member keeps its
 /// own, so that members that match different topics (or patterns) take turns fairly whatever
@@ -22,7 +26,7 @@ pub struct Turn(AtomicU64);
 impl Balancer {
     /// A balancer whose random stream starts at `seed`.
     pub fn with_seed(seed: u64) -> Self {
-        Self { clock: AtomicU64::new(0), rng: AtomicU64::new(seed) }
+        Self { rng: AtomicU64::new(seed) }
     }
 
     /// Picks one of `n` members (`n > 0`), listed in a stable order. `member(i)` is a stable
@@ -49,19 +53,19 @@ impl Balancer {
                 // Lemire's multiply-shift: unbiased enough for load spreading, no division.
                 ((u128::from(r) * n as u128) >> 64) as usize
             }
-            (GroupPolicy::RoundRobin | GroupPolicy::Hash, _) => self.least_recent(n, turn),
+            (GroupPolicy::RoundRobin | GroupPolicy::Hash, _) => Self::least_recent(n, turn),
         }
     }
 
     /// The member chosen longest ago, stamped as chosen now. Two publishers picking at once
     /// cannot both take the same turn: the stamp is swapped in only if no one moved it since.
-    fn least_recent<'a>(&self, n: usize, turn: impl Fn(usize) -> &'a Turn) -> usize {
+    fn least_recent<'a>(n: usize, turn: impl Fn(usize) -> &'a Turn) -> usize {
         loop {
             let (i, last) = (0..n)
                 .map(|i| (i, turn(i).0.load(Ordering::Relaxed)))
                 .min_by_key(|&(i, last)| (last, i))
                 .unwrap_or((0, 0));
-            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
             if turn(i).0.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                 return i;
             }

@@ -147,6 +147,36 @@ async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
     }
     let served: Vec<usize> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     assert_eq!(served, [5; 4], "responders in no group");
+    // A responder in no group, busy on its own topics, still takes its turn beside a group's
+    // members on a topic they share (every turn is told by the same clock).
+    let served: Arc<[AtomicUsize; 3]> = Arc::default();
+    let mut handlers = Vec::new();
+    for (i, pattern) in [
+        Pattern::new("rrm.>"),
+        Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
+        Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let served = served.clone();
+        let handler = bus
+            .respond(pattern, move |_| {
+                served[i].fetch_add(1, Ordering::Relaxed);
+                async { Ok::<_, String>("") }
+            })
+            .await
+            .unwrap();
+        handlers.push(handler);
+    }
+    for _ in 0..20 {
+        bus.request("rrm.z", "", LONG).await.unwrap();
+    }
+    for _ in 0..30 {
+        bus.request("rrm.y", "", LONG).await.unwrap();
+    }
+    let served: Vec<usize> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    assert_eq!(served, [30, 10, 10], "20 alone on rrm.z, then a third each of rrm.y");
     bus.flush().await.unwrap();
     for m in &mut members {
         for _ in 0..5 {
