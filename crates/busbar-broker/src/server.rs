@@ -329,34 +329,34 @@ async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(tokio::ne
 
 /// The address to tell others for a listener bound to `bound`: `advertise` when set; else
 /// `bound`, unless it is a wildcard (0.0.0.0 or ::), which no one can dial: then this machine's
-/// address on its default route (`local_ip`), with the bound port. Without one, a clear error
-/// naming the setting (`key`), rather than gossiping an address that leads nowhere.
+/// address on its default route (`local_ip`), with the bound port. When there is none (no
+/// default route), the wildcard as before, with a warning naming the setting (`key`): a broker
+/// that does not start would be worse than failover that needs configuring.
 fn advertised(
     bound: SocketAddr,
     advertise: Option<SocketAddr>,
     key: &'static str,
-    local_ip: impl FnOnce(bool) -> std::io::Result<std::net::IpAddr>,
-) -> Result<SocketAddr, BrokerError> {
+    local_ip: impl Fn(bool) -> std::io::Result<std::net::IpAddr>,
+) -> SocketAddr {
     if let Some(a) = advertise {
-        return Ok(a);
+        return a;
     }
     if !bound.ip().is_unspecified() {
-        return Ok(bound);
+        return bound;
     }
-    match local_ip(bound.is_ipv4()) {
+    // A dual-stack wildcard (::) on a host with only IPv4 routes: its IPv4 address serves.
+    let found = local_ip(bound.is_ipv4()).or_else(|e| if bound.is_ipv6() { local_ip(true) } else { Err(e) });
+    match found {
         Ok(ip) if !ip.is_unspecified() => {
             let chosen = SocketAddr::new(ip, bound.port());
-            info!(%bound, advertised = %chosen, "listening on a wildcard address: telling the cluster {chosen}; set `{key}` to choose");
-            Ok(chosen)
+            info!(%bound, advertised = %chosen, "listening on a wildcard address: telling others {chosen}; set `{key}` to choose");
+            chosen
         }
-        outcome => Err(crate::config_file::ConfigError::Invalid {
-            key,
-            reason: format!(
-                "listening on {bound}, which no one can dial, and this machine's own address could not be found ({}): set it",
-                outcome.map_or_else(|e| e.to_string(), |ip| format!("got {ip}"))
-            ),
+        outcome => {
+            let why = outcome.map_or_else(|e| e.to_string(), |ip| format!("got {ip}"));
+            warn!(%bound, %why, "listening on a wildcard address and this machine's own address is unknown: others are told {bound}, which they cannot dial; set `{key}`");
+            bound
         }
-        .into()),
     }
 }
 
@@ -381,15 +381,14 @@ fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, Brok
             let nats = listeners.nats.as_ref().map(TcpListener::local_addr).transpose()?;
             Some(crate::cluster::Cluster::new(
                 c.clone(),
-                advertised(l.local_addr()?, c.advertise, "cluster.advertise", default_route_ip)?,
+                advertised(l.local_addr()?, c.advertise, "cluster.advertise", default_route_ip),
                 advertised(
                     listeners.native.local_addr()?,
                     c.client_advertise,
                     "cluster.client_advertise",
                     default_route_ip,
-                )?,
-                nats.map(|n| advertised(n, c.nats_advertise, "cluster.nats_advertise", default_route_ip))
-                    .transpose()?,
+                ),
+                nats.map(|n| advertised(n, c.nats_advertise, "cluster.nats_advertise", default_route_ip)),
             )?)
         }
         _ => None,
@@ -625,27 +624,27 @@ mod tests {
     #[test]
     fn a_wildcard_listener_is_advertised_by_an_address_others_can_dial() {
         let never = |_| -> std::io::Result<std::net::IpAddr> { unreachable!("not needed") };
-        let set = advertised(addr("0.0.0.0:4901"), Some(addr("10.1.2.3:7000")), "k", never).unwrap();
+        let set = advertised(addr("0.0.0.0:4901"), Some(addr("10.1.2.3:7000")), "k", never);
         assert_eq!(set, addr("10.1.2.3:7000"), "an advertise setting wins");
-        assert_eq!(advertised(addr("127.0.0.1:4901"), None, "k", never).unwrap(), addr("127.0.0.1:4901"));
+        assert_eq!(advertised(addr("127.0.0.1:4901"), None, "k", never), addr("127.0.0.1:4901"));
         // A wildcard: this machine's address (found by the function given), with the bound port.
         let found = advertised(addr("0.0.0.0:4901"), None, "k", |v4| {
             assert!(v4);
             Ok("10.9.8.7".parse().unwrap())
         });
-        assert_eq!(found.unwrap(), addr("10.9.8.7:4901"));
+        assert_eq!(found, addr("10.9.8.7:4901"));
         let v6 = advertised(addr("[::]:4222"), None, "k", |v4| {
             assert!(!v4);
             Ok("fd00::5".parse().unwrap())
         });
-        assert_eq!(v6.unwrap(), addr("[fd00::5]:4222"));
-        // None found: a clear error naming the setting, not a gossiped 0.0.0.0.
-        let lost = advertised(addr("0.0.0.0:4900"), None, "cluster.client_advertise", |_| {
-            Err(std::io::Error::other("network unreachable"))
+        assert_eq!(v6, addr("[fd00::5]:4222"));
+        // :: on a host with IPv4 routes only: its IPv4 address.
+        let v4_only = advertised(addr("[::]:4222"), None, "k", |v4| {
+            if v4 { Ok("10.9.8.7".parse().unwrap()) } else { Err(std::io::Error::other("no route")) }
         });
-        let text = lost.unwrap_err().to_string();
-        assert!(text.contains("cluster.client_advertise") && text.contains("0.0.0.0:4900"), "{text}");
-        let wildcard = advertised(addr("0.0.0.0:4900"), None, "k", |_| Ok("0.0.0.0".parse().unwrap()));
-        assert!(wildcard.is_err());
+        assert_eq!(v4_only, addr("10.9.8.7:4222"));
+        // None found (no default route): the broker still starts, advertising what it bound.
+        let lost = advertised(addr("0.0.0.0:4900"), None, "k", |_| Err(std::io::Error::other("unreachable")));
+        assert_eq!(lost, addr("0.0.0.0:4900"));
     }
 }
