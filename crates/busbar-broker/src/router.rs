@@ -9,7 +9,8 @@
 //! routes and stored under those clients' (cluster-wide unique) ids with the route's outbox.
 //! A message matching remote plain subscriptions goes once to each broker that has them (which
 //! fans it out to its own clients); a group picks one member cluster-wide (a local one when it
-//! has any, except under the hash policy, which picks the same member on every broker) and sends
+//! has any, except under the hash policy, which picks the same member on every broker for a
+//! message with a balance key; one without a key goes round-robin among all members) and sends
 //! the message to exactly that member. Every change to a local subscription is announced to
 //! every route while the write lock is held, so that a new route's snapshot and the
 //! announcements that follow never miss or reorder a change.

@@ -834,22 +834,28 @@ fn deliver_call(
     max_frame_size: usize,
     call: busbar_core::Call,
 ) -> Option<u64> {
-    let Some((_, Sink::Requests { tx, dropped })) = subs.get(&call.sid) else { return None };
     let commands = handle.upgrade()?;
-    let message = Message { sid: call.sid, inner: call.message };
+    let sid = call.sid;
+    let message = Message { sid, inner: call.message };
     let request = Request::new(call.id, message, ReplyTo::Remote { commands, max_frame_size }, ids.clone());
+    let Some((_, Sink::Requests { tx, dropped })) = subs.get(&sid) else {
+        // Unsubscribed while the CALL was on its way: refused now, not left to its timeout.
+        let text = format!("no responders for {:?}", request.topic());
+        request.refuse(ErrorCode::NoResponders, &text);
+        return None;
+    };
     // Refused with the errors the in-process bus gives, so the requester sees the same either way.
     match tx.try_send(request) {
         Ok(()) => None,
         Err(crate::feed::TrySendError::Full(request)) => {
-            count_dropped(dropped, call.sid);
+            count_dropped(dropped, sid);
             request.refuse(ErrorCode::TooManyRequests, crate::request::RESPONDER_FULL);
             None
         }
         Err(crate::feed::TrySendError::Closed(request)) => {
             let text = format!("no responders for {:?}", request.topic());
             request.refuse(ErrorCode::NoResponders, &text);
-            Some(call.sid)
+            Some(sid)
         }
     }
 }
@@ -976,6 +982,25 @@ fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_for_a_subscription_gone_is_refused_at_once() {
+        let (tx, mut rx) = crate::commands::commands(16);
+        let subs = HashMap::default();
+        let ids: Arc<dyn IdGenerator> = Arc::new(busbar_core::UlidGenerator::new());
+        let call = busbar_core::Call {
+            id: 9,
+            sid: 4,
+            timeout_ms: 60_000,
+            message: busbar_core::Message::new("t", "x"),
+        };
+        assert_eq!(deliver_call(&subs, &tx.downgrade(), &ids, 1 << 20, call), None);
+        let Some(Command::Publish(mut run)) = rx.recv().await else { panic!("a REPLY queued") };
+        match busbar_core::frame::decode(&mut run, 1 << 20).unwrap().expect("a whole frame") {
+            Frame::Reply(r) => assert_eq!((r.id, r.error), (9, Some(ErrorCode::NoResponders))),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_run_loses_only_its_frames_over_a_smaller_limit() {

@@ -105,13 +105,15 @@ impl BusOptions {
 
     /// Whether `message` is addressed to some other service than this bus (by id or by name),
     /// and so reaches no one here, as over the network it would reach only that service.
+    /// An id, when there is one, decides alone, as at the broker.
     fn addressed_elsewhere(&self, message: &busbar_core::Message) -> bool {
-        let other_id = message.destination != 0 && message.destination != self.source;
-        let other_name = message
+        if message.destination != 0 {
+            return message.destination != self.source;
+        }
+        message
             .headers
             .get(crate::message::TO_HEADER)
-            .is_some_and(|name| self.service.as_deref() != Some(name));
-        other_id || other_name
+            .is_some_and(|name| self.service.as_deref() != Some(name))
     }
 }
 
@@ -632,14 +634,22 @@ impl Bus {
         let responders = self.responders_for(&message, true)?;
         let (tx, mut rx) = mpsc::channel(responders.len());
         // A responder that cannot take the request answers with its error, as over the network.
-        let mut answers = Vec::new();
+        let mut answers: Vec<Result<Message>> = Vec::new();
         for r in &responders {
             if let Err(e) = self.hand_over(r, &message, ReplyTo::All(tx.clone())) {
                 answers.push(Err(e));
             }
         }
         drop(tx);
+        // As the network client: the one responder gone is no one to answer, and no more than
+        // `expected` answers are kept.
+        if responders.len() == 1
+            && let Some(Err(Error::NoResponders { topic })) = answers.first()
+        {
+            return Err(Error::NoResponders { topic: topic.clone() });
+        }
         let want = expected.map_or(responders.len(), |n| n.min(responders.len()));
+        answers.truncate(want);
         let deadline = crate::request::deadline_in(timeout);
         while answers.len() < want {
             match tokio::time::timeout_at(deadline, rx.recv()).await {

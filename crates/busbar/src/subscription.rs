@@ -174,7 +174,8 @@ impl Requests {
         self.rx.recv().await
     }
 
-    /// How many requests were dropped because the buffer was full (their requesters time out).
+    /// How many requests were refused because the buffer was full (their requesters got
+    /// TooManyRequests at once).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

@@ -298,3 +298,14 @@ fn a_refused_handler_that_owns_a_registration_of_the_same_bus_is_dropped_without
     assert_eq!(bus.subscription_count(), 1, "the inner registration went with the refused handler");
     drop(member);
 }
+
+#[test]
+fn a_destination_id_decides_before_a_service_name_as_at_the_broker() {
+    let bus = Bus::with_options(BusOptions { source: 7, ..BusOptions::default().service("s") });
+    let _h = bus.on("d", |_| ()).unwrap();
+    let both = bus.publish_message(Outgoing::new("d", "").to(7).to_service("ghost")).unwrap();
+    assert_eq!(both.delivered, 1, "its own id: delivered whatever the name");
+    assert_eq!(bus.publish_message(Outgoing::new("d", "").to(8).to_service("s")).unwrap().delivered, 0);
+    assert_eq!(bus.publish_message(Outgoing::new("d", "").to_service("s")).unwrap().delivered, 1);
+    assert_eq!(bus.publish_message(Outgoing::new("d", "").to_service("ghost")).unwrap().delivered, 0);
+}

@@ -302,6 +302,8 @@ async fn full_responders_refuse(bus: AnyBus) {
         .collect();
     outcomes.sort();
     assert_eq!(outcomes, ["Some(TooManyRequests)", "free"]);
+    // A refusal counts as an answer: content with one, the gather stops at one.
+    assert_eq!(bus.request_all("full", "one", Duration::from_secs(5), Some(1)).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
