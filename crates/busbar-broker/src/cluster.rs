@@ -699,7 +699,7 @@ fn reply_from_peer(reply: Reply, shared: &Shared) {
     let requester = reply.message.destination;
     let responder = reply.message.source;
     let claimed = reply.message.topic.clone();
-    let replied = shared.requests().reply(requester, responder, reply, |topic| topic == &*claimed);
+    let replied = shared.requests().reply(requester, responder, reply, None, |topic| topic == &*claimed);
     crate::requests::settle(replied, shared);
 }
 

@@ -529,7 +529,7 @@ impl Conn<'_> {
             ok
         };
         let reply = Reply { id, error: None, remaining: 0, message };
-        let replied = self.shared.requests().reply(requester, self.id, reply, may_reply);
+        let replied = self.shared.requests().reply(requester, self.id, reply, None, may_reply);
         crate::requests::settle(replied, self.shared);
     }
 

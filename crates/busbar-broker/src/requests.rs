@@ -158,6 +158,7 @@ impl Requests {
         requester: u32,
         responder: u32,
         mut reply: Reply,
+        spare: Option<Box<Frame>>,
         may_reply: impl FnOnce(&str) -> bool,
     ) -> Replied {
         let key = (requester, reply.id);
@@ -186,7 +187,8 @@ impl Requests {
             ReplyTo::Conn(outbox) => {
                 reply.message.topic = p.topic.clone();
                 reply.message.destination = requester;
-                outbox.deliver_frame(Frame::Reply(reply));
+                // In the box the REPLY came in, when the caller has it.
+                outbox.push(crate::session::Outbound::boxed(spare, Frame::Reply(reply)));
                 Replied::Delivered
             }
             ReplyTo::Subject(subject) => {
@@ -288,9 +290,9 @@ mod tests {
     fn replies_only_from_the_responders_asked() {
         let mut r = Requests::default();
         r.insert(1, 7, native(vec![2, 3], Duration::from_secs(5)), 10).unwrap();
-        assert!(matches!(r.reply(1, 4, reply(7), |_| true), Replied::Unknown), "4 was not asked");
-        assert!(matches!(r.reply(1, 2, reply(7), |_| true), Replied::Delivered));
-        assert!(matches!(r.reply(1, 2, reply(7), |_| true), Replied::Unknown), "2 already answered");
+        assert!(matches!(r.reply(1, 4, reply(7), None, |_| true), Replied::Unknown), "4 was not asked");
+        assert!(matches!(r.reply(1, 2, reply(7), None, |_| true), Replied::Delivered));
+        assert!(matches!(r.reply(1, 2, reply(7), None, |_| true), Replied::Unknown), "2 already answered");
         r.remove_connection(3);
         assert_eq!(r.len(), 0, "3 disconnected: nothing left to wait for");
     }
@@ -317,7 +319,7 @@ mod tests {
         assert_eq!(r.len(), 1, "2 may still answer");
         let mut failed = reply(7);
         failed.error = Some(ErrorCode::NoResponders);
-        let Replied::Route { requester: 1, message: m } = r.reply(1, 2, failed, |_| true) else {
+        let Replied::Route { requester: 1, message: m } = r.reply(1, 2, failed, None, |_| true) else {
             panic!("not routed to the requester")
         };
         assert_eq!(&*m.topic, "_INBOX.x");
@@ -331,9 +333,12 @@ mod tests {
         let t = Duration::from_secs(5);
         let request = NewRequest { first_wins: true, ..native(vec![2, 3], t) };
         r.insert(1, 7, request, 10).unwrap();
-        assert!(matches!(r.reply(1, 2, reply(7), |_| false), Replied::Unknown), "refused, not delivered");
+        assert!(
+            matches!(r.reply(1, 2, reply(7), None, |_| false), Replied::Unknown),
+            "refused, not delivered"
+        );
         assert_eq!(r.len(), 1, "3 may still answer");
-        assert!(matches!(r.reply(1, 3, reply(7), |_| true), Replied::Delivered));
+        assert!(matches!(r.reply(1, 3, reply(7), None, |_| true), Replied::Delivered));
         assert_eq!(r.len(), 0);
     }
 }

@@ -89,6 +89,17 @@ impl Outbound {
         Outbound::Frame(Box::new(frame))
     }
 
+    /// [`Outbound::frame`] in `spare`, a box no longer needed, when there is one.
+    pub(crate) fn boxed(spare: Option<Box<Frame>>, frame: Frame) -> Self {
+        match spare {
+            Some(mut b) => {
+                *b = frame;
+                Outbound::Frame(b)
+            }
+            None => Outbound::frame(frame),
+        }
+    }
+
     /// What it counts against the connection's byte budget.
     fn size(&self) -> usize {
         match self {
@@ -791,22 +802,23 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             Incoming::Pub(message) => {
                 publish(message, outbox, id, shared, perms, &mut deferred, &mut last_topic).await
             }
-            Incoming::Other(frame) => match *frame {
+            Incoming::Other(frame) => match &*frame {
                 // Requests and replies, like PUBs, go out with the batch (request-reply traffic
-                // comes in batches too, with many requests in flight).
+                // comes in batches too, with many requests in flight). Each takes its box along:
+                // the CALL or REPLY it becomes goes out in it, without an allocation.
                 // (A refused one goes to `apply`, which answers it.)
                 Frame::Request(request) if perms.publish.permits_topic(&request.message.topic) => {
-                    request_in(request, outbox, id, shared, &mut deferred, &mut last_topic).await;
+                    request_in(frame, outbox, id, shared, &mut deferred, &mut last_topic).await;
                     Ok(())
                 }
-                Frame::Reply(reply) if is_local_reply(&reply, shared) => {
-                    deferred.hold(|| local_reply(reply, id, shared, perms));
+                Frame::Reply(reply) if is_local_reply(reply, shared) => {
+                    deferred.hold(|| local_reply(frame, id, shared, perms));
                     Ok(())
                 }
-                frame => {
+                _ => {
                     // Anything else may wait (for room in this client's own queue, say).
                     deferred.wake_all();
-                    apply(frame, outbox, id, shared, perms).await
+                    apply(*frame, outbox, id, shared, perms).await
                 }
             },
         };
@@ -916,9 +928,12 @@ async fn apply(
         }
         Frame::Request(request) => {
             let mut now = Deferred::default();
-            request_in(request, outbox, id, shared, &mut now, &mut TopicMemo::new()).await
+            request_in(Box::new(Frame::Request(request)), outbox, id, shared, &mut now, &mut TopicMemo::new())
+                .await
         }
-        Frame::Reply(reply) if is_local_reply(&reply, shared) => local_reply(reply, id, shared, perms),
+        Frame::Reply(reply) if is_local_reply(&reply, shared) => {
+            local_reply(Box::new(Frame::Reply(reply)), id, shared, perms);
+        }
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester != 0 && crate::cluster::is_remote(shared, requester) {
@@ -1013,8 +1028,12 @@ fn is_local_reply(reply: &busbar_core::Reply, shared: &Shared) -> bool {
     requester != 0 && !crate::cluster::is_remote(shared, requester)
 }
 
-/// Settles a request of a client of this broker with `reply` (see [`is_local_reply`]); never waits.
-fn local_reply(reply: busbar_core::Reply, id: u32, shared: &Shared, perms: &Permissions) {
+/// Settles a request of a client of this broker with the REPLY in `frame` (see
+/// [`is_local_reply`]); never waits.
+fn local_reply(mut frame: Box<Frame>, id: u32, shared: &Shared, perms: &Permissions) {
+    let Frame::Reply(reply) = std::mem::replace(&mut *frame, Frame::Ping) else {
+        unreachable!("called with a REPLY")
+    };
     // Judged on the request's own topic: the responder cannot pick another.
     let may_reply = |topic: &str| {
         let ok = perms.allow_responses || perms.publish.permits_topic(topic);
@@ -1024,20 +1043,23 @@ fn local_reply(reply: busbar_core::Reply, id: u32, shared: &Shared, perms: &Perm
         ok
     };
     let requester = reply.message.destination;
-    let replied = shared.requests().reply(requester, id, reply, may_reply);
+    let replied = shared.requests().reply(requester, id, reply, Some(frame), may_reply);
     crate::requests::settle(replied, shared);
 }
 
 /// A REQUEST from the client. Its CALLs are queued under `deferred` (woken with the batch); the
 /// held wake-ups are done before any wait.
 async fn request_in(
-    request: Request,
+    mut frame: Box<Frame>,
     outbox: &Outbox,
     id: u32,
     shared: &Shared,
     deferred: &mut Deferred,
     last_topic: &mut TopicMemo,
 ) {
+    let Frame::Request(request) = std::mem::replace(&mut *frame, Frame::Ping) else {
+        unreachable!("called with a REQUEST")
+    };
     count_in(outbox, &request.message);
     let Request { id: req_id, all, timeout_ms, mut message } = request;
     shared.stats.requests.inc();
@@ -1105,13 +1127,19 @@ async fn request_in(
         Some(Ok(())) => {}
     }
     deferred.hold(|| {
-        for t in targets {
-            let mut call = Call { id: req_id, sid: t.sid, timeout_ms, message: message.clone() };
+        // The REQUEST's box carries the first CALL; the last CALL takes the message itself.
+        let mut spare = Some(frame);
+        let mut message = Some(message);
+        let n = targets.len();
+        for (i, t) in targets.into_iter().enumerate() {
+            let message = if i + 1 == n { message.take() } else { message.clone() };
+            let mut call =
+                Call { id: req_id, sid: t.sid, timeout_ms, message: message.expect("until the last") };
             if t.outbox.is_route() {
                 // The responder's broker finds it by the destination id.
                 call.message.destination = t.conn;
             }
-            if !t.outbox.deliver_frame(Frame::Call(call)) {
+            if !t.outbox.push(Outbound::boxed(spare.take(), Frame::Call(call))) {
                 // The responder is going away; its cleanup fails this request with ResponderLost.
                 debug!(responder = t.conn, "request not delivered");
             }
