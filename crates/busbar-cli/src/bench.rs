@@ -48,12 +48,12 @@ pub(crate) struct BenchArgs {
     /// Payload size in bytes (at least 16: sequence number and timestamp).
     #[arg(long, default_value_t = 16)]
     size: usize,
-    /// Subscribers (fanout) or group members (group).
-    #[arg(long, default_value_t = 4)]
-    subs: usize,
-    /// Requests in flight for request-inflight.
-    #[arg(long, default_value_t = 32)]
-    inflight: usize,
+    /// Subscribers (fanout) or group members (group); at least 1.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    subs: u16,
+    /// Requests in flight for request-inflight; at least 1.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    inflight: u16,
     /// Broker address; with --embedded, ignored.
     #[arg(long, short, default_value = "127.0.0.1:4900", env = "BUSBAR_SERVER")]
     server: String,
@@ -284,10 +284,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     for scenario in scenarios {
         let report = match scenario {
             Scenario::Pubsub => fan(&args, &target, "pubsub", 1, false).await?,
-            Scenario::Fanout => fan(&args, &target, "fanout", args.subs, false).await?,
-            Scenario::Group => fan(&args, &target, "group", args.subs, true).await?,
+            Scenario::Fanout => fan(&args, &target, "fanout", usize::from(args.subs), false).await?,
+            Scenario::Group => fan(&args, &target, "group", usize::from(args.subs), true).await?,
             Scenario::Request => requests(&args, &target, "request", 1).await?,
-            Scenario::RequestInflight => requests(&args, &target, "request-inflight", args.inflight).await?,
+            Scenario::RequestInflight => {
+                requests(&args, &target, "request-inflight", usize::from(args.inflight)).await?
+            }
             Scenario::All => unreachable!("expanded above"),
         };
         println!("{}", serde_json::to_string(&report)?);
@@ -298,6 +300,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     }
     if reports.iter().any(|r| r.lost > 0) {
         bail!("messages were lost");
+    }
+    if let Some(r) = reports.iter().find(|r| r.out_of_order > 0) {
+        bail!("{}: {} messages out of order or of the wrong size", r.scenario, r.out_of_order);
     }
     Ok(())
 }

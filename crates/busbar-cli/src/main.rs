@@ -328,6 +328,29 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         }
         (None, _) => {}
     }
+    let cluster_flags = [
+        ("--node-id", args.node_id.is_some()),
+        ("--routes", !args.routes.is_empty()),
+        ("--cluster-token", args.cluster_token.is_some()),
+        ("--cluster-name", args.cluster_name.is_some()),
+        ("--cluster-advertise", args.cluster_advertise.is_some()),
+        ("--client-advertise", args.client_advertise.is_some()),
+        ("--nats-advertise", args.nats_advertise.is_some()),
+        ("--cluster-tls-cert", args.cluster_tls_cert.is_some()),
+        ("--cluster-tls-key", args.cluster_tls_key.is_some()),
+        ("--cluster-tls-ca", args.cluster_tls_ca.is_some()),
+    ];
+    let given: Vec<&str> = cluster_flags.iter().filter(|(_, set)| *set).map(|(flag, _)| *flag).collect();
+    if config.cluster.is_none() && !given.is_empty() {
+        bail!(
+            "{} need a cluster: give --cluster-listen (or [cluster] in the configuration file)",
+            given.join(", ")
+        );
+    }
+    let tls_given = given.iter().filter(|f| f.starts_with("--cluster-tls")).count();
+    if tls_given != 0 && tls_given != 3 {
+        bail!("route TLS needs all three of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca");
+    }
     if let Some(cluster) = config.cluster.as_mut() {
         if let Some(node) = args.node_id {
             cluster.node_id = node;
@@ -380,10 +403,52 @@ fn config_command(command: ConfigCommand) -> Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let config = Config::from_toml(&text)
                 .with_context(|| format!("invalid configuration {}", file.display()))?;
-            println!("{config:#?}");
+            print_summary(&file, &config);
         }
     }
     Ok(())
+}
+
+/// What `config check` found, without a secret (tokens and password hashes are only said to be
+/// there).
+fn print_summary(file: &std::path::Path, c: &Config) {
+    let on = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+    println!("{}: valid", file.display());
+    println!(
+        "  listen {} (TLS {}), NATS {}, monitoring {}",
+        c.listen,
+        if c.tls.is_some() { "on" } else { "off" },
+        on(c.nats_listen),
+        on(c.http)
+    );
+    let users: Vec<&str> = c.auth.users.iter().map(|u| u.name.as_str()).collect();
+    println!(
+        "  auth: token {}, users [{}]",
+        if c.auth.token.is_some() { "set" } else { "none" },
+        users.join(", ")
+    );
+    match &c.cluster {
+        Some(k) => println!(
+            "  cluster {:?}: node {}, routes on {}, seeds {:?}, token {}, TLS {}",
+            k.name,
+            k.node_id,
+            k.listen,
+            k.routes,
+            if k.token.is_some() { "set" } else { "none" },
+            if k.tls.is_some() { "on" } else { "off" }
+        ),
+        None => println!("  cluster: off"),
+    }
+    println!(
+        "  limits: frame {} B, connections {}, subscriptions {}, pending {} frames / {} B ({:?} when over), requests {}",
+        c.max_frame_size,
+        c.max_connections,
+        c.max_subscriptions,
+        c.max_pending,
+        c.max_pending_bytes,
+        c.slow_consumer,
+        c.max_requests
+    );
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -578,10 +643,14 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     };
     eprintln!("subscribed to {} on {}", args.pattern, args.connect.server);
     let mut seen = 0u64;
+    // One Ctrl-C listener for the whole run: one made per message would miss a Ctrl-C that
+    // comes while a message is printed.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         let message = tokio::select! {
             m = sub.next() => m,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
         };
         let Some(message) = message else { bail!("connection to the broker closed") };
         seen += 1;
@@ -606,6 +675,10 @@ async fn request(args: RequestArgs) -> Result<()> {
         client.request_message(message, args.timeout).await.map(|m| vec![Ok(m)])
     };
     let answers = answers.with_context(|| format!("request to {} failed", args.topic))?;
+    if answers.is_empty() {
+        let _ = client.disconnect().await;
+        bail!("no answer to {} within {:?}", args.topic, args.timeout);
+    }
     let mut failed = 0;
     for (i, answer) in answers.iter().enumerate() {
         match answer {
@@ -632,20 +705,38 @@ async fn reply(args: ReplyArgs) -> Result<()> {
     let mut requests = client.requests(pattern).await?;
     eprintln!("answering requests on {} at {}", args.pattern, args.connect.server);
     let mut answered = 0u64;
+    // One Ctrl-C listener for the whole run, also while a command runs: one made per request
+    // would miss a Ctrl-C that comes in between.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         let request = tokio::select! {
             r = requests.next() => r,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
         };
         let Some(request) = request else { bail!("connection to the broker closed") };
         let topic = request.topic().to_string();
         let result = match (&args.exec, &args.data) {
-            (Some(command), _) => run_command(command, request.payload()).await,
+            (Some(command), _) => tokio::select! {
+                out = run_command(command, request.payload()) => out,
+                // The request is answered with an error as it is dropped.
+                _ = &mut ctrl_c => break,
+            },
             (None, data) => Ok(data.clone().unwrap_or_default().into_bytes()),
         };
-        match result {
-            Ok(reply) => request.reply(reply).await?,
-            Err(e) => request.fail(&e).await?,
+        let sent = match result {
+            Ok(reply) => request.reply(reply).await,
+            Err(e) => request.fail(&e).await,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(busbar::Error::Closed) => bail!("connection to the broker closed"),
+            // One reply that could not go (too large, say; its requester was told): the next
+            // request is served as usual.
+            Err(e) => {
+                eprintln!("request on {topic}: the reply could not be sent: {e}");
+                continue;
+            }
         }
         answered += 1;
         eprintln!("answered request #{answered} on {topic}");
@@ -668,10 +759,16 @@ async fn run_command(command: &str, input: &[u8]) -> std::result::Result<Vec<u8>
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input).await;
-    }
-    let out = child.wait_with_output().await.map_err(|e| format!("{command:?} failed: {e}"))?;
+    // Written while the output is read: a command that answers as it reads (`tr`, say) would
+    // otherwise fill its stdout pipe and stop reading, and both would wait for ever.
+    let stdin = child.stdin.take();
+    let write = async move {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(input).await;
+        }
+    };
+    let (_, out) = tokio::join!(write, child.wait_with_output());
+    let out = out.map_err(|e| format!("{command:?} failed: {e}"))?;
     if out.status.success() {
         Ok(out.stdout)
     } else {

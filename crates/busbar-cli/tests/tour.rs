@@ -172,6 +172,75 @@ fn request_and_reply_commands() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no responders"));
+
+    // Scatter-gather with no answer in time is a failure too, not an empty success.
+    let _silent = start_replier(&addr, &["slow.op", "--exec", "sleep 5"]);
+    let out = Command::new(BIN)
+        .args(["request", "slow.op", "--all", "--timeout", "200ms", "--server", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn reply_exec_takes_input_and_gives_output_larger_than_a_pipe() {
+    let (_broker, addr, _out) = start_broker();
+    // The command writes 100 kB before it reads its 100 kB of input: both pipes fill.
+    let _big =
+        start_replier(&addr, &["big", "--exec", "head -c 100000 /dev/zero | tr '\\0' a; cat >/dev/null"]);
+    let input = "b".repeat(100_000);
+    let out = Command::new(BIN)
+        .args(["request", "big", &input, "--timeout", "10s", "--server", &addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches('a').count(), 100_000);
+}
+
+#[test]
+fn flags_that_make_no_sense_are_refused() {
+    for args in [
+        &["serve", "--listen", "127.0.0.1:0", "--node-id", "2", "--routes", "127.0.0.1:1"][..],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "2",
+            "--cluster-tls-cert",
+            "x.pem",
+        ],
+        &["bench", "fanout", "--subs", "0", "--embedded"],
+        &["bench", "request-inflight", "--inflight", "0", "--embedded"],
+    ] {
+        // Bounded: a broker that starts anyway would serve for ever.
+        let child =
+            Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = Reap(child);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{args:?} was not refused: it runs");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{args:?} refused");
+        let mut err = String::new();
+        child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(
+            err.contains("--cluster-listen") || err.contains("all three") || err.contains("0"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]
