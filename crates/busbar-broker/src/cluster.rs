@@ -39,6 +39,8 @@ use crate::session::{self, Control, Link, Native, Outbound, Outbox, error};
 
 /// Longest pause between two attempts to reach a route.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A route that stays up at least this long counts as a success: the next redial starts quick.
+const STABLE_ROUTE: Duration = Duration::from_secs(2);
 /// Failed attempts after which a learned (not configured) route address is given up.
 const LEARNED_ATTEMPTS: u32 = 30;
 /// Most route addresses dialled at once (configured and learned).
@@ -411,8 +413,11 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
         match dial(url, shared).await {
             Ok((reader, writer, peer)) => {
                 known_node = Some(peer.node);
-                // A route refused as a duplicate keeps backing off like a failure.
-                if run(reader, writer, peer, true, shared.clone()).await {
+                // A route refused as a duplicate keeps backing off like a failure, and so does
+                // one that closes soon after it opens (a peer that refuses what it is sent, say):
+                // redialling it at once, again and again, would resync both sides each time.
+                let opened = tokio::time::Instant::now();
+                if run(reader, writer, peer, true, shared.clone()).await && opened.elapsed() >= STABLE_ROUTE {
                     failures = 0;
                     backoff = Duration::from_millis(20);
                 }

@@ -50,6 +50,9 @@ pub(crate) enum RouteOut {
     /// matching plain subscription of the peer's clients (`target` then restricts it to one
     /// client when the message is directly addressed, 0 otherwise).
     Msg { target: u32, sid: u64, msg: Arc<Message> },
+    /// A new route's snapshot of this broker's interest, queued as one item: it may hold more
+    /// subscriptions than `max_pending` counts frames, and must not close the route it opens.
+    Snapshot(Vec<RouteOut>),
 }
 
 impl RouteOut {
@@ -59,6 +62,7 @@ impl RouteOut {
             RouteOut::Unsub { .. } => 32,
             RouteOut::Service { name, .. } => 48 + name.len(),
             RouteOut::Msg { msg, .. } => msg.frame_size(),
+            RouteOut::Snapshot(items) => items.iter().map(RouteOut::size).sum(),
         }
     }
 }
@@ -343,6 +347,7 @@ impl Router {
                         RouteOut::Msg { target, sid, msg } => {
                             RouteOut::Msg { target: *target, sid: *sid, msg: msg.clone() }
                         }
+                        RouteOut::Snapshot(_) => unreachable!("a snapshot goes to its one route"),
                     };
                     route.push(Outbound::Route(copy));
                 }
@@ -352,15 +357,19 @@ impl Router {
 
     /// A route to broker `node` is up: remember it and send it every local subscription.
     pub(crate) fn add_route(&mut self, node: u8, outbox: Outbox) {
+        let mut snapshot = Vec::new();
         for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
             if let Some(name) = &c.service {
-                outbox.push(Outbound::Route(RouteOut::Service { conn, name: name.clone() }));
+                snapshot.push(RouteOut::Service { conn, name: name.clone() });
             }
             for (&sid, s) in &c.subs {
                 let group = s.group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
                 let sub = Sub { sid, pattern: s.pattern.clone(), group, kind: s.kind };
-                outbox.push(Outbound::Route(RouteOut::Sub { conn, sub: Box::new(sub) }));
+                snapshot.push(RouteOut::Sub { conn, sub: Box::new(sub) });
             }
+        }
+        if !snapshot.is_empty() {
+            outbox.push(Outbound::Route(RouteOut::Snapshot(snapshot)));
         }
         self.routes.retain(|(n, _)| *n != node);
         self.routes.push((node, outbox));

@@ -959,6 +959,12 @@ async fn apply(
         }
         Frame::Sub(sub) => {
             let fail = |code, text: String| Outbound::frame(Frame::Error(error(code, sub.sid, text)));
+            if sub.sid == crate::router::GONE {
+                // Routes use this id to say "the client is gone" (and "every subscription").
+                let text = format!("subscription id {} is reserved", sub.sid);
+                outbox.send(fail(ErrorCode::DuplicateSubscription, text)).await;
+                return Ok(());
+            }
             if let Err(e) = validate_pattern(&sub.pattern) {
                 outbox
                     .send(fail(
@@ -1262,6 +1268,12 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
         RouteOut::Msg { target, sid, msg } => {
             frame::encode_msg(buf, sid, &msg, max)?;
             (msg.source, target)
+        }
+        RouteOut::Snapshot(items) => {
+            for item in items {
+                encode_route(buf, item, max)?;
+            }
+            return Ok(());
         }
     };
     frame::set_ids(&mut buf[start..], source, destination);

@@ -247,6 +247,11 @@ async fn protocol_violations_have_specific_codes() {
     raw.send(Frame::Sub(Sub { sid: 1, pattern: "a".into(), group: None, kind: Default::default() })).await;
     raw.send(Frame::Sub(Sub { sid: 1, pattern: "b".into(), group: None, kind: Default::default() })).await;
     assert_eq!(raw.expect_error().await.code, ErrorCode::DuplicateSubscription);
+    // The id routes use for "the client is gone" is reserved.
+    raw.send(Frame::Sub(Sub { sid: u64::MAX, pattern: "c".into(), group: None, kind: Default::default() }))
+        .await;
+    let e = raw.expect_error().await;
+    assert_eq!((e.code, e.correlation), (ErrorCode::DuplicateSubscription, u64::MAX));
     raw.send(Frame::Ping).await;
     assert_eq!(raw.read().await, Some(Frame::Pong));
 }
