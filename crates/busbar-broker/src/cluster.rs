@@ -39,6 +39,8 @@ use crate::session::{self, Control, Link, Native, Outbound, Outbox, error};
 
 /// Longest pause between two attempts to reach a route.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// What a route frame may exceed `max_frame_size` by (a forwarded message gains route fields).
+const ROUTE_FRAME_SLACK: usize = 1024;
 /// A route that stays up at least this long counts as a success: the next redial starts quick.
 const STABLE_ROUTE: Duration = Duration::from_secs(2);
 /// Failed attempts after which a learned (not configured) route address is given up.
@@ -55,6 +57,8 @@ mod prop {
     pub(super) const CLIENT_URL: &str = "client_url";
     pub(super) const NATS_URL: &str = "nats_url";
     pub(super) const ROUTES: &str = "routes";
+    /// The largest frame this broker reads (its `max_frame_size`; a route reads 1 KiB more).
+    pub(super) const MAX_FRAME: &str = "max_frame_size";
 }
 
 /// The cluster side of a broker.
@@ -160,8 +164,9 @@ impl Cluster {
         own.into_iter().chain(peers).map(|a| a.to_string()).collect()
     }
 
-    fn handshake_properties(&self) -> Headers {
+    fn handshake_properties(&self, max_frame_size: usize) -> Headers {
         let mut p = Headers::new();
+        p.insert(prop::MAX_FRAME, max_frame_size.to_string());
         p.insert(prop::ROUTE, self.config.name.as_str());
         p.insert(prop::NODE, self.node().to_string());
         if let Some(token) = &self.config.token {
@@ -186,6 +191,8 @@ struct Peer {
     client_url: Option<SocketAddr>,
     nats_url: Option<SocketAddr>,
     routes: Vec<SocketAddr>,
+    /// The peer's `max_frame_size`, when it says (brokers of an older version do not).
+    max_frame: Option<usize>,
 }
 
 /// Checks a peer's handshake properties against this broker's cluster.
@@ -213,6 +220,7 @@ fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
         client_url: addr(prop::CLIENT_URL),
         nats_url: addr(prop::NATS_URL),
         routes,
+        max_frame: p.get(prop::MAX_FRAME).and_then(|m| m.parse().ok()),
     })
 }
 
@@ -261,7 +269,11 @@ impl Decoder for RouteCodec {
 
 fn reader(rd: session::ReadHalf, shared: &Shared) -> Reader {
     // Routes carry other brokers' traffic: frames up to the limit, plus route headers.
-    FramedRead::with_capacity(rd, RouteCodec(FrameCodec::new(shared.config.max_frame_size + 1024)), 64 * 1024)
+    FramedRead::with_capacity(
+        rd,
+        RouteCodec(FrameCodec::new(shared.config.max_frame_size + ROUTE_FRAME_SLACK)),
+        64 * 1024,
+    )
 }
 
 async fn accept(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
@@ -309,7 +321,7 @@ async fn accept(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
         heartbeat_ms: u32::try_from(shared.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
         server_name: shared.config.server_name.clone().into(),
         server_version: env!("CARGO_PKG_VERSION").into(),
-        properties: cluster.handshake_properties(),
+        properties: cluster.handshake_properties(shared.config.max_frame_size),
     };
     if write_frame(&mut wr, Frame::Welcome(welcome)).await.is_err() {
         return;
@@ -347,8 +359,10 @@ async fn dial(url: SocketAddr, shared: &Arc<Shared>) -> Result<(Reader, session:
             (Box::new(rd), Box::new(wr))
         }
     };
-    let hello =
-        Hello { name: shared.config.server_name.clone().into(), properties: cluster.handshake_properties() };
+    let hello = Hello {
+        name: shared.config.server_name.clone().into(),
+        properties: cluster.handshake_properties(shared.config.max_frame_size),
+    };
     write_frame(&mut wr, Frame::Hello(hello)).await.map_err(|e| e.to_string())?;
     let mut reader = reader(rd, shared);
     match tokio::time::timeout_at(deadline, reader.next()).await {
@@ -495,7 +509,10 @@ async fn run(
     let (tx, rx) = crate::queue::queue();
     let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
     let outbox = Outbox::with_control(tx, control.clone());
-    let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), usize::MAX, Native));
+    // Nothing larger than the peer reads: such a message is skipped (and logged), not sent to
+    // make the peer close the route, losing everything behind it.
+    let max = peer.max_frame.map_or(usize::MAX, |m| m.saturating_add(ROUTE_FRAME_SLACK));
+    let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), max, Native));
     let link = cluster.next_link.fetch_add(1, Ordering::Relaxed);
     let info = RouteInfo {
         node: peer.node,
@@ -518,7 +535,7 @@ async fn run(
         }
         let hello = Hello {
             name: shared.config.server_name.clone().into(),
-            properties: cluster.handshake_properties(),
+            properties: cluster.handshake_properties(shared.config.max_frame_size),
         };
         for (node, route) in shared.router().route_outboxes() {
             if node != peer.node {

@@ -1271,7 +1271,9 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
         }
         RouteOut::Snapshot(items) => {
             for item in items {
-                encode_route(buf, item, max)?;
+                if let Err(e) = encode_route(buf, item, max) {
+                    warn!(error = %e, "dropping a subscription the peer cannot read");
+                }
             }
             return Ok(());
         }

@@ -458,3 +458,25 @@ async fn a_new_route_learns_more_subscriptions_than_max_pending_counts() {
     assert_eq!(next(&mut subs[299]).await.payload_str(), Some("x"));
     assert_eq!(a.stats().slow_consumers, 0);
 }
+
+#[tokio::test]
+async fn a_message_too_large_for_a_peer_is_not_forwarded_and_the_route_stays() {
+    let sized = |node, seeds: &[SocketAddr], max| busbar_broker::Config {
+        max_frame_size: max,
+        ..node_config(node, seeds)
+    };
+    let a = broker_with(sized(1, &[], 256 * 1024)).await;
+    let b = broker_with(sized(2, &[a.cluster_addr().unwrap()], 64 * 1024)).await;
+    meshed(&[&a, &b]).await;
+    let subscriber = Client::connect(b.local_addr().to_string()).await.unwrap();
+    let mut sub = subscriber.subscribe("sized").await.unwrap();
+    wait_interest(&a, 1).await;
+    let publisher = Client::connect(a.local_addr().to_string()).await.unwrap();
+    publisher.publish("sized", vec![0u8; 100 * 1024]).await.unwrap();
+    publisher.publish("sized", "small").await.unwrap();
+    // The large one is not sent to B (which would close the route on it); what follows is.
+    assert_eq!(next(&mut sub).await.payload_str(), Some("small"));
+    assert!(drain(&mut sub).await.is_empty());
+    assert_eq!((a.routes().len(), b.routes().len()), (1, 1));
+    assert_eq!(a.stats().slow_consumers + b.stats().slow_consumers, 0);
+}
