@@ -399,6 +399,11 @@ pub(crate) fn ensure_dialer(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
     });
 }
 
+/// How many route addresses are being dialled (see `Broker::route_addresses`).
+pub(crate) fn dialing(shared: &Shared) -> usize {
+    shared.cluster.as_ref().map_or(0, |c| lock(&c.dialing).len())
+}
+
 /// Keeps a route to `url` up: dials when no route to the broker there is up, with backoff.
 /// A learned address is given up after many failures in a row; a seed never is.
 async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
@@ -411,11 +416,23 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
         if shared.shutdown.is_cancelled() {
             return;
         }
-        let connected = {
+        let (connected, moved) = {
             let routes = lock(&cluster.routes);
-            routes.values().any(|r| r.cluster_url == url)
-                || known_node.is_some_and(|n| routes.contains_key(&n))
+            // The broker here, however its route came up (dialled by it, say).
+            let here = routes.values().find(|r| r.cluster_url == url);
+            if let Some(r) = here {
+                known_node = Some(r.node);
+            }
+            let elsewhere = known_node.and_then(|n| routes.get(&n)).is_some_and(|r| r.cluster_url != url);
+            (here.is_some() || elsewhere, elsewhere)
         };
+        if moved && !seed {
+            // The broker once here is up at another address (restarted elsewhere): this learned
+            // one is stale. Left running, such dialers would pile up with every restart, up to
+            // the cap that then shuts out addresses of brokers that are new.
+            debug!(%url, "a learned route address gone stale: its broker is reached elsewhere");
+            return;
+        }
         if connected {
             failures = 0;
             backoff = Duration::from_millis(20);
@@ -491,10 +508,7 @@ fn unregister(shared: &Shared, node: u8, link: u64) {
 /// go, and the requests they owed fail.
 fn forget(shared: &Shared, route: &RouteInfo) {
     let gone = shared.router_mut().remove_route(route.node);
-    let mut requests = shared.requests();
-    for conn in gone {
-        requests.remove_connection(conn);
-    }
+    shared.requests().remove_connections(gone);
 }
 
 /// Serves a route until it closes; false when it was refused as a duplicate.

@@ -209,18 +209,29 @@ impl Requests {
 
     /// A connection is gone: forget its own requests, and fail the ones it was to answer.
     pub(crate) fn remove_connection(&mut self, conn: u32) {
+        self.remove_connections(vec![conn]);
+    }
+
+    /// [`Requests::remove_connection`] for many connections (the clients of a broker whose route
+    /// went down) in one pass over the requests in flight, not one pass each.
+    pub(crate) fn remove_connections(&mut self, mut gone: Vec<u32>) {
+        if gone.is_empty() || self.pending.is_empty() {
+            return;
+        }
+        gone.sort_unstable();
+        let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
         let keys: Vec<(u32, u64)> = self.pending.keys().copied().collect();
         for key in keys {
-            if key.0 == conn {
+            if is_gone(&key.0) {
                 self.forget(key);
                 continue;
             }
             let Some(p) = self.pending.get_mut(&key) else { continue };
-            if !p.responders.contains(&conn) {
+            if !p.responders.iter().any(is_gone) {
                 continue;
             }
-            // Once per CALL it owed (a connection may answer through several subscriptions).
-            while let Some(i) = p.responders.iter().position(|&r| r == conn) {
+            // Once per CALL owed (a connection may answer through several subscriptions).
+            while let Some(i) = p.responders.iter().position(is_gone) {
                 p.responders.swap_remove(i);
                 // First-wins requests fail only when nobody is left to answer; a NATS requester
                 // has no way to hear of a lost responder and times out by itself.

@@ -574,6 +574,13 @@ impl Broker {
         crate::cluster::views(&self.shared)
     }
 
+    /// Route addresses this broker keeps dialling (configured seeds and addresses learned by
+    /// gossip): those of brokers not connected, and the seeds. Stale learned ones (a broker now
+    /// reached at another address) are dropped, so this does not grow with restarts.
+    pub fn route_addresses(&self) -> usize {
+        crate::cluster::dialing(&self.shared)
+    }
+
     /// The address of the NATS protocol listener, when `Config::nats_listen` is set.
     pub fn nats_addr(&self) -> Option<SocketAddr> {
         self.nats_addr
