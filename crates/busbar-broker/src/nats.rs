@@ -264,7 +264,9 @@ async fn run(
         tokio::select! {
             read = rd.read_buf(&mut buf) => match read {
                 Ok(0) => break,
-                Ok(_) => {}
+                // Any bytes are a sign of life, as at nats-server: a large payload trickling in
+                // slowly is not a stale connection.
+                Ok(_) => heartbeat.heard(),
                 Err(e) => {
                     debug!(error = %e, "read failed");
                     break;

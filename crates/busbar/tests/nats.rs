@@ -395,6 +395,31 @@ async fn a_header_name_with_a_space_is_carried_not_refused() {
 }
 
 #[tokio::test]
+async fn a_payload_trickling_in_keeps_the_connection_alive() {
+    // Dead after 2 × 200 ms without a sign of life; the payload takes 2 s to arrive.
+    let config =
+        Config { heartbeat_interval: Duration::from_millis(200), heartbeat_max_missed: 2, ..nats_config() };
+    let broker = broker_with(config).await;
+    let (mut raw, _) = RawNats::connect(&broker).await;
+    raw.send(b"CONNECT {}\r\nSUB t 1\r\nPING\r\n").await;
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
+    raw.send(b"PUB t 20\r\n").await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        raw.send(b"x").await;
+    }
+    raw.send(b"\r\n").await;
+    let line = loop {
+        match raw.line().await {
+            Some(l) if l == "PING" => raw.send(b"PONG\r\n").await,
+            other => break other,
+        }
+    };
+    assert_eq!(line.as_deref(), Some("MSG t 1 20"), "delivered, not closed as stale");
+    assert_eq!(raw.payload(20).await, vec![b'x'; 20]);
+}
+
+#[tokio::test]
 async fn a_slow_consumer_is_closed_without_an_err_line() {
     // nats.go and nats.py stop reconnecting on an -ERR they do not know: nats-server sends none.
     let config = Config { max_frame_size: 64 * 1024, max_pending_bytes: 64 * 1024, ..nats_config() };
