@@ -331,6 +331,17 @@ fn a_secured_broker_from_a_config_file_with_a_hashed_password() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Outside the user's permissions: the broker refuses, and pub says so and exits non-zero.
+    let denied = Command::new(BIN)
+        .args(["pub", "billing.new", "x", "--server", &addr, "--user", "shop", "--password", "shop-pw"])
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("may not publish"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
     let refused = Command::new(BIN)
         .args(["pub", "orders.new", "x", "--server", &addr, "--user", "shop", "--password", "nope"])
         .output()

@@ -97,7 +97,11 @@ impl ReplySink {
 enum PongWaiter {
     /// A heartbeat: nobody waits, but its PONG must not be taken for another's.
     Heartbeat,
-    Flush(oneshot::Sender<Result<()>>),
+    /// A flush, and the first error the broker reported (for a frame sent before it) meanwhile.
+    Flush {
+        done: oneshot::Sender<Result<()>>,
+        error: Option<Error>,
+    },
     Subscribe {
         sid: u64,
         done: oneshot::Sender<Result<()>>,
@@ -359,7 +363,7 @@ impl ConnectionTask {
         for waiter in self.pongs.drain(..) {
             match waiter {
                 PongWaiter::Heartbeat => {}
-                PongWaiter::Flush(done) | PongWaiter::Subscribe { done, .. } => {
+                PongWaiter::Flush { done, .. } | PongWaiter::Subscribe { done, .. } => {
                     let _ = done.send(Err(Error::Closed));
                 }
             }
@@ -375,7 +379,7 @@ impl ConnectionTask {
         for waiter in std::mem::take(&mut self.pongs) {
             match waiter {
                 PongWaiter::Heartbeat => {}
-                PongWaiter::Flush(done) => {
+                PongWaiter::Flush { done, .. } => {
                     let _ = done.send(Err(Error::ConnectionLost));
                 }
                 PongWaiter::Subscribe { done, error, sid } => {
@@ -702,7 +706,7 @@ impl ConnectionTask {
             }
             Command::Flush { done } => {
                 feed(conn, Frame::Ping).await?;
-                self.pongs.push_back(PongWaiter::Flush(done));
+                self.pongs.push_back(PongWaiter::Flush { done, error: None });
             }
             Command::Close { done } => {
                 let _ = SinkExt::<Frame>::flush(&mut conn.writer).await;
@@ -755,8 +759,8 @@ impl ConnectionTask {
             Frame::Ping => conn.writer.send(Frame::Pong).await.map_err(codec_error)?,
             Frame::Pong => match self.pongs.pop_front() {
                 Some(PongWaiter::Heartbeat) | None => {}
-                Some(PongWaiter::Flush(done)) => {
-                    let _ = done.send(Ok(()));
+                Some(PongWaiter::Flush { done, error }) => {
+                    let _ = done.send(error.map_or(Ok(()), Err));
                 }
                 Some(PongWaiter::Subscribe { done, error, sid }) => {
                     if error.is_some() {
@@ -779,7 +783,16 @@ impl ConnectionTask {
                 match waiting {
                     Some(slot) => *slot = Some(error),
                     None if is_fatal(e.code) => return Err(error),
-                    None => warn!(code = %e.code, message = %e.message, "broker reported an error"),
+                    None => {
+                        warn!(code = %e.code, message = %e.message, "broker reported an error");
+                        // For a frame sent before every flush still waiting (the broker answers
+                        // in order): each of them fails with it (the first such error).
+                        for waiter in &mut self.pongs {
+                            if let PongWaiter::Flush { error: slot @ None, .. } = waiter {
+                                *slot = Some(Error::Server { code: e.code, message: e.message.to_string() });
+                            }
+                        }
+                    }
                 }
             }
             other => debug!(frame = other.name(), "ignoring unexpected frame"),

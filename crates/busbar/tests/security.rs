@@ -120,6 +120,9 @@ async fn publish_permissions_hold_and_others_do_not_receive_refused_messages() {
     let shop = login(&broker, "shop", "shop-pw").await.unwrap();
     shop.publish("orders.created", "ok").await.unwrap();
     shop.publish("billing.x", "refused").await.unwrap();
+    // The refusal comes back asynchronously: the next flush reports it.
+    let refused = shop.flush().await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::PermissionDenied));
     shop.flush().await.unwrap();
     admin.flush().await.unwrap();
     assert_eq!(everything.try_next().unwrap().topic(), "orders.created");
