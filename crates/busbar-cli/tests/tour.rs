@@ -132,6 +132,13 @@ fn invalid_topic_is_refused_before_sending() {
     assert!(err.contains("invalid topic"), "{err}");
 }
 
+/// Runs `busbar` with `args`, which must fail with `text` in its error output.
+fn fails_saying(args: &[&str], text: &str) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(text), "{args:?}: {err}");
+}
+
 /// Runs `busbar reply` in the background and waits until it answers.
 fn start_replier(addr: &str, args: &[&str]) -> Reap {
     let mut child = Command::new(BIN)
@@ -175,16 +182,7 @@ fn request_and_reply_commands() {
 
     // Scatter-gather with no answer in time is a failure too, not an empty success.
     let _silent = start_replier(&addr, &["slow.op", "--exec", "sleep 5"]);
-    let out = Command::new(BIN)
-        .args(["request", "slow.op", "--all", "--timeout", "200ms", "--server", &addr])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no answer"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fails_saying(&["request", "slow.op", "--all", "--timeout", "200ms", "--server", &addr], "no answer");
 }
 
 #[test]
@@ -332,16 +330,8 @@ fn a_secured_broker_from_a_config_file_with_a_hashed_password() {
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     // Outside the user's permissions: the broker refuses, and pub says so and exits non-zero.
-    let denied = Command::new(BIN)
-        .args(["pub", "billing.new", "x", "--server", &addr, "--user", "shop", "--password", "shop-pw"])
-        .output()
-        .unwrap();
-    assert!(!denied.status.success());
-    assert!(
-        String::from_utf8_lossy(&denied.stderr).contains("may not publish"),
-        "{}",
-        String::from_utf8_lossy(&denied.stderr)
-    );
+    let denied = ["pub", "billing.new", "x", "--server", &addr, "--user", "shop", "--password", "shop-pw"];
+    fails_saying(&denied, "may not publish");
     let refused = Command::new(BIN)
         .args(["pub", "orders.new", "x", "--server", &addr, "--user", "shop", "--password", "nope"])
         .output()

@@ -317,23 +317,28 @@ async fn echo_false_hides_a_clients_own_messages() {
     nothing_more(&mut own).await;
 }
 
+/// A NATS broker with one user, "ana" (password "s3cret"), held to `permissions`.
+async fn broker_with_ana(permissions: Permissions) -> Broker {
+    let mut config = nats_config();
+    config.auth = AuthConfig {
+        users: vec![User {
+            name: "ana".into(),
+            password_hash: hash_password("s3cret"),
+            permissions: Some(permissions),
+        }],
+        ..AuthConfig::default()
+    };
+    broker_with(config).await
+}
+
 #[tokio::test]
 async fn users_authenticate_and_permissions_apply() {
-    let mut config = nats_config();
     let limited = Permissions {
         publish: Rules::only(["allowed.>", "_INBOX.>"]),
         subscribe: Rules::only(["allowed.>", "_INBOX.>"]),
         ..Permissions::default()
     };
-    config.auth = AuthConfig {
-        users: vec![User {
-            name: "ana".into(),
-            password_hash: hash_password("s3cret"),
-            permissions: Some(limited),
-        }],
-        ..AuthConfig::default()
-    };
-    let broker = broker_with(config).await;
+    let broker = broker_with_ana(limited).await;
     let url = nats_url(&broker);
     let wrong =
         async_nats::ConnectOptions::new().user_and_password("ana".into(), "nope".into()).connect(&url);
@@ -357,17 +362,8 @@ async fn users_authenticate_and_permissions_apply() {
 
 #[tokio::test]
 async fn a_denied_queue_subscription_is_named_with_its_queue() {
-    let mut config = nats_config();
     let no_queue_q = Permissions { groups: Rules::only(["ok"]), ..Permissions::default() };
-    config.auth = AuthConfig {
-        users: vec![User {
-            name: "ana".into(),
-            password_hash: hash_password("s3cret"),
-            permissions: Some(no_queue_q),
-        }],
-        ..AuthConfig::default()
-    };
-    let broker = broker_with(config).await;
+    let broker = broker_with_ana(no_queue_q).await;
     let (mut raw, _) = RawNats::connect(&broker).await;
     raw.send(b"CONNECT {\"user\":\"ana\",\"pass\":\"s3cret\"}\r\nSUB a q 1\r\nSUB a ok 2\r\nPING\r\n").await;
     // nats-server's text: clients (nats.go) match subject and queue to flag the subscription.

@@ -108,25 +108,32 @@ async fn groups_round_robin(bus: &impl EventBus) {
     for _ in 0..30 {
         bus.publish("rr.work", "").await.unwrap();
     }
+    each_gets_exactly(bus, &mut members, 10).await;
+}
+
+/// Every member receives `n` messages, and no more.
+async fn each_gets_exactly(bus: &impl EventBus, members: &mut [busbar::Subscription], n: usize) {
     bus.flush().await.unwrap();
-    for m in &mut members {
-        for _ in 0..10 {
+    for m in members.iter_mut() {
+        for _ in 0..n {
             next(m).await;
         }
     }
     bus.flush().await.unwrap();
-    assert!(members.iter_mut().all(|m| m.try_next().is_none()), "10 each, no more");
+    assert!(members.iter_mut().all(|m| m.try_next().is_none()), "{n} each, no more");
 }
 
-/// Round-robin takes turns per topic, even when members of one group (or responders in no group)
-/// match different topics and those topics are published in turn.
-async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
-    let served: Arc<[AtomicUsize; 4]> = Arc::default();
+/// Responders on `patterns` that answer with nothing and count what each served.
+async fn counting_responders<const N: usize>(
+    bus: &impl EventBus,
+    patterns: [Pattern; N],
+) -> (Arc<[AtomicUsize; N]>, Vec<busbar::HandlerTask>) {
+    let served: Arc<[AtomicUsize; N]> = Arc::new(std::array::from_fn(|_| AtomicUsize::new(0)));
     let mut handlers = Vec::new();
-    for (i, topic) in ["rrq.a", "rrq.a", "rrq.b", "rrq.b"].into_iter().enumerate() {
+    for (i, pattern) in patterns.into_iter().enumerate() {
         let served = served.clone();
         let handler = bus
-            .respond(topic, move |_| {
+            .respond(pattern, move |_| {
                 served[i].fetch_add(1, Ordering::Relaxed);
                 async { Ok::<_, String>("") }
             })
@@ -134,6 +141,14 @@ async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
             .unwrap();
         handlers.push(handler);
     }
+    (served, handlers)
+}
+
+/// Round-robin takes turns per topic, even when members of one group (or responders in no group)
+/// match different topics and those topics are published in turn.
+async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
+    let (served, _handlers) =
+        counting_responders(bus, ["rrq.a", "rrq.a", "rrq.b", "rrq.b"].map(Pattern::new)).await;
     let mut members = Vec::new();
     for topic in ["rre.a", "rre.a", "rre.b", "rre.b"] {
         let pattern = Pattern::new(topic).group("mixed", GroupPolicy::RoundRobin);
@@ -149,26 +164,15 @@ async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
     assert_eq!(served, [5; 4], "responders in no group");
     // A responder in no group, busy on its own topics, still takes its turn beside a group's
     // members on a topic they share (every turn is told by the same clock).
-    let served: Arc<[AtomicUsize; 3]> = Arc::default();
-    let mut handlers = Vec::new();
-    for (i, pattern) in [
-        Pattern::new("rrm.>"),
-        Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
-        Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let served = served.clone();
-        let handler = bus
-            .respond(pattern, move |_| {
-                served[i].fetch_add(1, Ordering::Relaxed);
-                async { Ok::<_, String>("") }
-            })
-            .await
-            .unwrap();
-        handlers.push(handler);
-    }
+    let (served, _handlers) = counting_responders(
+        bus,
+        [
+            Pattern::new("rrm.>"),
+            Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
+            Pattern::new("rrm.y").group("g", GroupPolicy::RoundRobin),
+        ],
+    )
+    .await;
     for _ in 0..20 {
         bus.request("rrm.z", "", LONG).await.unwrap();
     }
@@ -177,14 +181,7 @@ async fn round_robin_is_fair_when_topics_interleave(bus: &impl EventBus) {
     }
     let served: Vec<usize> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     assert_eq!(served, [30, 10, 10], "20 alone on rrm.z, then a third each of rrm.y");
-    bus.flush().await.unwrap();
-    for m in &mut members {
-        for _ in 0..5 {
-            next(m).await;
-        }
-    }
-    bus.flush().await.unwrap();
-    assert!(members.iter_mut().all(|m| m.try_next().is_none()), "5 each, no more");
+    each_gets_exactly(bus, &mut members, 5).await;
 }
 
 /// A requester that stopped waiting (timed out, or had the answers it wanted) does not stop the
