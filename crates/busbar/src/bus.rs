@@ -212,20 +212,19 @@ impl EventBus for Client {
 }
 
 impl EventBus for Bus {
+    // Lazy like the client's: nothing happens until the future is polled (a publish future
+    // dropped unpolled publishes nothing, on either transport).
     fn publish_message(&self, message: Outgoing) -> impl Future<Output = Result<()>> + Send {
-        let result = Bus::publish_message(self, message).map(drop);
-        async move { result }
+        async move { Bus::publish_message(self, message).map(drop) }
     }
     fn subscribe(
         &self,
         pattern: impl Into<Pattern> + Send,
     ) -> impl Future<Output = Result<Subscription>> + Send {
-        let result = Bus::subscribe(self, pattern);
-        async move { result }
+        async move { Bus::subscribe(self, pattern) }
     }
     fn requests(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Requests>> + Send {
-        let result = Bus::requests(self, pattern);
-        async move { result }
+        async move { Bus::requests(self, pattern) }
     }
     fn request_message(
         &self,

@@ -309,3 +309,16 @@ fn a_destination_id_decides_before_a_service_name_as_at_the_broker() {
     assert_eq!(bus.publish_message(Outgoing::new("d", "").to_service("s")).unwrap().delivered, 1);
     assert_eq!(bus.publish_message(Outgoing::new("d", "").to_service("ghost")).unwrap().delivered, 0);
 }
+
+#[tokio::test]
+async fn through_the_event_bus_trait_nothing_happens_until_polled() {
+    // As with the network client: a future dropped unpolled does nothing.
+    let bus = Bus::new();
+    let mut sub = EventBus::subscribe(&bus, "lazy").await.unwrap();
+    drop(EventBus::publish(&bus, "lazy", "never"));
+    drop(EventBus::subscribe(&bus, "lazy.other"));
+    EventBus::publish(&bus, "lazy", "polled").await.unwrap();
+    assert_eq!(sub.try_next().unwrap().payload_str(), Some("polled"));
+    assert!(sub.try_next().is_none());
+    assert_eq!(bus.subscription_count(), 1);
+}
