@@ -214,17 +214,14 @@ impl EventBus for Client {
 impl EventBus for Bus {
     // Lazy like the client's: nothing happens until the future is polled (a publish future
     // dropped unpolled publishes nothing, on either transport).
-    fn publish_message(&self, message: Outgoing) -> impl Future<Output = Result<()>> + Send {
-        async move { Bus::publish_message(self, message).map(drop) }
+    async fn publish_message(&self, message: Outgoing) -> Result<()> {
+        Bus::publish_message(self, message).map(drop)
     }
-    fn subscribe(
-        &self,
-        pattern: impl Into<Pattern> + Send,
-    ) -> impl Future<Output = Result<Subscription>> + Send {
-        async move { Bus::subscribe(self, pattern) }
+    async fn subscribe(&self, pattern: impl Into<Pattern> + Send) -> Result<Subscription> {
+        Bus::subscribe(self, pattern)
     }
-    fn requests(&self, pattern: impl Into<Pattern> + Send) -> impl Future<Output = Result<Requests>> + Send {
-        async move { Bus::requests(self, pattern) }
+    async fn requests(&self, pattern: impl Into<Pattern> + Send) -> Result<Requests> {
+        Bus::requests(self, pattern)
     }
     fn request_message(
         &self,
