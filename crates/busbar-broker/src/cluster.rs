@@ -521,7 +521,9 @@ async fn run(
 ) -> bool {
     let Some(cluster) = shared.cluster.as_ref() else { return false };
     let (tx, rx) = crate::queue::queue();
-    let control = Arc::new(Control::new(&shared.config, shared.stats.clone(), Link::Route));
+    let mut control = Control::new(&shared.config, shared.stats.clone(), Link::Route);
+    control.peer_max_frame = peer.max_frame.unwrap_or(0);
+    let control = Arc::new(control);
     let outbox = Outbox::with_control(tx, control.clone());
     // Nothing larger than the peer reads: such a message is skipped (and logged), not sent to
     // make the peer close the route, losing everything behind it.
@@ -745,7 +747,21 @@ pub(crate) fn forward_reply(shared: &Shared, reply: Reply) -> bool {
     let node = node_of(reply.message.destination);
     let router = shared.router();
     match router.route_to(node) {
-        Some(route) => route.deliver_frame(Frame::Reply(reply)),
+        Some(route) if route.can_carry(&reply.message) => route.deliver_frame(Frame::Reply(reply)),
+        // Too large for the requester's broker: it gets an error in its place, not a timeout.
+        Some(route) => {
+            let text = "the reply is larger than the requester's broker accepts";
+            let mut refused = reply.message.clone();
+            refused.payload = bytes::Bytes::from_static(text.as_bytes());
+            refused.headers = Default::default();
+            let error = Reply {
+                id: reply.id,
+                error: Some(ErrorCode::HandlerError),
+                remaining: reply.remaining,
+                message: refused,
+            };
+            route.deliver_frame(Frame::Reply(error))
+        }
         None => false,
     }
 }

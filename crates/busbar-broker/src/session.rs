@@ -143,6 +143,8 @@ pub(crate) struct Control {
     link: Link,
     /// The client asked not to receive its own messages (NATS `echo: false`).
     pub(crate) no_echo: std::sync::atomic::AtomicBool,
+    /// Routes only: the peer's `max_frame_size`, when it said (0: not known).
+    pub(crate) peer_max_frame: usize,
 }
 
 impl Control {
@@ -255,6 +257,13 @@ impl Outbox {
     /// closed with `SlowConsumer` rather than allowed to slow the publisher or grow without bound.
     pub(crate) fn deliver(&self, sid: u64, msg: &Arc<Message>) -> bool {
         self.push(Outbound::Msg { sid, msg: msg.clone() })
+    }
+
+    /// False for a message the other end cannot read: larger than a peer broker's
+    /// `max_frame_size` (the route writer would skip it).
+    pub(crate) fn can_carry(&self, message: &Message) -> bool {
+        let limit = self.control.peer_max_frame;
+        limit == 0 || message.frame_size() <= limit
     }
 
     /// Queues any frame without waiting, with the same slow-consumer rule as [`Outbox::deliver`].
@@ -1131,6 +1140,20 @@ async fn request_in(
             return;
         }
         Some(Ok(())) => {}
+    }
+    // A responder behind a route to a broker that cannot read the request answers at once with
+    // FrameTooLarge, rather than never getting it and leaving the requester to its timeout.
+    let (targets, unreachable): (crate::router::Targets, crate::router::Targets) =
+        targets.into_iter().partition(|t| t.outbox.can_carry(&message));
+    for t in &unreachable {
+        let text = "the request is larger than the responder's broker accepts";
+        let Frame::Reply(reply) =
+            crate::requests::error_reply(req_id, ErrorCode::FrameTooLarge, 0, topic.clone(), text)
+        else {
+            unreachable!("error_reply makes a REPLY")
+        };
+        let replied = shared.requests().reply(id, t.conn, reply, None, |_| true);
+        crate::requests::settle(replied, shared);
     }
     deferred.hold(|| {
         // The REQUEST's box carries the first CALL; the last CALL takes the message itself.

@@ -482,4 +482,18 @@ async fn a_message_too_large_for_a_peer_is_not_forwarded_and_the_route_stays() {
     assert!(drain(&mut sub).await.is_empty());
     assert_eq!((a.routes().len(), b.routes().len()), (1, 1));
     assert_eq!(a.stats().slow_consumers + b.stats().slow_consumers, 0);
+
+    // Requests and replies too large for the other broker fail at once, not at their timeout.
+    let _on_b =
+        subscriber.respond("echo.b", |m| async move { Ok::<_, String>(m.payload().clone()) }).await.unwrap();
+    let _on_a =
+        publisher.respond("big.a", |_| async { Ok::<_, String>(vec![0u8; 100 * 1024]) }).await.unwrap();
+    wait_interest(&a, 2).await;
+    wait_interest(&b, 1).await;
+    let quick = Duration::from_secs(30);
+    let big_request = publisher.request("echo.b", vec![0u8; 100 * 1024], quick).await;
+    assert_eq!(big_request.unwrap_err().code(), Some(busbar::ErrorCode::FrameTooLarge));
+    let big_reply = subscriber.request("big.a", "", quick).await;
+    assert!(matches!(&big_reply, Err(Error::Handler(t)) if t.contains("larger")), "{big_reply:?}");
+    assert_eq!(publisher.request("echo.b", "small", quick).await.unwrap().payload_str(), Some("small"));
 }
