@@ -529,8 +529,8 @@ impl Client {
     }
 
     /// Waits until the broker has handled every frame this client sent before (a PING/PONG round
-    /// trip). Fails with the first error the broker reported meanwhile for one of them (a
-    /// publish outside the user's permissions, say), which otherwise is only logged: the
+    /// trip). Fails with the first error the broker reported about a publish since the last
+    /// flush (one outside the user's permissions, say), which otherwise is only logged: the
     /// connection stays up either way.
     pub async fn flush(&self) -> Result<()> {
         let (done, flushed) = oneshot::channel();

@@ -254,6 +254,9 @@ pub(crate) struct ConnectionTask {
     /// By subscription id (looked up per received message: foldhash, not SipHash; the ids are
     /// this client's own).
     pub(crate) subs: HashMap<u64, (Sub, Sink), foldhash::fast::RandomState>,
+    /// The first error the broker reported about a publish while no flush waited: the next
+    /// flush, which covers that publish too, reports it.
+    unreported: Option<Error>,
     pub(crate) requests: HashMap<u64, ReplySink, foldhash::fast::RandomState>,
     pongs: VecDeque<PongWaiter>,
     offline: VecDeque<Bytes>,
@@ -294,6 +297,7 @@ impl ConnectionTask {
             max_frame,
             server,
             subs: HashMap::default(),
+            unreported: None,
             requests: HashMap::default(),
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
@@ -706,7 +710,7 @@ impl ConnectionTask {
             }
             Command::Flush { done } => {
                 feed(conn, Frame::Ping).await?;
-                self.pongs.push_back(PongWaiter::Flush { done, error: None });
+                self.pongs.push_back(PongWaiter::Flush { done, error: self.unreported.take() });
             }
             Command::Close { done } => {
                 let _ = SinkExt::<Frame>::flush(&mut conn.writer).await;
@@ -783,14 +787,30 @@ impl ConnectionTask {
                 match waiting {
                     Some(slot) => *slot = Some(error),
                     None if is_fatal(e.code) => return Err(error),
+                    None if e.correlation != 0 => {
+                        // About a subscription nobody waits for: one sent again after a
+                        // reconnect and refused this time (its stream ends), or an UNSUB the
+                        // broker did not know. The client's business, not a flush's.
+                        warn!(code = %e.code, message = %e.message, sid = e.correlation, "subscription refused");
+                        self.subs.remove(&e.correlation);
+                    }
                     None => {
                         warn!(code = %e.code, message = %e.message, "broker reported an error");
-                        // For a frame sent before every flush still waiting (the broker answers
-                        // in order): each of them fails with it (the first such error).
+                        // About a publish: reported by the flushes still waiting, which all cover
+                        // it (the broker answers in order), or else by the next one.
+                        let mut reported = false;
                         for waiter in &mut self.pongs {
-                            if let PongWaiter::Flush { error: slot @ None, .. } = waiter {
-                                *slot = Some(Error::Server { code: e.code, message: e.message.to_string() });
+                            if let PongWaiter::Flush { error: slot, .. } = waiter {
+                                reported = true;
+                                if slot.is_none() {
+                                    *slot =
+                                        Some(Error::Server { code: e.code, message: e.message.to_string() });
+                                }
                             }
+                        }
+                        if !reported && self.unreported.is_none() {
+                            self.unreported =
+                                Some(Error::Server { code: e.code, message: e.message.to_string() });
                         }
                     }
                 }

@@ -419,3 +419,38 @@ async fn a_silent_raw_peer_is_pinged_then_closed_as_stale() {
     assert_eq!(raw.expect_error().await.code, ErrorCode::StaleConnection);
     raw.expect_closed().await;
 }
+
+#[tokio::test]
+async fn a_subscription_refused_after_a_reconnect_ends_alone_and_fails_no_flush() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let c = Client::connect_with(fast_reconnect(addr.to_string()).user("ana", "s3cret")).await.unwrap();
+    let mut kept = c.subscribe("keep").await.unwrap();
+    let mut refused = c.subscribe("refuse").await.unwrap();
+    broker.stop().await;
+    wait_status(&c, Status::Reconnecting).await;
+    // The new broker lets this user subscribe to "keep" only: "refuse", sent again, is refused.
+    let only_keep = busbar_broker::Permissions {
+        subscribe: busbar_broker::Rules::only(["keep"]),
+        ..busbar_broker::Permissions::default()
+    };
+    let ana = busbar_broker::User {
+        name: "ana".into(),
+        password_hash: busbar_broker::hash_password("s3cret"),
+        permissions: Some(only_keep),
+    };
+    let auth = busbar_broker::AuthConfig { users: vec![ana], ..busbar_broker::AuthConfig::default() };
+    let config = Config { auth, ..Config::with_listen(addr) };
+    let _broker = Broker::start(config).await.expect("rebind the same port");
+    wait_status(&c, Status::Connected).await;
+    let ended = tokio::time::timeout(PATIENCE, refused.next()).await.expect("the refused stream ends");
+    assert!(ended.is_none());
+    // That refusal is not the application's publishes': flush succeeds, and the other works.
+    c.flush().await.unwrap();
+    c.publish("keep", "still").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, kept.next()).await.unwrap().unwrap().payload_str(),
+        Some("still")
+    );
+    c.flush().await.unwrap();
+}

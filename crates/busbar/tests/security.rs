@@ -124,6 +124,12 @@ async fn publish_permissions_hold_and_others_do_not_receive_refused_messages() {
     let refused = shop.flush().await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::PermissionDenied));
     shop.flush().await.unwrap();
+    // Also when it came back before the flush was asked for.
+    shop.publish("billing.y", "refused").await.unwrap();
+    eventually("the refusal arrived", || broker.stats().permission_denied == 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(shop.flush().await.unwrap_err().code(), Some(ErrorCode::PermissionDenied));
+    shop.flush().await.unwrap();
     admin.flush().await.unwrap();
     assert_eq!(everything.try_next().unwrap().topic(), "orders.created");
     assert!(everything.try_next().is_none(), "billing.x was not delivered");
@@ -133,7 +139,7 @@ async fn publish_permissions_hold_and_others_do_not_receive_refused_messages() {
     // The connection stays open after a violation.
     shop.publish("orders.paid", "ok").await.unwrap();
     assert_eq!(everything.next().await.unwrap().topic(), "orders.paid");
-    assert_eq!(broker.stats().permission_denied, 2);
+    assert_eq!(broker.stats().permission_denied, 3);
 
     // On the wire: a specific ERROR, and the connection goes on.
     let mut raw = Raw::connect(&broker).await;
