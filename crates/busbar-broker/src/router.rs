@@ -62,7 +62,10 @@ impl RouteOut {
             RouteOut::Unsub { .. } => 32,
             RouteOut::Service { name, .. } => 48 + name.len(),
             RouteOut::Msg { msg, .. } => msg.frame_size(),
-            RouteOut::Snapshot(items) => items.iter().map(RouteOut::size).sum(),
+            // Not counted: it is as large as this broker's interest (itself bounded by the
+            // subscription limits), and counted it could exceed `max_pending_bytes` and close
+            // every route it opens.
+            RouteOut::Snapshot(_) => 0,
         }
     }
 }

@@ -348,7 +348,8 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         );
     }
     let tls_given = given.iter().filter(|f| f.starts_with("--cluster-tls")).count();
-    if tls_given != 0 && tls_given != 3 {
+    let file_tls = config.cluster.as_ref().is_some_and(|c| c.tls.is_some());
+    if tls_given != 0 && tls_given != 3 && !file_tls {
         bail!("route TLS needs all three of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca");
     }
     if let Some(cluster) = config.cluster.as_mut() {
@@ -372,6 +373,11 @@ fn serve_config(args: ServeArgs) -> Result<Config> {
         (config.cluster.as_mut(), &args.cluster_tls_cert, &args.cluster_tls_key, &args.cluster_tls_ca)
     {
         cluster.tls = Some(busbar_broker::RouteTls { cert: cert.clone(), key: key.clone(), ca: ca.clone() });
+    } else if let Some(tls) = config.cluster.as_mut().and_then(|c| c.tls.as_mut()) {
+        // The file's route TLS, with the files given on the command line instead.
+        tls.cert = args.cluster_tls_cert.clone().unwrap_or_else(|| tls.cert.clone());
+        tls.key = args.cluster_tls_key.clone().unwrap_or_else(|| tls.key.clone());
+        tls.ca = args.cluster_tls_ca.clone().unwrap_or_else(|| tls.ca.clone());
     }
     set(&mut config.max_frame_size, args.max_frame_size);
     set(&mut config.max_connections, args.max_connections);
@@ -754,6 +760,8 @@ async fn run_command(command: &str, input: &[u8]) -> std::result::Result<Vec<u8>
     use tokio::process::Command as Process;
     let mut child = Process::new("sh")
         .args(["-c", command])
+        // Stopped with the reply process (Ctrl-C while it runs), not left behind.
+        .kill_on_drop(true)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -442,23 +442,28 @@ async fn service_names_resolve_across_brokers() {
 
 #[tokio::test]
 async fn a_new_route_learns_more_subscriptions_than_max_pending_counts() {
-    // The snapshot a new route starts with is one queue item: 300 subscriptions against a
-    // max_pending of 50 frames must not close the route as a slow consumer.
-    let small =
-        |node, seeds: &[SocketAddr]| busbar_broker::Config { max_pending: 50, ..node_config(node, seeds) };
+    // The snapshot a new route starts with is one queue item, its bytes not counted: 1 000
+    // subscriptions (about 70 kB of them) against a max_pending of 50 frames and 64 KiB must not
+    // close the route as a slow consumer.
+    let small = |node, seeds: &[SocketAddr]| busbar_broker::Config {
+        max_pending: 50,
+        max_pending_bytes: 64 * 1024,
+        max_frame_size: 64 * 1024,
+        ..node_config(node, seeds)
+    };
     let a = broker_with(small(1, &[])).await;
     let client = Client::connect(a.local_addr().to_string()).await.unwrap();
     let mut subs = Vec::new();
-    for i in 0..300 {
+    for i in 0..1000 {
         subs.push(client.subscribe(format!("many.{i}")).await.unwrap());
     }
     let b = broker_with(small(2, &[a.cluster_addr().unwrap()])).await;
     meshed(&[&a, &b]).await;
-    wait_interest(&b, 300).await;
+    wait_interest(&b, 1000).await;
     // And the route stays up: a message published on B reaches A's client.
     let publisher = Client::connect(b.local_addr().to_string()).await.unwrap();
-    publisher.publish("many.299", "x").await.unwrap();
-    assert_eq!(next(&mut subs[299]).await.payload_str(), Some("x"));
+    publisher.publish("many.999", "x").await.unwrap();
+    assert_eq!(next(&mut subs[999]).await.payload_str(), Some("x"));
     assert_eq!(a.stats().slow_consumers, 0);
 }
 
