@@ -750,17 +750,16 @@ pub(crate) fn forward_reply(shared: &Shared, reply: Reply) -> bool {
         Some(route) if route.can_carry(&reply.message) => route.deliver_frame(Frame::Reply(reply)),
         // Too large for the requester's broker: it gets an error in its place, not a timeout.
         Some(route) => {
-            let text = "the reply is larger than the requester's broker accepts";
-            let mut refused = reply.message.clone();
-            refused.payload = bytes::Bytes::from_static(text.as_bytes());
-            refused.headers = Default::default();
-            let error = Reply {
-                id: reply.id,
+            let Reply { id, remaining, mut message, .. } = reply;
+            message.payload =
+                bytes::Bytes::from_static(b"the reply is larger than the requester's broker accepts");
+            message.headers = Default::default();
+            route.deliver_frame(Frame::Reply(Reply {
+                id,
                 error: Some(ErrorCode::HandlerError),
-                remaining: reply.remaining,
-                message: refused,
-            };
-            route.deliver_frame(Frame::Reply(error))
+                remaining,
+                message,
+            }))
         }
         None => false,
     }

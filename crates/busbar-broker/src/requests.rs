@@ -84,8 +84,13 @@ pub(crate) const ERROR_HEADER: &str = "Busbar-Error";
 
 /// A REPLY for the requester carrying an error.
 pub(crate) fn error_reply(id: u64, code: ErrorCode, remaining: u32, topic: ByteString, text: &str) -> Frame {
+    Frame::Reply(refusal(id, code, remaining, topic, text))
+}
+
+/// The REPLY of [`error_reply`] itself, for a caller that settles it as a responder's answer.
+pub(crate) fn refusal(id: u64, code: ErrorCode, remaining: u32, topic: ByteString, text: &str) -> Reply {
     let message = Message::new(topic, Bytes::copy_from_slice(text.as_bytes()));
-    Frame::Reply(Reply { id, error: Some(code), remaining, message })
+    Reply { id, error: Some(code), remaining, message }
 }
 
 /// Finishes a reply outside the requests lock: counts an unknown one as late, and routes one for a

@@ -1147,11 +1147,7 @@ async fn request_in(
         targets.into_iter().partition(|t| t.outbox.can_carry(&message));
     for t in &unreachable {
         let text = "the request is larger than the responder's broker accepts";
-        let Frame::Reply(reply) =
-            crate::requests::error_reply(req_id, ErrorCode::FrameTooLarge, 0, topic.clone(), text)
-        else {
-            unreachable!("error_reply makes a REPLY")
-        };
+        let reply = crate::requests::refusal(req_id, ErrorCode::FrameTooLarge, 0, topic.clone(), text);
         let replied = shared.requests().reply(id, t.conn, reply, None, |_| true);
         crate::requests::settle(replied, shared);
     }
