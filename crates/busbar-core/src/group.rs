@@ -12,14 +12,9 @@ pub struct Balancer {
     rng: AtomicU64,
 }
 
-/// The round-robin clock, one for the whole process: a member can be a candidate under several
-/// balancers (a responder in no group answers beside a group's members), so every stamp must
-/// come from the same clock for "chosen longest ago" to mean anything.
-static CLOCK: AtomicU64 = AtomicU64::new(0);
-
-/// A member's place in round-robin: when it was last chosen (0: never). Each member keeps its
-/// own, so that members that match different topics (or patterns) take turns fairly whatever
-/// mix of topics is published.
+/// A member's place in round-robin: a stamp of when it was last chosen (0: never). Each member
+/// keeps its own, so that members that match different topics (or patterns) take turns fairly
+/// whatever mix of topics is published.
 #[derive(Debug, Default)]
 pub struct Turn(AtomicU64);
 
@@ -57,17 +52,23 @@ impl Balancer {
         }
     }
 
-    /// The member chosen longest ago, stamped as chosen now. Two publishers picking at once
+    /// The member chosen longest ago (the lowest stamp), stamped one above the highest stamp
+    /// among the candidates. Stamps only grow, so they compare across the sets of candidates of
+    /// different topics, with no clock shared by every publisher. Two publishers picking at once
     /// cannot both take the same turn: the stamp is swapped in only if no one moved it since.
     fn least_recent<'a>(n: usize, turn: impl Fn(usize) -> &'a Turn) -> usize {
         loop {
-            let (i, last) = (0..n)
-                .map(|i| (i, turn(i).0.load(Ordering::Relaxed)))
-                .min_by_key(|&(i, last)| (last, i))
-                .unwrap_or((0, 0));
-            let now = CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
-            if turn(i).0.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-                return i;
+            let (mut oldest, mut low, mut high) = (0, u64::MAX, 0u64);
+            for i in 0..n {
+                let last = turn(i).0.load(Ordering::Relaxed);
+                if last < low {
+                    (oldest, low) = (i, last);
+                }
+                high = high.max(last);
+            }
+            let next = high.saturating_add(1);
+            if turn(oldest).0.compare_exchange(low, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                return oldest;
             }
         }
     }
