@@ -774,7 +774,7 @@ impl ConnectionTask {
                 }
             },
             Frame::Error(e) => {
-                let error = Error::Server { code: e.code, message: e.message.to_string() };
+                let server_error = || Error::Server { code: e.code, message: e.message.to_string() };
                 // A refused subscription: fail the subscribe call that waits for it.
                 let waiting = self.pongs.iter_mut().find_map(|w| match w {
                     PongWaiter::Subscribe { sid, error, .. }
@@ -785,8 +785,8 @@ impl ConnectionTask {
                     _ => None,
                 });
                 match waiting {
-                    Some(slot) => *slot = Some(error),
-                    None if is_fatal(e.code) => return Err(error),
+                    Some(slot) => *slot = Some(server_error()),
+                    None if is_fatal(e.code) => return Err(server_error()),
                     None if e.correlation != 0 => {
                         // About a subscription nobody waits for: one sent again after a
                         // reconnect and refused this time (its stream ends), or an UNSUB the
@@ -797,20 +797,17 @@ impl ConnectionTask {
                     None => {
                         warn!(code = %e.code, message = %e.message, "broker reported an error");
                         // About a publish: reported by the flushes still waiting, which all cover
-                        // it (the broker answers in order), or else by the next one.
+                        // it (the broker answers in order), or else by the next one. The first
+                        // error is the one reported.
                         let mut reported = false;
                         for waiter in &mut self.pongs {
-                            if let PongWaiter::Flush { error: slot, .. } = waiter {
+                            if let PongWaiter::Flush { error, .. } = waiter {
                                 reported = true;
-                                if slot.is_none() {
-                                    *slot =
-                                        Some(Error::Server { code: e.code, message: e.message.to_string() });
-                                }
+                                error.get_or_insert_with(server_error);
                             }
                         }
-                        if !reported && self.unreported.is_none() {
-                            self.unreported =
-                                Some(Error::Server { code: e.code, message: e.message.to_string() });
+                        if !reported {
+                            self.unreported.get_or_insert_with(server_error);
                         }
                     }
                 }
@@ -871,10 +868,13 @@ fn deliver_call(
     let sid = call.sid;
     let message = Message { sid, inner: call.message };
     let request = Request::new(call.id, message, ReplyTo::Remote { commands, max_frame_size }, ids.clone());
-    let Some((_, Sink::Requests { tx, dropped })) = subs.get(&sid) else {
-        // Unsubscribed while the CALL was on its way: refused now, not left to its timeout.
+    let no_responder = |request: Request| {
         let text = format!("no responders for {:?}", request.topic());
         request.refuse(ErrorCode::NoResponders, &text);
+    };
+    let Some((_, Sink::Requests { tx, dropped })) = subs.get(&sid) else {
+        // Unsubscribed while the CALL was on its way: refused now, not left to its timeout.
+        no_responder(request);
         return None;
     };
     // Refused with the errors the in-process bus gives, so the requester sees the same either way.
@@ -886,8 +886,7 @@ fn deliver_call(
             None
         }
         Err(crate::feed::TrySendError::Closed(request)) => {
-            let text = format!("no responders for {:?}", request.topic());
-            request.refuse(ErrorCode::NoResponders, &text);
+            no_responder(request);
             Some(sid)
         }
     }
