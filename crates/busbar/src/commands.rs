@@ -186,8 +186,12 @@ impl CommandTx {
         self.encode_after(Some(expect), size, &encode).await
     }
 
-    /// [`CommandTx::publish`] without waiting: fails with `BufferFull` when the queue is full
-    /// (for a reply sent from `Drop`).
+    /// [`CommandTx::publish`] without waiting, for the replies that cannot wait: a refusal
+    /// made by the connection task itself, or the error reply of a request dropped unanswered.
+    /// These may use a reserve as large again as the queue, beyond the room publishes have, so
+    /// that an application publishing at full speed does not make its refusals vanish (and their
+    /// requesters wait out their timeouts). Fails with `BufferFull` only when the reserve is
+    /// used up too.
     pub(crate) fn try_publish(
         &self,
         size: usize,
@@ -199,7 +203,7 @@ impl CommandTx {
         if state.closed {
             return Err(Error::Closed);
         }
-        if state.len >= self.shared.capacity {
+        if state.len >= self.shared.capacity.saturating_mul(2) {
             return Err(Error::BufferFull { capacity: self.shared.capacity });
         }
         self.encode_into(state, None, size, &encode)

@@ -1034,6 +1034,44 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_refusal_is_queued_when_publishes_have_filled_the_queue() {
+        let (tx, mut rx) = crate::commands::commands(2);
+        for _ in 0..2 {
+            let message = busbar_core::Message::new("t", vec![0u8; 20_000]);
+            let size = busbar_core::frame::MessageView::from(&message).frame_len();
+            tx.publish(size, 1 << 20, |run| Ok(busbar_core::frame::encode_pub(run, &message, 1 << 20)?))
+                .await
+                .unwrap();
+        }
+        let full = tokio::time::timeout(Duration::from_millis(20), tx.publish(8, 1 << 20, |_| Ok(()))).await;
+        assert!(full.is_err(), "the queue is full for publishes");
+        let subs = HashMap::default();
+        let ids: Arc<dyn IdGenerator> = Arc::new(busbar_core::UlidGenerator::new());
+        for id in [1, 2] {
+            let call = busbar_core::Call {
+                id,
+                sid: 4,
+                timeout_ms: 60_000,
+                message: busbar_core::Message::new("t", "x"),
+            };
+            assert_eq!(deliver_call(&subs, &tx.downgrade(), &ids, 1 << 20, call), None);
+        }
+        let mut refused = Vec::new();
+        // Everything is queued by now: a missing refusal would leave recv waiting for ever.
+        let mut queued = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), rx.recv_all(&mut queued)).await.expect("queued");
+        for command in queued {
+            let Command::Publish(mut run) = command else { panic!("runs of frames") };
+            while let Some(frame) = busbar_core::frame::decode(&mut run, 1 << 20).unwrap() {
+                if let Frame::Reply(r) = frame {
+                    refused.push((r.id, r.error));
+                }
+            }
+        }
+        assert_eq!(refused, [(1, Some(ErrorCode::NoResponders)), (2, Some(ErrorCode::NoResponders))]);
+    }
+
     #[test]
     fn a_run_loses_only_its_frames_over_a_smaller_limit() {
         let mut run = BytesMut::new();

@@ -73,8 +73,11 @@ impl ReplyTo {
         }
     }
 
-    /// [`ReplyTo::send`] without waiting (from `Drop`): best effort, when the queue is full the
-    /// requester times out instead.
+    /// [`ReplyTo::send`] without waiting (from `Drop`, or a refusal by the connection task):
+    /// over the network it may use the queue's reserve ([`CommandTx::try_publish`]); only when
+    /// that is full too does the requester time out instead.
+    ///
+    /// [`CommandTx::try_publish`]: crate::commands::CommandTx::try_publish
     fn send_now(&mut self, fields: &ReplyFields<'_>, error: Option<ErrorCode>, payload: Bytes) {
         let _ = match self {
             ReplyTo::Remote { commands, max_frame_size } => {
