@@ -140,6 +140,8 @@ pub(crate) enum SubError {
     Duplicate,
     Limit,
     PolicyMismatch,
+    /// Not a valid pattern (from a peer broker; a client's is checked before).
+    Invalid,
 }
 
 impl SubError {
@@ -147,7 +149,7 @@ impl SubError {
         match self {
             SubError::Duplicate => ErrorCode::DuplicateSubscription,
             SubError::Limit => ErrorCode::TooManySubscriptions,
-            SubError::PolicyMismatch => ErrorCode::InvalidPattern,
+            SubError::PolicyMismatch | SubError::Invalid => ErrorCode::InvalidPattern,
         }
     }
 }
@@ -262,9 +264,12 @@ impl Router {
         if entry.subs.len() >= limit {
             return Err(SubError::Limit);
         }
+        // Copies: a decoded pattern or group name shares the whole buffer its frame was read
+        // into, and a subscription may live as long as the broker.
+        let pattern = ByteString::from(&*pattern);
         let group = match group {
             None => None,
-            Some((name, policy)) => match self.groups.entry(name.clone()) {
+            Some((name, policy)) => match self.groups.entry(ByteString::from(&*name)) {
                 Entry::Occupied(mut e) => {
                     let (state, members) = e.get_mut();
                     if state.policy != policy {
@@ -274,6 +279,7 @@ impl Router {
                     Some(state.clone())
                 }
                 Entry::Vacant(e) => {
+                    let name = e.key().clone();
                     let state =
                         Arc::new(GroupState { name, policy, balancer: Balancer::with_seed(rand::random()) });
                     e.insert((state.clone(), 1));
@@ -309,6 +315,12 @@ impl Router {
         if !self.is_current_route(node, outbox) {
             // A route being replaced: its last frames must not touch the new one's state.
             return Err(SubError::Duplicate);
+        }
+        // Held to the rules a client's pattern is: the trie's removal recurses once per token,
+        // and a pattern of thousands of tokens from a confused or hostile peer would overflow
+        // the stack.
+        if busbar_core::topic::validate_pattern(&sub.pattern).is_err() {
+            return Err(SubError::Invalid);
         }
         if !self.conns.contains_key(&conn) {
             let known = self.remote_conns.entry(node).or_default();
@@ -527,6 +539,11 @@ impl Router {
     /// client `target` only, when it is not 0). Never to groups (the sender chose the member)
     /// nor to other routes (one hop).
     pub(crate) fn route_from_peer(&self, msg: &Arc<Message>, target: u32, sid: u64) -> usize {
+        // Held to a client's rules, as the peer's patterns are: matching walks the trie once per
+        // token.
+        if busbar_core::topic::validate_topic(&msg.topic).is_err() {
+            return 0;
+        }
         if sid != FANOUT {
             let Some(c) = self.conns.get(&target) else { return 0 };
             let subscribed = c.subs.get(&sid).is_some_and(|s| {
@@ -723,5 +740,33 @@ mod tests {
         assert_eq!(r.subscription_count(), 0);
         assert!(r.groups.is_empty());
         assert_eq!(r.resolve_service("svc"), None);
+    }
+
+    #[test]
+    fn a_peer_is_held_to_the_rules_of_a_clients_patterns_and_topics() {
+        let mut r = Router::default();
+        let route = Outbox::detached();
+        r.add_route(2, route.clone());
+        let conn = (2 << 24) | 5;
+        // Tens of thousands of tokens: removing it (or the route going down) would recurse once
+        // per token and overflow the stack.
+        let deep = vec!["*"; 30_000].join(".");
+        let sub =
+            |sid, pattern: &str| Sub { sid, pattern: pattern.into(), group: None, kind: SubKind::Events };
+        assert_eq!(r.subscribe_remote(2, conn, sub(1, &deep), &route, 10), Err(SubError::Invalid));
+        assert_eq!(r.subscribe_remote(2, conn, sub(2, "a..b"), &route, 10), Err(SubError::Invalid));
+        assert_eq!(r.subscription_count(), 0);
+        r.subscribe_remote(2, conn, sub(3, "a.>"), &route, 10).unwrap();
+        assert_eq!(r.subscription_count(), 1);
+        assert_eq!(r.remove_route(2), vec![conn]);
+        assert_eq!(r.subscription_count(), 0);
+        // And a message from a peer on a topic no client could publish reaches nobody.
+        let (tx, _rx) = crate::queue::queue();
+        let client = Outbox::new(tx);
+        r.add_connection(1, None, client.clone());
+        r.subscribe(1, 1, ">".into(), None, SubKind::Events, client, 10).unwrap();
+        let msg = |topic: &str| Arc::new(Message::new(topic.to_string(), "x"));
+        assert_eq!(r.route_from_peer(&msg(&vec!["a"; 30_000].join(".")), 0, FANOUT), 0);
+        assert_eq!(r.route_from_peer(&msg("a.b"), 0, FANOUT), 1);
     }
 }

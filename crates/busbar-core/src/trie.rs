@@ -17,7 +17,8 @@ type Children<V> = HashMap<Box<str>, Node<V>, foldhash::fast::RandomState>;
 
 /// A set of `(pattern, value)` pairs that can be searched by topic.
 ///
-/// Patterns must have passed [`crate::validate_pattern`]; the trie does not check them again. One
+/// Patterns must have passed [`crate::validate_pattern`]; the trie does not check them again
+/// (removal recurses once per token: [`crate::topic::MAX_TOKENS`] bounds the depth). One
 /// pattern may hold many values, and the same value may be stored under several patterns.
 #[derive(Debug, Clone)]
 pub struct SubscriptionTrie<V> {
