@@ -686,26 +686,24 @@ async fn apply(
                 return Ok(());
             }
             let responder = shared.router().local_responder(target, call.sid).cloned();
+            let (id, topic, requester) = (call.id, call.message.topic.clone(), call.message.source);
+            // Told to the requester at once rather than left to its timeout.
+            let refuse = |(code, text): (ErrorCode, &str)| {
+                let mut reply = crate::requests::error_reply(id, code, 0, topic, text);
+                if let Frame::Reply(r) = &mut reply {
+                    r.message.source = target;
+                    r.message.destination = requester;
+                }
+                outbox.deliver_frame(reply);
+            };
             match responder {
                 Some(responder) => {
-                    responder.deliver_frame(Frame::Call(call));
-                }
-                None => {
-                    // Gone since the peer chose it: tell the requester at once.
-                    let text = "the responder disconnected before it replied";
-                    let mut reply = crate::requests::error_reply(
-                        call.id,
-                        ErrorCode::ResponderLost,
-                        0,
-                        call.message.topic,
-                        text,
-                    );
-                    if let Frame::Reply(r) = &mut reply {
-                        r.message.source = target;
-                        r.message.destination = call.message.source;
+                    if !responder.deliver_frame(Frame::Call(call)) {
+                        refuse(crate::requests::undelivered(&responder));
                     }
-                    outbox.deliver_frame(reply);
                 }
+                // Gone since the peer chose it.
+                None => refuse((ErrorCode::ResponderLost, "the responder disconnected before it replied")),
             }
         }
         Frame::Reply(reply) => {

@@ -93,6 +93,16 @@ pub(crate) fn refusal(id: u64, code: ErrorCode, remaining: u32, topic: ByteStrin
     Reply { id, error: Some(code), remaining, message }
 }
 
+/// The refusal for a CALL its responder's outbox did not take: the responder is being closed
+/// (as a slow consumer, or gone), or, under the Drop policy, kept with a full queue.
+pub(crate) fn undelivered(outbox: &Outbox) -> (ErrorCode, &'static str) {
+    if outbox.control().is_killed() {
+        (ErrorCode::ResponderLost, "the responder disconnected before it replied")
+    } else {
+        (ErrorCode::TooManyRequests, "the responder's outbound queue is full")
+    }
+}
+
 /// Finishes a reply outside the requests lock: counts an unknown one as late, and routes one for a
 /// NATS requester to its reply subject.
 pub(crate) fn settle(replied: Replied, shared: &crate::server::Shared) {
@@ -117,29 +127,22 @@ impl Requests {
         request: NewRequest,
         limit: usize,
     ) -> Result<(), TooMany> {
-        let now = Instant::now();
+        // Requests past their timeout still count until the sweep (once a second) forgets them:
+        // purging here would scan every client's requests, under the lock all requests share,
+        // for each REQUEST of a requester that keeps knocking at its limit.
         if self.per_requester.get(&requester).copied().unwrap_or(0) >= limit {
-            self.pending.retain(|(r, _), p| *r != requester || p.deadline > now);
-            self.recount(requester);
-            if self.per_requester.get(&requester).copied().unwrap_or(0) >= limit {
-                return Err(TooMany);
-            }
+            return Err(TooMany);
         }
         let NewRequest { reply_to, topic, responders, timeout, first_wins } = request;
-        let pending = Pending { reply_to, topic, responders, deadline: now + timeout, first_wins };
+        // A copy: the decoded topic shares the whole buffer its frame was read into, and a
+        // request may wait long (a payload of a megabyte would stay with a 20-byte topic).
+        let topic = ByteString::from(&*topic);
+        let deadline = Instant::now() + timeout;
+        let pending = Pending { reply_to, topic, responders, deadline, first_wins };
         if self.pending.insert((requester, id), pending).is_none() {
             *self.per_requester.entry(requester).or_default() += 1;
         }
         Ok(())
-    }
-
-    fn recount(&mut self, requester: u32) {
-        let n = self.pending.keys().filter(|(r, _)| *r == requester).count();
-        if n == 0 {
-            self.per_requester.remove(&requester);
-        } else {
-            self.per_requester.insert(requester, n);
-        }
     }
 
     fn forget(&mut self, key: (u32, u64)) {
@@ -286,7 +289,9 @@ mod tests {
         // Another requester has its own budget.
         r.insert(9, 1, native(vec![2], t * 10), 2).unwrap();
         tokio::time::advance(Duration::from_millis(1500)).await;
-        // Over the limit, expired requests are purged first, so there is room again.
+        // Expired requests count until the sweep forgets them; then there is room again.
+        assert_eq!(r.insert(1, 3, native(vec![2], t), 2), Err(TooMany));
+        assert_eq!(r.expire(Instant::now()), 2);
         r.insert(1, 3, native(vec![2], t), 2).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r.expire(Instant::now() + t), 1);

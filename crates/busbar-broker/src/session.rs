@@ -1087,6 +1087,16 @@ async fn request_in(
         outbox.send(fail(ErrorCode::InvalidTopic, &text, message.topic.clone())).await;
         return;
     }
+    // A CALL is 8 bytes longer than its REQUEST: one that fits only as a REQUEST could not be
+    // written to any responder.
+    let max = shared.config.max_frame_size;
+    if message.frame_size() > max {
+        deferred.wake_all();
+        let text =
+            format!("the request's CALL would be {} bytes, over the limit of {max}", message.frame_size());
+        outbox.send(fail(ErrorCode::FrameTooLarge, &text, message.topic.clone())).await;
+        return;
+    }
     message.source = id;
     let only = destination(&message, shared);
     let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
@@ -1165,8 +1175,13 @@ async fn request_in(
                 call.message.destination = t.conn;
             }
             if !t.outbox.push(Outbound::boxed(spare.take(), Frame::Call(call))) {
-                // The responder is going away; its cleanup fails this request with ResponderLost.
+                // Answered for the responder at once: one kept under the Drop policy would
+                // never see the request, and its requester would wait out the timeout.
                 debug!(responder = t.conn, "request not delivered");
+                let (code, text) = crate::requests::undelivered(&t.outbox);
+                let reply = crate::requests::refusal(req_id, code, 0, topic.clone(), text);
+                let replied = shared.requests().reply(id, t.conn, reply, None, |_| true);
+                crate::requests::settle(replied, shared);
             }
         }
     });

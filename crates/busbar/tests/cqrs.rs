@@ -533,3 +533,70 @@ async fn a_responder_with_two_subscriptions_that_disconnects_fails_both_calls() 
     assert_eq!(answers.len(), 2);
     assert!(answers.iter().all(|a| a.as_ref().unwrap_err().code() == Some(ErrorCode::ResponderLost)));
 }
+
+#[tokio::test]
+async fn a_request_a_full_responder_cannot_take_is_refused_at_once_under_the_drop_policy() {
+    // The Drop policy keeps a responder whose queue is full: the CALL it misses must be answered
+    // for it, or its requester would wait out the whole timeout.
+    let mut config = config();
+    config.slow_consumer = busbar_broker::SlowConsumerPolicy::Drop;
+    config.max_frame_size = 128 * 1024;
+    config.max_pending_bytes = 256 * 1024;
+    let broker = broker_with(config).await;
+    let mut stuck = Raw::hello(&broker).await;
+    let kind = busbar::core::SubKind::Requests;
+    let sub = busbar::core::Sub { sid: 1, pattern: "stuck".into(), group: None, kind };
+    stuck.send(busbar::core::Frame::Sub(sub)).await;
+    stuck.send(busbar::core::Frame::Ping).await;
+    assert_eq!(stuck.read().await, Some(busbar::core::Frame::Pong), "subscribed");
+    // It never reads again: 400 requests of 64 KiB (25 MiB) overflow the socket's buffers and
+    // its queue of 256 KiB.
+    let requester = client(&broker).await;
+    let payload = Bytes::from(vec![0u8; 64 * 1024]);
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..400 {
+        let (r, p) = (requester.clone(), payload.clone());
+        requests.spawn(async move { r.request("stuck", p, LONG).await });
+    }
+    let first =
+        tokio::time::timeout(PATIENCE, requests.join_next()).await.expect("one refused, not timed out");
+    let error = first.unwrap().unwrap().unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::TooManyRequests), "{error:?}");
+    assert_eq!(broker.stats().connections, 2, "the responder is kept");
+    requests.abort_all();
+}
+
+#[tokio::test]
+async fn a_request_whose_call_would_be_too_large_is_refused_and_the_connection_stays() {
+    let broker = broker().await;
+    let responder = client(&broker).await;
+    let _h = responder.respond("big", |_m| async move { Ok::<_, String>("ok") }).await.unwrap();
+    responder.flush().await.unwrap();
+    let mut raw = Raw::hello(&broker).await;
+    let max = busbar::core::frame::DEFAULT_MAX_FRAME_SIZE;
+    // A REQUEST 4 bytes under the limit: its CALL, 8 bytes longer, would be over it.
+    let request = |payload: usize| busbar::core::Request {
+        id: 7,
+        all: false,
+        timeout_ms: 60_000,
+        message: busbar::core::Message::new("big", vec![0u8; payload]),
+    };
+    let overhead = busbar::core::frame::MessageView::from(&request(0).message).frame_len() + 4;
+    let frame = busbar::core::Frame::Request(request(max - 4 - overhead + 4));
+    let mut bytes = bytes::BytesMut::new();
+    frame.encode(&mut bytes, usize::MAX).unwrap();
+    assert_eq!(bytes.len() - 4, max - 4, "a REQUEST the broker accepts");
+    raw.send(frame).await;
+    match raw.read().await {
+        Some(busbar::core::Frame::Reply(r)) => {
+            assert_eq!((r.id, r.error), (7, Some(ErrorCode::FrameTooLarge)))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Still open, and one that fits is answered.
+    raw.send(busbar::core::Frame::Request(request(16))).await;
+    match raw.read().await {
+        Some(busbar::core::Frame::Reply(r)) => assert_eq!((r.id, r.error), (7, None)),
+        other => panic!("{other:?}"),
+    }
+}
