@@ -47,10 +47,11 @@ pub struct Config {
     pub max_pending_bytes: usize,
     /// What happens to a slow consumer.
     pub slow_consumer: SlowConsumerPolicy,
-    /// Interval of heartbeats: an idle connection is pinged after it, and closed when it has
-    /// sent nothing for `heartbeat_interval × heartbeat_max_missed`. Zero disables heartbeats.
+    /// Interval of heartbeats: an idle connection is pinged after it, and after each further
+    /// quiet interval, up to `heartbeat_max_missed` pings; it is closed when it has sent nothing
+    /// for `heartbeat_interval × (heartbeat_max_missed + 1)`. Zero disables heartbeats.
     pub heartbeat_interval: Duration,
-    /// Missed heartbeats before a connection counts as dead.
+    /// Unanswered pings before a connection counts as dead (at least 1).
     pub heartbeat_max_missed: u32,
     /// Most requests one connection may have waiting for replies.
     pub max_requests: usize,

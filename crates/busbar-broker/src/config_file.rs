@@ -299,8 +299,8 @@ impl Config {
         if self.heartbeat_max_missed == 0 {
             return invalid("heartbeat.max_missed", "must be at least 1");
         }
-        if self.heartbeat_interval.checked_mul(self.heartbeat_max_missed).is_none() {
-            return invalid("heartbeat.interval", "interval x max_missed is too long");
+        if self.heartbeat_interval.checked_mul(self.heartbeat_max_missed.saturating_add(1)).is_none() {
+            return invalid("heartbeat.interval", "interval x (max_missed + 1) is too long");
         }
         if self.auth.token.as_ref().is_some_and(|t| t.len() < 16) {
             return invalid("auth.token", "must be at least 16 characters");
@@ -379,7 +379,8 @@ drain_timeout = "{drain_timeout}"
 [heartbeat]
 # Ping a connection quiet for this long ("0s" disables heartbeats) ...
 interval = "{interval}"
-# ... and close it when it has been quiet for interval x max_missed.
+# ... again after each quiet interval, up to max_missed pings, and close it when it has been
+# quiet for interval x (max_missed + 1).
 max_missed = {max_missed}
 
 [slow_consumer]

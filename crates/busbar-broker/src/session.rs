@@ -662,34 +662,33 @@ pub(crate) async fn authenticate(
     tokio::time::timeout_at(deadline, check).await.ok()?.ok()?
 }
 
-/// The broker's side of heartbeats, for any kind of connection: PING after a quiet interval,
-/// dead after `interval × max_missed` of silence. The clock is read once per tick, not per frame:
-/// a frame only sets `heard`.
+/// The broker's side of heartbeats, for any kind of connection: the rule of
+/// [`busbar_core::heartbeat`] (a PING after each quiet interval, dead after
+/// `interval × (max_missed + 1)` of silence), on a tick. The clock is read once per tick, not per
+/// frame: a frame only sets `heard`.
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
-    beat: Duration,
-    dead_after: Duration,
+    rule: busbar_core::heartbeat::Heartbeat,
     tick: tokio::time::Interval,
     last_seen: tokio::time::Instant,
     heard: bool,
-    pinged: bool,
 }
 
 impl Heartbeat {
     pub(crate) fn new(config: &crate::Config) -> Self {
         let beat = config.heartbeat_interval;
-        let dead_after = beat.checked_mul(config.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
-        // Checked four times an interval, so that a dead peer is found soon after `dead_after`.
+        let rule = busbar_core::heartbeat::Heartbeat::new(beat, config.heartbeat_max_missed);
+        // Checked four times an interval, so that a dead peer is found soon after the limit.
         let period = (beat / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = tokio::time::Instant::now();
-        Self { beat, dead_after, tick, last_seen: now, heard: false, pinged: false }
+        Self { rule, tick, last_seen: now, heard: false }
     }
 
     /// Heartbeats are off (interval zero).
     pub(crate) fn off(&self) -> bool {
-        self.beat.is_zero()
+        self.rule.interval().is_zero()
     }
 
     /// Something arrived from the peer.
@@ -706,14 +705,15 @@ impl Heartbeat {
     pub(crate) fn check(&mut self, outbox: &Outbox) -> Result<(), Duration> {
         if std::mem::take(&mut self.heard) {
             self.last_seen = tokio::time::Instant::now();
-            self.pinged = false;
+            self.rule.heard();
         }
         let idle = self.last_seen.elapsed();
-        if idle >= self.dead_after {
-            return Err(idle);
-        }
-        if idle >= self.beat && !self.pinged {
-            self.pinged = outbox.deliver_frame(Frame::Ping);
+        match self.rule.check(idle) {
+            busbar_core::heartbeat::Beat::Dead => return Err(idle),
+            busbar_core::heartbeat::Beat::Ping => {
+                outbox.deliver_frame(Frame::Ping);
+            }
+            busbar_core::heartbeat::Beat::Quiet => {}
         }
         Ok(())
     }

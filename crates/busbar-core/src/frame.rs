@@ -129,7 +129,7 @@ pub enum ErrorCode {
     HandshakeTimeout,
     /// 204: the connection has too many requests in flight. The request fails.
     TooManyRequests,
-    /// 205: no frame from the peer for heartbeat interval × max missed. The connection is closed.
+    /// 205: no frame from the peer for heartbeat interval × (max missed + 1). The connection is closed.
     StaleConnection,
     /// 300: authentication failed. The connection is closed.
     AuthenticationFailed,

@@ -8,6 +8,7 @@
 //! | [`topic`] | topic and pattern rules ([`validate_topic`], [`validate_pattern`]) and the reference matcher |
 //! | [`trie`]  | [`SubscriptionTrie`]: topic → matching subscriptions, cost independent of non-matching ones |
 //! | [`group`] | [`group::Balancer`]: which group member gets a message (random, round-robin, rendezvous hash) |
+//! | [`heartbeat`] | [`heartbeat::Heartbeat`]: when to PING a quiet peer and when it is dead (both ends keep it) |
 //! | [`id`]    | [`IdGenerator`] (pluggable), the default ULID-style generator, id text form |
 //! | [`nats`]  | the NATS client protocol: a zero-allocation incremental parser and writers (for the planned NATS listener) |
 //! | [`queue`] | the many-to-one queue between tasks (optionally bounded, taken in batches, wake-ups held while a batch is routed) |
@@ -32,6 +33,7 @@
 
 pub mod frame;
 pub mod group;
+pub mod heartbeat;
 pub mod id;
 pub mod nats;
 pub mod queue;

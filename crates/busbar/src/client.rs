@@ -123,9 +123,11 @@ pub struct ClientOptions {
     pub id_generator: Arc<dyn IdGenerator>,
     /// Reconnection after a lost connection.
     pub reconnect: Reconnect,
-    /// Ping the broker after this long without a frame from it; zero disables heartbeats.
+    /// Ping the broker after this long without a frame from it (and again after each further
+    /// quiet interval); zero disables heartbeats.
     pub heartbeat_interval: Duration,
-    /// Heartbeats missed before the connection counts as lost.
+    /// Unanswered pings before the connection counts as lost (at least 1): lost after
+    /// `heartbeat_interval × (heartbeat_max_missed + 1)` without a frame from the broker.
     pub heartbeat_max_missed: u32,
     /// Publishes buffered while disconnected, flushed on reconnect. One larger than the new
     /// broker's `max_frame_size` (after a failover to a broker with a smaller limit) is dropped

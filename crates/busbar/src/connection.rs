@@ -517,14 +517,13 @@ impl ConnectionTask {
             return End::Lost(e);
         }
         let beat = self.options.heartbeat_interval;
-        let dead_after = beat.checked_mul(self.options.heartbeat_max_missed.max(1)).unwrap_or(Duration::MAX);
+        let mut heartbeat = busbar_core::heartbeat::Heartbeat::new(beat, self.options.heartbeat_max_missed);
         let period = (beat / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval_at(crate::request::deadline_in(period), period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The clock is read once per tick, not per frame: a frame only sets `heard`.
         let mut last_seen = Instant::now();
         let mut heard = false;
-        let mut pinged = false;
         // Commands are taken all at once: one lock per batch rather than per command.
         let mut commands = Vec::new();
         loop {
@@ -553,19 +552,21 @@ impl ConnectionTask {
                 _ = tick.tick(), if !beat.is_zero() => {
                     if std::mem::take(&mut heard) {
                         last_seen = Instant::now();
-                        pinged = false;
+                        heartbeat.heard();
                     }
                     let idle = last_seen.elapsed();
-                    if idle >= dead_after {
-                        warn!(?idle, "no frame from the broker within the heartbeat limit");
-                        return End::Lost(Error::ConnectionLost);
-                    }
-                    if idle >= beat && !pinged {
-                        pinged = true;
-                        self.pongs.push_back(PongWaiter::Heartbeat);
-                        if let Err(e) = conn.writer.send(Frame::Ping).await {
-                            return End::Lost(codec_error(e));
+                    match heartbeat.check(idle) {
+                        busbar_core::heartbeat::Beat::Dead => {
+                            warn!(?idle, "no frame from the broker within the heartbeat limit");
+                            return End::Lost(Error::ConnectionLost);
                         }
+                        busbar_core::heartbeat::Beat::Ping => {
+                            self.pongs.push_back(PongWaiter::Heartbeat);
+                            if let Err(e) = conn.writer.send(Frame::Ping).await {
+                                return End::Lost(codec_error(e));
+                            }
+                        }
+                        busbar_core::heartbeat::Beat::Quiet => {}
                     }
                     // Requests whose caller stopped waiting (dropped future, lost cancel).
                     self.requests.retain(|_, sink| !sink.is_closed());

@@ -392,7 +392,7 @@ async fn a_header_name_with_a_space_is_carried_not_refused() {
 
 #[tokio::test]
 async fn a_payload_trickling_in_keeps_the_connection_alive() {
-    // Dead after 2 × 200 ms without a sign of life; the payload takes 2 s to arrive.
+    // Dead after 3 × 200 ms without a sign of life; the payload takes 2 s to arrive.
     let config =
         Config { heartbeat_interval: Duration::from_millis(200), heartbeat_max_missed: 2, ..nats_config() };
     let broker = broker_with(config).await;

@@ -164,7 +164,7 @@ async fn a_paused_connection_is_found_by_the_broker_heartbeat_and_cleaned_up() {
     assert_eq!(broker.stats().subscriptions, 2);
 
     proxy.pause();
-    // Within interval × max missed (plus one check period), the broker gives up on it: its
+    // Within interval × (max missed + 1) (plus one check period), the broker gives up on it: its
     // subscriptions go, and the request it owed fails at once instead of after a minute.
     eventually("paused connection cleaned up", || {
         let s = broker.stats();
@@ -418,6 +418,24 @@ async fn a_silent_raw_peer_is_pinged_then_closed_as_stale() {
     assert_eq!(raw.read().await, Some(Frame::Ping), "pinged after one quiet interval");
     assert_eq!(raw.expect_error().await.code, ErrorCode::StaleConnection);
     raw.expect_closed().await;
+}
+
+#[tokio::test]
+async fn with_one_missed_heartbeat_allowed_a_peer_that_answers_its_pings_stays() {
+    // max_missed = 1 once closed a quiet connection at the very check that should have pinged it.
+    let mut config = config();
+    config.heartbeat_interval = Duration::from_millis(50);
+    config.heartbeat_max_missed = 1;
+    let broker = broker_with(config).await;
+    let mut raw = Raw::hello(&broker).await;
+    for _ in 0..5 {
+        assert_eq!(raw.read().await, Some(Frame::Ping), "pinged, not closed");
+        raw.send(Frame::Pong).await;
+    }
+    assert_eq!(broker.stats().connections, 1);
+    // And silent, it is closed after its one ping goes unanswered.
+    assert_eq!(raw.read().await, Some(Frame::Ping));
+    assert_eq!(raw.expect_error().await.code, ErrorCode::StaleConnection);
 }
 
 #[tokio::test]
