@@ -11,9 +11,12 @@
 //! | `/routez` | the cluster: this node, and each route with its peer, direction, age, remote clients and subscriptions, traffic |
 //! | `/` | the dashboard: one self-contained HTML page polling `/varz` and `/connz` |
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::extract::State;
@@ -44,8 +47,109 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/subsz", get(subsz))
         .route("/routez", get(routez))
         .with_state(shared);
+    let listener = Limited::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         warn!(error = %e, "monitoring listener failed");
+    }
+}
+
+/// Monitoring connections open at once; the next waits in the kernel's backlog until one closes.
+/// Dashboards and scrapers need a handful: the bound keeps a flood of idle sockets from taking
+/// the file descriptors the broker's own listeners need.
+const MAX_HTTP_CONNECTIONS: usize = 64;
+
+/// A monitoring connection that neither sends nor takes a byte for this long is closed (a
+/// half-sent request, or a reader that stopped reading). axum serves without hyper's header
+/// timeout, which needs a timer it is not given.
+const HTTP_IDLE: Duration = Duration::from_secs(30);
+
+/// A listener for `axum::serve` with at most `max` connections open, each closed after `idle`
+/// without progress.
+struct Limited {
+    inner: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+}
+
+impl Limited {
+    fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
+        Self { inner, slots: Arc::new(tokio::sync::Semaphore::new(max)), idle }
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Guarded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Guarded, std::net::SocketAddr) {
+        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        // TcpListener's own accept: it retries, and waits a second after errors such as EMFILE.
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let deadline = Box::pin(tokio::time::sleep(self.idle));
+        (Guarded { stream, _slot: slot, idle: self.idle, deadline }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A monitoring connection: holds its slot, and fails its I/O once it has made no progress for
+/// `idle`.
+struct Guarded {
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Guarded {
+    /// After a poll of the stream: progress moves the deadline; waiting past it is an error.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match poll {
+            Poll::Ready(r) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "monitoring connection idle",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
+        this.watch(cx, poll)
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, poll)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -250,8 +354,36 @@ fn encode_metrics(shared: &Shared) -> prometheus::Result<String> {
     gauge("busbar_connections", "Connections open now.", s.connections)?;
     gauge("busbar_subscriptions", "Subscriptions held now.", s.subscriptions)?;
     gauge("busbar_requests_pending", "Requests waiting for replies now.", s.requests_pending)?;
-    gauge("busbar_routes", "Cluster routes (clustering is not implemented yet).", 0)?;
+    gauge("busbar_routes", "Routes to other brokers of the cluster that are up now.", s.routes)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn monitoring_connections_are_bounded_and_closed_when_idle() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Limited::new(tcp, 1, Duration::from_millis(100));
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut first, _) = listener.accept().await;
+        // The one slot is taken: the next connection waits (in the backlog) until it is free.
+        let _next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiting = Box::pin(listener.accept());
+        assert!((&mut waiting).now_or_never().is_none(), "no second connection while the first is open");
+        // The silent peer is closed once `idle` passes without a byte (the paused clock jumps
+        // there as soon as everything waits).
+        let mut buf = [0u8; 16];
+        let e = first.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        drop(first);
+        let (_second, _) = waiting.await;
+    }
 }
