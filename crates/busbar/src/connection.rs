@@ -387,11 +387,12 @@ impl ConnectionTask {
                     let _ = done.send(Err(Error::ConnectionLost));
                 }
                 PongWaiter::Subscribe { done, error, sid } => {
-                    if error.is_some() {
-                        // Refused by the broker: not to be sent again on the next connection.
+                    let refused = error.is_some();
+                    // Refused by the broker, or given up by its caller: not to be sent again on
+                    // the next connection.
+                    if done.send(error.map_or(Ok(()), Err)).is_err() || refused {
                         self.subs.remove(&sid);
                     }
-                    let _ = done.send(error.map_or(Ok(()), Err));
                 }
             }
         }
@@ -682,11 +683,19 @@ impl ConnectionTask {
         match command {
             Command::Publish(run) => self.write_run(conn, run).await?,
             Command::Subscribe { sub, sink, done } => {
+                if done.is_closed() {
+                    // The subscribe call was given up (a timeout around it): nobody would read
+                    // this subscription, and a group member nobody reads loses its share.
+                    return Ok(true);
+                }
                 let sid = sub.sid;
-                feed(conn, Frame::Sub((*sub).clone())).await?;
-                self.subs.insert(sid, (*sub, sink));
-                feed(conn, Frame::Ping).await?;
+                // Stored and waited for before the frames are written: if the connection fails
+                // in between, the subscription is confirmed and sent again on the next one, as
+                // any other waiting for its PONG (not left behind a call that failed).
+                self.subs.insert(sid, (*sub.clone(), sink));
                 self.pongs.push_back(PongWaiter::Subscribe { sid, done, error: None });
+                feed(conn, Frame::Sub(*sub)).await?;
+                feed(conn, Frame::Ping).await?;
             }
             Command::Unsubscribe { sid } => {
                 if self.subs.remove(&sid).is_some() {
@@ -710,8 +719,10 @@ impl ConnectionTask {
                 self.requests.remove(&id);
             }
             Command::Flush { done } => {
-                feed(conn, Frame::Ping).await?;
+                // Waiting before the PING is written: a connection that fails on it fails the
+                // flush with ConnectionLost, not Closed.
                 self.pongs.push_back(PongWaiter::Flush { done, error: self.unreported.take() });
+                feed(conn, Frame::Ping).await?;
             }
             Command::Close { done } => {
                 let _ = SinkExt::<Frame>::flush(&mut conn.writer).await;
@@ -768,10 +779,14 @@ impl ConnectionTask {
                     let _ = done.send(error.map_or(Ok(()), Err));
                 }
                 Some(PongWaiter::Subscribe { done, error, sid }) => {
-                    if error.is_some() {
+                    let refused = error.is_some();
+                    if refused {
                         self.subs.remove(&sid);
                     }
-                    let _ = done.send(error.map_or(Ok(()), Err));
+                    if done.send(error.map_or(Ok(()), Err)).is_err() && !refused {
+                        // The subscribe call was given up while it waited: nobody will read it.
+                        self.forget_subscription(conn, sid).await?;
+                    }
                 }
             },
             Frame::Error(e) => {

@@ -472,3 +472,34 @@ async fn a_subscription_refused_after_a_reconnect_ends_alone_and_fails_no_flush(
     );
     c.flush().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_subscribe_given_up_before_its_confirmation_leaves_no_subscription() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let mut options = ClientOptions::new(proxy.addr().to_string()).no_reconnect();
+    options.heartbeat_interval = Duration::ZERO;
+    let c = Client::connect_with(options).await.unwrap();
+    // The confirmation is held back, and the caller stops waiting for it.
+    proxy.pause();
+    let pattern = busbar::Pattern::new("jobs").group("workers", busbar::GroupPolicy::RoundRobin);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), c.subscribe(pattern)).await;
+    assert!(gave_up.is_err(), "still waiting for the PONG");
+    proxy.resume();
+    // Everything before this flush's PING is done at the broker once it returns: the SUB, and
+    // the UNSUB of the member nobody reads (which would otherwise take every other job).
+    c.flush().await.unwrap();
+    eventually("the abandoned member gone", || broker.stats().subscriptions == 0).await;
+    let other = client(&broker).await;
+    let mut worker = other
+        .subscribe(busbar::Pattern::new("jobs").group("workers", busbar::GroupPolicy::RoundRobin))
+        .await
+        .unwrap();
+    for i in 0..4 {
+        other.publish("jobs", format!("{i}")).await.unwrap();
+    }
+    for i in 0..4 {
+        let m = tokio::time::timeout(PATIENCE, worker.next()).await.unwrap().unwrap();
+        assert_eq!(m.payload_str(), Some(format!("{i}").as_str()), "every job reaches the live member");
+    }
+}
