@@ -319,6 +319,11 @@ impl Config {
                 // Otherwise anyone reaching the route port would bypass client authentication.
                 return invalid("cluster.token", "must be set when clients must authenticate");
             }
+            if cluster.token.is_none() && self.auth.default_permissions != crate::Permissions::default() {
+                // A peer broker speaks for its clients with no permissions checked here: without
+                // a token, anyone reaching the route port would escape the anonymous limits.
+                return invalid("cluster.token", "must be set when default permissions restrict clients");
+            }
         }
         if let Some(tls) = &self.tls
             && tls.client_ca.is_some()
@@ -538,6 +543,18 @@ mod tests {
         let e =
             Config::from_toml("[auth.default_permissions]\npublish = { allow = [\"a..b\"] }\n").unwrap_err();
         assert!(e.to_string().contains("publish"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_needs_a_token_when_anonymous_clients_are_restricted() {
+        let cluster = "[cluster]\nname = \"c\"\nnode_id = 1\nlisten = \"127.0.0.1:0\"\n";
+        let restricted = "[auth.default_permissions]\npublish = { allow = [\"public.>\"] }\n";
+        let e = Config::from_toml(&format!("{restricted}{cluster}")).unwrap_err().to_string();
+        assert_eq!(e, "`cluster.token`: must be set when default permissions restrict clients");
+        let with_token = format!("{restricted}{cluster}token = \"0123456789abcdef\"\n");
+        Config::from_toml(&with_token).unwrap();
+        // Open to all anyway: nothing to escape.
+        Config::from_toml(cluster).unwrap();
     }
 
     #[test]
