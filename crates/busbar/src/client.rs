@@ -71,7 +71,8 @@ impl std::fmt::Debug for Credentials {
 pub struct Reconnect {
     /// Reconnect at all.
     pub enabled: bool,
-    /// Wait before the first attempt; doubles per failed attempt, with ±50 % jitter.
+    /// Wait before the first attempt; doubles per failed attempt (at least 10 ms after the
+    /// first), with ±50 % jitter.
     pub initial_delay: Duration,
     /// Longest wait between attempts.
     pub max_delay: Duration,
@@ -133,7 +134,9 @@ pub struct ClientOptions {
     /// broker's `max_frame_size` (after a failover to a broker with a smaller limit) is dropped
     /// with a warning; the others still go.
     pub offline_buffer: usize,
-    /// What a publish does when that buffer is full.
+    /// Most bytes of frames in that buffer (a publish larger than this is never kept).
+    pub offline_buffer_bytes: usize,
+    /// What a publish does when that buffer is full (by count or by bytes).
     pub offline_policy: OfflinePolicy,
 }
 
@@ -154,6 +157,7 @@ impl ClientOptions {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_max_missed: 2,
             offline_buffer: 8192,
+            offline_buffer_bytes: 8 * 1024 * 1024,
             offline_policy: OfflinePolicy::Error,
         }
     }
@@ -262,10 +266,9 @@ pub struct Client {
     next_id: Arc<AtomicU64>,
     subscription_capacity: usize,
     ids: Arc<dyn IdGenerator>,
-    offline_len: Arc<AtomicUsize>,
+    offline: Arc<crate::connection::OfflineState>,
     /// The current broker's `max_frame_size`, read per publish without the watch's lock.
     max_frame: Arc<AtomicUsize>,
-    offline_buffer: usize,
     offline_policy: OfflinePolicy,
     handlers: TaskTracker,
 }
@@ -294,7 +297,7 @@ impl Client {
         let (status_tx, status) = watch::channel(Status::Connected);
         let (welcome_tx, welcome) = watch::channel(Arc::new(welcome));
         let (commands, rx) = crate::commands::commands(options.command_capacity);
-        let offline_len = Arc::new(AtomicUsize::new(0));
+        let offline = Arc::new(crate::connection::OfflineState::default());
         let max_frame = Arc::new(AtomicUsize::new(welcome.borrow().max_frame_size as usize));
         let client = Self {
             commands: commands.clone(),
@@ -303,9 +306,8 @@ impl Client {
             next_id: Arc::new(AtomicU64::new(1)),
             subscription_capacity: options.subscription_capacity.max(1),
             ids: options.id_generator.clone(),
-            offline_len: offline_len.clone(),
+            offline: offline.clone(),
             max_frame: max_frame.clone(),
-            offline_buffer: options.offline_buffer,
             offline_policy: options.offline_policy,
             handlers: TaskTracker::new(),
         };
@@ -315,7 +317,7 @@ impl Client {
             commands.downgrade(),
             status_tx,
             welcome_tx,
-            offline_len,
+            offline,
             max_frame,
             server,
         );
@@ -345,7 +347,7 @@ impl Client {
 
     /// Publishes waiting in the offline buffer for the connection to come back.
     pub fn buffered(&self) -> usize {
-        self.offline_len.load(Ordering::Relaxed)
+        self.offline.len.load(Ordering::Relaxed)
     }
 
     async fn command(&self, command: Command) -> Result<()> {
@@ -376,9 +378,9 @@ impl Client {
             headers: &headers,
             payload,
         };
-        self.check_offline_room()?;
         let max = self.max_frame_size();
         let size = view.frame_len();
+        self.check_offline_room(size)?;
         self.commands.publish(size, max, |run| Ok(busbar_core::frame::encode_pub_view(run, view, max)?)).await
     }
 
@@ -386,21 +388,21 @@ impl Client {
     pub async fn publish_message(&self, message: Outgoing) -> Result<()> {
         let max = self.max_frame_size();
         let message = message.prepare(self.ids.as_ref(), max)?;
-        self.check_offline_room()?;
         // Encoded straight into the connection task's queue.
         let size = busbar_core::frame::MessageView::from(&message).frame_len();
+        self.check_offline_room(size)?;
         self.commands.publish(size, max, |run| Ok(busbar_core::frame::encode_pub(run, &message, max)?)).await
     }
 
-    /// Refuses a publish while disconnected with a full offline buffer, under
-    /// [`OfflinePolicy::Error`].
-    fn check_offline_room(&self) -> Result<()> {
-        // The buffer's length first: one atomic load, where the status takes a lock.
+    /// Refuses a publish of a `size`-byte frame while disconnected with no room for it in the
+    /// offline buffer, under [`OfflinePolicy::Error`].
+    fn check_offline_room(&self, size: usize) -> Result<()> {
+        // The buffer's room first: one atomic load, where the status takes a lock.
         if self.offline_policy == OfflinePolicy::Error
-            && self.buffered() >= self.offline_buffer
+            && size > self.offline.room.load(Ordering::Relaxed)
             && self.status() != Status::Connected
         {
-            return Err(Error::BufferFull { capacity: self.offline_buffer });
+            return Err(Error::BufferFull { capacity: self.offline.capacity.load(Ordering::Relaxed) });
         }
         Ok(())
     }

@@ -109,6 +109,18 @@ enum PongWaiter {
     },
 }
 
+/// What the handles see of the offline buffer, kept by the connection task.
+#[derive(Debug, Default)]
+pub(crate) struct OfflineState {
+    /// Frames in it.
+    pub(crate) len: AtomicUsize,
+    /// Bytes a frame may have to fit (0 when it is full by count): under
+    /// [`OfflinePolicy::Error`], a larger publish is refused.
+    pub(crate) room: AtomicUsize,
+    /// Its bound in frames, for the error.
+    pub(crate) capacity: AtomicUsize,
+}
+
 /// An established connection.
 pub(crate) struct Conn {
     reader: Reader,
@@ -246,7 +258,7 @@ pub(crate) struct ConnectionTask {
     pub(crate) ids: Arc<dyn IdGenerator>,
     pub(crate) status: watch::Sender<Status>,
     pub(crate) welcome: watch::Sender<Arc<Welcome>>,
-    pub(crate) offline_len: Arc<AtomicUsize>,
+    pub(crate) offline_state: Arc<OfflineState>,
     /// The current broker's `max_frame_size`, for the handles.
     pub(crate) max_frame: Arc<AtomicUsize>,
     /// Index of the server the current connection went to.
@@ -260,6 +272,10 @@ pub(crate) struct ConnectionTask {
     pub(crate) requests: HashMap<u64, ReplySink, foldhash::fast::RandomState>,
     pongs: VecDeque<PongWaiter>,
     offline: VecDeque<Bytes>,
+    /// Bytes of the frames in `offline`.
+    offline_bytes: usize,
+    /// Messages the offline buffer could not keep, since the client started.
+    offline_drops: u64,
     /// Brokers of the cluster learned from WELCOME (`connect_urls`), tried after the configured
     /// ones when reconnecting.
     learned: Vec<String>,
@@ -281,10 +297,12 @@ impl ConnectionTask {
         handle: WeakCommandTx,
         status: watch::Sender<Status>,
         welcome: watch::Sender<Arc<Welcome>>,
-        offline_len: Arc<AtomicUsize>,
+        offline_state: Arc<OfflineState>,
         max_frame: Arc<AtomicUsize>,
         server: usize,
     ) -> Self {
+        offline_state.capacity.store(options.offline_buffer, Ordering::Relaxed);
+        offline_state.room.store(options.offline_buffer_bytes, Ordering::Relaxed);
         let ids = options.id_generator.clone();
         Self {
             options,
@@ -293,7 +311,7 @@ impl ConnectionTask {
             ids,
             status,
             welcome,
-            offline_len,
+            offline_state,
             max_frame,
             server,
             subs: HashMap::default(),
@@ -301,6 +319,8 @@ impl ConnectionTask {
             requests: HashMap::default(),
             pongs: VecDeque::new(),
             offline: VecDeque::new(),
+            offline_bytes: 0,
+            offline_drops: 0,
             learned: Vec::new(),
             smaller_limit: false,
             leftover: Vec::new(),
@@ -453,7 +473,43 @@ impl ConnectionTask {
                 warn!(attempt, "giving up reconnecting");
                 return None;
             }
-            delay = (delay * 2).min(policy.max_delay);
+            delay = backoff(delay, policy.max_delay);
+        }
+    }
+
+    /// Room in the offline buffer for a frame of `len` bytes, by policy: the oldest frames make
+    /// way under DropOldest; under Error (whose handles refuse publishes once the buffer is full,
+    /// so this is only for the ones that raced past that check) there is none.
+    fn make_offline_room(&mut self, len: usize) -> bool {
+        let (count, bytes) = (self.options.offline_buffer, self.options.offline_buffer_bytes);
+        if len > bytes || count == 0 {
+            return false;
+        }
+        while self.offline.len() >= count || self.offline_bytes + len > bytes {
+            if self.options.offline_policy == OfflinePolicy::Error {
+                return false;
+            }
+            let Some(oldest) = self.offline.pop_front() else { break };
+            self.offline_bytes -= oldest.len();
+            self.offline_dropped(1);
+        }
+        true
+    }
+
+    /// Tells the handles the offline buffer's length and room.
+    fn offline_changed(&self) {
+        let (count, bytes) = (self.options.offline_buffer, self.options.offline_buffer_bytes);
+        let room = if self.offline.len() >= count { 0 } else { bytes.saturating_sub(self.offline_bytes) };
+        self.offline_state.len.store(self.offline.len(), Ordering::Relaxed);
+        self.offline_state.room.store(room, Ordering::Relaxed);
+    }
+
+    /// Counts messages the offline buffer could not keep (logged at each power of two).
+    fn offline_dropped(&mut self, n: u64) {
+        let before = self.offline_drops;
+        self.offline_drops += n;
+        if (before + 1..=self.offline_drops).any(u64::is_power_of_two) {
+            warn!(dropped = self.offline_drops, policy = ?self.options.offline_policy, "offline buffer full: messages dropped");
         }
     }
 
@@ -469,20 +525,14 @@ impl ConnectionTask {
                     if busbar_core::frame::is_request_or_reply(&frame) {
                         continue;
                     }
-                    let frame = Bytes::copy_from_slice(&frame);
-                    if self.offline.len() >= self.options.offline_buffer {
-                        match self.options.offline_policy {
-                            OfflinePolicy::DropOldest => {
-                                self.offline.pop_front();
-                            }
-                            // The handle refuses publishes once the buffer is full; one that
-                            // raced past it is dropped here, so the bound holds.
-                            OfflinePolicy::Error => break,
-                        }
+                    if self.make_offline_room(frame.len()) {
+                        self.offline_bytes += frame.len();
+                        self.offline.push_back(Bytes::copy_from_slice(&frame));
+                    } else {
+                        self.offline_dropped(1);
                     }
-                    self.offline.push_back(frame);
                 }
-                self.offline_len.store(self.offline.len(), Ordering::Relaxed);
+                self.offline_changed();
             }
             Command::Subscribe { sub, sink, done } => {
                 // Sent when the connection is back, like every other subscription.
@@ -588,13 +638,14 @@ impl ConnectionTask {
         let max = conn.reader.max_frame_size;
         let mut too_large = 0usize;
         while let Some(frame) = self.offline.pop_front() {
+            self.offline_bytes -= frame.len();
             if over_limit(&frame, max) {
                 too_large += 1;
                 continue;
             }
             write_encoded(conn, &frame).await?;
         }
-        self.offline_len.store(0, Ordering::Relaxed);
+        self.offline_changed();
         if too_large > 0 {
             warn!(
                 too_large,
@@ -866,10 +917,19 @@ async fn feed(conn: &mut Conn, frame: Frame) -> Result<()> {
 }
 
 /// `delay` scaled by a random factor in [0.5, 1.5), so that clients cut off together do not
-/// all come back at the same instant.
+/// all come back at the same instant (a delay too long to scale is kept as it is).
 fn jitter(delay: Duration) -> Duration {
     let r = busbar_core::group::mix(busbar_core::id::now_ns()) % 1000;
-    delay.mul_f64(0.5 + r as f64 / 1000.0)
+    Duration::try_from_secs_f64(delay.as_secs_f64() * (0.5 + r as f64 / 1000.0)).unwrap_or(delay)
+}
+
+/// The shortest wait between reconnection attempts after the first: a zero `initial_delay` (or
+/// `max_delay`) must not make a client hammer a broker that refuses it in a tight loop.
+const MIN_RETRY: Duration = Duration::from_millis(10);
+
+/// The wait after `delay`: doubled, at most `max`, at least [`MIN_RETRY`].
+fn backoff(delay: Duration, max: Duration) -> Duration {
+    delay.saturating_mul(2).min(max).max(MIN_RETRY)
 }
 
 /// Hands a CALL to its requests subscription; the subscription's id when its receiver is gone.
@@ -1086,6 +1146,19 @@ mod tests {
             }
         }
         assert_eq!(refused, [(1, Some(ErrorCode::NoResponders)), (2, Some(ErrorCode::NoResponders))]);
+    }
+
+    #[test]
+    fn backoff_doubles_within_bounds_and_never_spins() {
+        let ms = Duration::from_millis;
+        assert_eq!(backoff(ms(20), ms(5000)), ms(40));
+        assert_eq!(backoff(ms(4000), ms(5000)), ms(5000));
+        assert_eq!(backoff(Duration::ZERO, ms(5000)), MIN_RETRY, "zero does not stay zero");
+        assert_eq!(backoff(Duration::ZERO, Duration::ZERO), MIN_RETRY);
+        assert_eq!(backoff(Duration::MAX, Duration::MAX), Duration::MAX, "no overflow");
+        assert!(jitter(Duration::MAX) >= Duration::MAX / 3, "no panic, still long");
+        let j = jitter(ms(100));
+        assert!(j >= ms(50) && j < ms(150), "{j:?}");
     }
 
     #[test]

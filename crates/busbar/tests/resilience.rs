@@ -241,6 +241,43 @@ async fn the_offline_buffer_is_bounded() {
 }
 
 #[tokio::test]
+async fn the_offline_buffer_is_bounded_in_bytes_too() {
+    let broker = broker().await;
+    let mut options = fast_reconnect(broker.local_addr().to_string());
+    options.offline_buffer_bytes = 10_000;
+    options.reconnect.initial_delay = Duration::from_secs(3600); // stay offline for the test
+    options.reconnect.max_delay = Duration::from_secs(3600);
+    let refusing = Client::connect_with(options.clone()).await.unwrap();
+    options.offline_policy = OfflinePolicy::DropOldest;
+    let dropping = Client::connect_with(options).await.unwrap();
+    broker.stop().await;
+    wait_status(&refusing, Status::Reconnecting).await;
+    wait_status(&dropping, Status::Reconnecting).await;
+    // Frames of about 1 050 bytes: 9 fit in 10 000.
+    let mut kept = 0;
+    loop {
+        match refusing.publish("t", vec![0u8; 1000]).await {
+            Ok(()) => {
+                kept += 1;
+                // The handle learns of the room left once the task has buffered it.
+                eventually("buffered", || refusing.buffered() == kept).await;
+            }
+            Err(Error::BufferFull { .. }) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(kept <= 9, "over the byte bound");
+    }
+    assert_eq!(kept, 9);
+    for i in 0..50 {
+        dropping.publish("t", vec![i; 1000]).await.unwrap();
+    }
+    // Larger than the whole buffer: not kept, and nothing is evicted for it.
+    dropping.publish("t", vec![0u8; 20_000]).await.unwrap();
+    dropping.flush().await.unwrap_err(); // handled after every publish before it
+    assert_eq!(dropping.buffered(), 9);
+}
+
+#[tokio::test]
 async fn a_thousand_malformed_peers_each_get_an_error_and_a_close_while_a_good_client_loses_nothing() {
     let broker = broker().await;
     let addr = broker.local_addr();
