@@ -207,3 +207,26 @@ async fn the_dashboard_shows_live_connections_in_a_real_browser() {
     eprintln!("dashboard screenshot: {}", shot.display());
     let _ = std::fs::remove_dir_all(profile);
 }
+
+#[tokio::test]
+async fn the_routes_gauge_counts_the_routes_up() {
+    let cluster = |node, seeds: Vec<std::net::SocketAddr>| {
+        let mut c = busbar_broker::ClusterConfig::new("m", node, "127.0.0.1:0".parse().unwrap());
+        c.routes = seeds;
+        c
+    };
+    let mut first = config();
+    first.http = Some("127.0.0.1:0".parse().unwrap());
+    first.cluster = Some(cluster(1, vec![]));
+    let a = broker_with(first).await;
+    let b = broker_with(busbar_broker::Config {
+        cluster: Some(cluster(2, vec![a.cluster_addr().unwrap()])),
+        ..config()
+    })
+    .await;
+    eventually("the route is up", || a.routes().len() == 1 && b.routes().len() == 1).await;
+    let (status, text) = get(&a, "/metrics").await;
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(metric(&scrape, "busbar_routes"), 1.0);
+}
