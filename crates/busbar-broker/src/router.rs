@@ -515,7 +515,7 @@ impl Router {
                 let queued = if !s.outbox.is_route() {
                     s.outbox.deliver(s.sid, msg)
                 } else if grouped {
-                    let out = RouteOut::Msg { target: s.conn, sid: s.sid, msg: msg.clone() };
+                    let out = RouteOut::Msg { target: s.conn, sid: s.sid, msg: s.outbox.share(msg) };
                     s.outbox.push(Outbound::Route(out))
                 } else {
                     let node = node_of(s.conn);
@@ -525,7 +525,7 @@ impl Router {
                     forwarded.push(node);
                     // Direct addressing (by id or by name) restricts the peer's fan-out to one client.
                     let target = only.unwrap_or(msg.destination);
-                    let out = RouteOut::Msg { target, sid: FANOUT, msg: msg.clone() };
+                    let out = RouteOut::Msg { target, sid: FANOUT, msg: s.outbox.share(msg) };
                     s.outbox.push(Outbound::Route(out))
                 };
                 delivered += usize::from(queued);

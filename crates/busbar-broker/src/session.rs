@@ -43,6 +43,18 @@ const READ_BUFFER: usize = 32 * 1024;
 const FIRST_READ_BUFFER: usize = 512;
 /// Frames after which a connection counts as busy (its reads get `READ_BUFFER` of room).
 const BUSY_AFTER: u32 = 64;
+/// A connection whose queue has held at least [`DETACH_AFTER`] items and not been empty for
+/// [`DETACH_AFTER_BEHIND`] ms is given copies of messages rather than the read buffers they
+/// arrived in ([`Outbox::share`]). What it keeps alive is then bounded by what its queue counts,
+/// plus the buffers of what it was given before.
+const DETACH_AFTER: usize = 256;
+const DETACH_AFTER_BEHIND: u64 = 250;
+
+/// Milliseconds since the first call in this process: a clock for coarse ages.
+fn millis() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
 /// Room beyond a connection's bounds kept for the broker's answers to the client's own frames.
 const ANSWER_SLACK_ITEMS: usize = 1024;
 const ANSWER_SLACK_BYTES: usize = 256 * 1024;
@@ -145,6 +157,10 @@ pub(crate) struct Control {
     pub(crate) no_echo: std::sync::atomic::AtomicBool,
     /// Routes only: the peer's `max_frame_size`, when it said (0: not known).
     pub(crate) peer_max_frame: usize,
+    /// When the writer last found nothing left to write ([`millis`]).
+    drained_at: AtomicU64,
+    /// Behind for longer than [`DETACH_AFTER_BEHIND`]: given copies ([`Outbox::share`]).
+    behind: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -157,8 +173,34 @@ impl Control {
             policy: if link == Link::Route { SlowConsumerPolicy::Disconnect } else { config.slow_consumer },
             counters: Some(counters),
             link,
+            drained_at: AtomicU64::new(millis()),
             ..Self::default()
         }
+    }
+
+    /// The writer has written everything queued.
+    fn caught_up(&self) {
+        self.drained_at.store(millis(), Ordering::Relaxed);
+        self.behind.store(false, Ordering::Relaxed);
+    }
+
+    /// True once the queue has not been empty for [`DETACH_AFTER_BEHIND`], with at least
+    /// [`DETACH_AFTER`] items in it. The clock is read once per 64 items queued meanwhile.
+    fn long_behind(&self) -> bool {
+        let pending = self.pending_frames.load(Ordering::Relaxed);
+        if pending < DETACH_AFTER {
+            return false;
+        }
+        if self.behind.load(Ordering::Relaxed) {
+            return true;
+        }
+        if pending.is_multiple_of(64)
+            && millis().saturating_sub(self.drained_at.load(Ordering::Relaxed)) >= DETACH_AFTER_BEHIND
+        {
+            self.behind.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// True once the connection is being closed.
@@ -256,7 +298,18 @@ impl Outbox {
     /// Queues a message without waiting. A full queue makes the connection a slow consumer: it is
     /// closed with `SlowConsumer` rather than allowed to slow the publisher or grow without bound.
     pub(crate) fn deliver(&self, sid: u64, msg: &Arc<Message>) -> bool {
-        self.push(Outbound::Msg { sid, msg: msg.clone() })
+        self.push(Outbound::Msg { sid, msg: self.share(msg) })
+    }
+
+    /// The message to queue here: the routed one itself, or, for a connection long behind, a
+    /// copy of its own. A decoded message shares the read buffer its frame came in (32 KiB for
+    /// a busy publisher), and a reader that has stopped keeps what it was given: one small
+    /// message to it among 16 KiB of others' traffic would keep a whole buffer alive per
+    /// queued message, far beyond what `max_pending_bytes` counts. A connection that keeps up,
+    /// or is behind only for a burst, is given the message itself (copying for every backlog
+    /// halved the rate of a saturated subscriber).
+    pub(crate) fn share(&self, msg: &Arc<Message>) -> Arc<Message> {
+        if self.control.long_behind() { Arc::new(msg.detached()) } else { msg.clone() }
     }
 
     /// False for a message the other end cannot read: larger than a peer broker's
@@ -1331,7 +1384,9 @@ impl Tally {
     fn settle(&mut self, control: &Control) {
         if self.items > 0 {
             control.pending_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
-            control.pending_frames.fetch_sub(self.items, Ordering::Relaxed);
+            if control.pending_frames.fetch_sub(self.items, Ordering::Relaxed) == self.items {
+                control.caught_up();
+            }
         }
         if self.msgs > 0 {
             control.msgs_out.fetch_add(self.msgs, Ordering::Relaxed);

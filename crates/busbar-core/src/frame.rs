@@ -371,6 +371,26 @@ impl Message {
         }
     }
 
+    /// A copy whose topic, headers and payload live in allocations of their own. A decoded
+    /// message shares the whole buffer its frame was read into: one kept long (queued for a
+    /// slow reader, say) keeps all of that buffer alive. Topic and payload share one allocation.
+    pub fn detached(&self) -> Message {
+        let mut both = BytesMut::with_capacity(self.topic.len() + self.payload.len());
+        both.extend_from_slice(self.topic.as_bytes());
+        both.extend_from_slice(&self.payload);
+        let mut topic = both.freeze();
+        let payload = topic.split_off(self.topic.len());
+        let topic = ByteString::try_from(topic).expect("copied from a str");
+        let headers = if self.headers.is_empty() {
+            Headers::new()
+        } else {
+            let pairs =
+                self.headers.iter().map(|(k, v)| (ByteString::from(k), ByteString::from(v))).collect();
+            Headers::from_vec(pairs)
+        };
+        Message { topic, headers, payload, ..*self }
+    }
+
     /// An upper bound of the size of any data frame carrying this message, as the length prefix
     /// counts it (the number to compare with a maximum frame size); exact but for the 0–12 bytes of
     /// command-specific fields.

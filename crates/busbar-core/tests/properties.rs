@@ -218,6 +218,23 @@ proptest! {
     }
 
     #[test]
+    fn a_detached_message_is_equal_and_shares_nothing_with_its_frame(m in message()) {
+        let mut buf = BytesMut::new();
+        Frame::Msg { sid: 1, message: m }.encode(&mut buf, usize::MAX).unwrap();
+        let read = buf.as_ptr_range();
+        let Ok(Some(Frame::Msg { message, .. })) = frame::decode(&mut buf, usize::MAX) else {
+            return Err(TestCaseError::fail("a MSG"));
+        };
+        let inside = |p: *const u8| read.contains(&p);
+        prop_assert!(inside(message.topic.as_bytes().as_ptr()), "decoded in place");
+        let copy = message.detached();
+        prop_assert_eq!(&copy, &message);
+        prop_assert!(copy.payload.is_empty() || !inside(copy.payload.as_ptr()));
+        prop_assert!(!inside(copy.topic.as_bytes().as_ptr()));
+        prop_assert!(copy.headers.iter().all(|(k, v)| !inside(k.as_ptr()) && !inside(v.as_ptr())));
+    }
+
+    #[test]
     fn a_pub_from_borrowed_fields_is_the_same_bytes(m in message(), max in 0usize..300) {
         let (mut owned, mut viewed) = (BytesMut::from(&b"kept"[..]), BytesMut::from(&b"kept"[..]));
         let a = frame::encode_pub(&mut owned, &m, max);

@@ -134,4 +134,63 @@ async fn slow_consumers_cannot_exhaust_the_broker() {
     assert!(stats.dropped > 0, "{stats:?}");
     assert_eq!(stats.connections, 3, "the slow consumer is kept under the drop policy");
     eprintln!("drop policy: {} messages dropped for the slow consumer", stats.dropped);
+
+    // A subscriber to a rare topic that has stopped reading, among 256 MiB of others' traffic:
+    // what it is owed is small (16 000 messages of 16 bytes), but each arrived in a read buffer
+    // of 32 KiB with 16 KiB of others' messages. Queued as they came, they kept about 8 000
+    // buffers alive (some 280 MiB, against the 800 kB its queue counts); once it has been
+    // behind for a while it gets copies.
+    let growth = rare_among_many(common::config(), 16_000).await;
+    eprintln!("rare topic: RSS peak growth {} MiB for 256 MiB published", growth >> 20);
+    assert!(growth < 64 << 20, "RSS grew by {} MiB", growth >> 20);
+}
+
+/// Publishes `rounds` of one 16-byte message on `rare` (whose raw subscriber never reads) and
+/// sixteen of 1 KiB on `common` (read by a fast subscriber); returns the peak RSS growth.
+async fn rare_among_many(config: Config, rounds: u64) -> u64 {
+    let broker = broker_with(config).await;
+    let mut slow = Raw::hello(&broker).await;
+    slow.send(Frame::Sub(Sub { sid: 1, pattern: "rare".into(), group: None, kind: Default::default() }))
+        .await;
+    slow.send(Frame::Ping).await;
+    assert_eq!(slow.read().await, Some(Frame::Pong));
+    let fast = client(&broker).await;
+    let mut sub = fast.subscribe("common").await.unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let total = rounds * 16;
+    let consumer = tokio::spawn(async move {
+        for _ in 0..total {
+            tokio::time::timeout(PATIENCE, sub.next()).await.expect("next message in time").unwrap();
+            r.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let publisher = client(&broker).await;
+    // First 10 MiB for the rare subscriber: more than its socket's buffers hold, so that what
+    // follows waits in its queue at the broker.
+    let large = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+    for _ in 0..160 {
+        publisher.publish("rare", large.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let baseline = rss_bytes();
+    let mut peak = baseline;
+    let common = bytes::Bytes::from(vec![0u8; 1024]);
+    for round in 0..rounds {
+        publisher.publish("rare", "sixteen bytes!!!").await.unwrap();
+        for _ in 0..16 {
+            publisher.publish("common", common.clone()).await.unwrap();
+        }
+        if round % 64 == 63 {
+            // At most 64 rounds ahead of the fast subscriber.
+            while received.load(Ordering::Relaxed) + 64 * 16 < (round + 1) * 16 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            peak = peak.max(rss_bytes());
+        }
+    }
+    tokio::time::timeout(PATIENCE * 6, consumer).await.expect("fast subscriber finishes").unwrap();
+    peak = peak.max(rss_bytes());
+    assert_eq!(broker.stats().slow_consumers, 0, "the rare subscriber is owed little");
+    peak.saturating_sub(baseline)
 }
