@@ -146,13 +146,8 @@ impl Requests {
     }
 
     fn forget(&mut self, key: (u32, u64)) {
-        if self.pending.remove(&key).is_some()
-            && let Entry::Occupied(mut e) = self.per_requester.entry(key.0)
-        {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
+        if self.pending.remove(&key).is_some() {
+            uncount(&mut self.per_requester, key.0);
         }
     }
 
@@ -228,50 +223,65 @@ impl Requests {
         }
         gone.sort_unstable();
         let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
-        let keys: Vec<(u32, u64)> = self.pending.keys().copied().collect();
-        for key in keys {
-            if is_gone(&key.0) {
-                self.forget(key);
-                continue;
-            }
-            let Some(p) = self.pending.get_mut(&key) else { continue };
-            if !p.responders.iter().any(is_gone) {
-                continue;
-            }
-            // Once per CALL owed (a connection may answer through several subscriptions).
-            while let Some(i) = p.responders.iter().position(is_gone) {
-                p.responders.swap_remove(i);
-                // First-wins requests fail only when nobody is left to answer; a NATS requester
-                // has no way to hear of a lost responder and times out by itself.
-                if (p.first_wins && !p.responders.is_empty()) || matches!(p.reply_to, ReplyTo::Subject(_)) {
-                    continue;
+        let Self { pending, per_requester } = self;
+        // One pass, in place: no copy of the keys (a disconnect is frequent, the table large).
+        pending.retain(|&(requester, id), p| {
+            let keep = if is_gone(&requester) {
+                false
+            } else if !p.responders.iter().any(is_gone) {
+                true
+            } else {
+                // Once per CALL owed (a connection may answer through several subscriptions).
+                while let Some(i) = p.responders.iter().position(is_gone) {
+                    p.responders.swap_remove(i);
+                    // First-wins requests fail only when nobody is left to answer; a NATS
+                    // requester has no way to hear of a lost responder and times out by itself.
+                    if (p.first_wins && !p.responders.is_empty()) || matches!(p.reply_to, ReplyTo::Subject(_))
+                    {
+                        continue;
+                    }
+                    let remaining = p.responders.len() as u32;
+                    let text = "the responder disconnected before it replied";
+                    let reply = error_reply(id, ErrorCode::ResponderLost, remaining, p.topic.clone(), text);
+                    if let ReplyTo::Conn(outbox) = &p.reply_to {
+                        outbox.deliver_frame(reply);
+                    }
                 }
-                let remaining = p.responders.len() as u32;
-                let text = "the responder disconnected before it replied";
-                let reply = error_reply(key.1, ErrorCode::ResponderLost, remaining, p.topic.clone(), text);
-                if let ReplyTo::Conn(outbox) = &p.reply_to {
-                    outbox.deliver_frame(reply);
-                }
+                !p.responders.is_empty()
+            };
+            if !keep {
+                uncount(per_requester, requester);
             }
-            if p.responders.is_empty() {
-                self.forget(key);
-            }
-        }
+            keep
+        });
     }
 
     /// Forgets requests whose timeout has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
         let before = self.pending.len();
-        let expired: Vec<(u32, u64)> =
-            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| *k).collect();
-        for key in expired {
-            self.forget(key);
-        }
+        let Self { pending, per_requester } = self;
+        pending.retain(|&(requester, _), p| {
+            let keep = p.deadline > now;
+            if !keep {
+                uncount(per_requester, requester);
+            }
+            keep
+        });
         before - self.pending.len()
     }
 
     pub(crate) fn len(&self) -> usize {
         self.pending.len()
+    }
+}
+
+/// One request of `requester` fewer.
+fn uncount(per_requester: &mut FastMap<u32, usize>, requester: u32) {
+    if let Entry::Occupied(mut e) = per_requester.entry(requester) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
     }
 }
 
@@ -316,6 +326,38 @@ mod tests {
         assert!(matches!(r.reply(1, 2, reply(7), None, |_| true), Replied::Unknown), "2 already answered");
         r.remove_connection(3);
         assert_eq!(r.len(), 0, "3 disconnected: nothing left to wait for");
+    }
+
+    #[test]
+    fn a_disconnect_forgets_its_requests_and_fails_what_it_owed() {
+        let mut r = Requests::default();
+        let t = Duration::from_secs(5);
+        let (tx, mut rx) = crate::queue::queue();
+        let requester = Outbox::new(tx);
+        let ask = |responders: Vec<u32>| NewRequest {
+            reply_to: ReplyTo::Conn(requester.clone()),
+            topic: "a".into(),
+            responders: responders.into(),
+            timeout: t,
+            first_wins: false,
+        };
+        r.insert(1, 1, ask(vec![2, 3]), 2).unwrap(); // scatter-gather to 2 and 3
+        r.insert(1, 2, ask(vec![3]), 2).unwrap();
+        r.insert(9, 1, native(vec![2], t), 2).unwrap();
+        assert_eq!(r.insert(1, 3, ask(vec![2]), 2), Err(TooMany));
+        r.remove_connections(vec![9, 3]);
+        // 1's first request still waits for 2, its second is over; 9's is forgotten.
+        assert_eq!(r.len(), 1);
+        r.insert(1, 3, ask(vec![2]), 2).expect("room again: the count went down with it");
+        let mut lost = Vec::new();
+        while let Some(crate::session::Outbound::Frame(frame)) = rx.try_recv() {
+            if let Frame::Reply(reply) = *frame {
+                lost.push((reply.id, reply.error, reply.remaining));
+            }
+        }
+        lost.sort_unstable_by_key(|(id, _, _)| *id);
+        let gone = Some(ErrorCode::ResponderLost);
+        assert_eq!(lost, [(1, gone, 1), (2, gone, 0)]);
     }
 
     #[test]
