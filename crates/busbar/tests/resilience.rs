@@ -214,12 +214,12 @@ async fn a_cut_connection_comes_back_and_flushes_what_was_published_meanwhile() 
     }
 }
 
-#[tokio::test]
-async fn the_offline_buffer_is_bounded() {
+/// Two clients left offline for the test by a broker that stops, their offline buffers set by
+/// `bound`: one refusing publishes when it is full, one dropping its oldest.
+async fn offline_pair(bound: impl Fn(&mut ClientOptions)) -> (Client, Client) {
     let broker = broker().await;
-    let addr = broker.local_addr().to_string();
-    let mut options = fast_reconnect(addr.clone());
-    options.offline_buffer = 5;
+    let mut options = fast_reconnect(broker.local_addr().to_string());
+    bound(&mut options);
     options.reconnect.initial_delay = Duration::from_secs(3600); // stay offline for the test
     options.reconnect.max_delay = Duration::from_secs(3600);
     let refusing = Client::connect_with(options.clone()).await.unwrap();
@@ -228,6 +228,12 @@ async fn the_offline_buffer_is_bounded() {
     broker.stop().await;
     wait_status(&refusing, Status::Reconnecting).await;
     wait_status(&dropping, Status::Reconnecting).await;
+    (refusing, dropping)
+}
+
+#[tokio::test]
+async fn the_offline_buffer_is_bounded() {
+    let (refusing, dropping) = offline_pair(|o| o.offline_buffer = 5).await;
     for i in 0..5 {
         refusing.publish("t", vec![i]).await.unwrap();
     }
@@ -242,17 +248,7 @@ async fn the_offline_buffer_is_bounded() {
 
 #[tokio::test]
 async fn the_offline_buffer_is_bounded_in_bytes_too() {
-    let broker = broker().await;
-    let mut options = fast_reconnect(broker.local_addr().to_string());
-    options.offline_buffer_bytes = 10_000;
-    options.reconnect.initial_delay = Duration::from_secs(3600); // stay offline for the test
-    options.reconnect.max_delay = Duration::from_secs(3600);
-    let refusing = Client::connect_with(options.clone()).await.unwrap();
-    options.offline_policy = OfflinePolicy::DropOldest;
-    let dropping = Client::connect_with(options).await.unwrap();
-    broker.stop().await;
-    wait_status(&refusing, Status::Reconnecting).await;
-    wait_status(&dropping, Status::Reconnecting).await;
+    let (refusing, dropping) = offline_pair(|o| o.offline_buffer_bytes = 10_000).await;
     // Frames of about 1 050 bytes: 9 fit in 10 000.
     let mut kept = 0;
     loop {
