@@ -447,20 +447,26 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
                 // A route refused as a duplicate keeps backing off like a failure, and so does
                 // one that closes soon after it opens (a peer that refuses what it is sent, say):
                 // redialling it at once, again and again, would resync both sides each time.
+                // It counts toward giving a learned address up, too: a broker reachable at all
+                // is found connected (by whatever route) at the top of the loop, which resets
+                // the count.
                 let opened = tokio::time::Instant::now();
                 if run(reader, writer, peer, true, shared.clone()).await && opened.elapsed() >= STABLE_ROUTE {
                     failures = 0;
                     backoff = Duration::from_millis(20);
+                } else {
+                    failures += 1;
+                    debug!(%url, failures, "route refused or closed soon after it opened");
                 }
             }
             Err(why) => {
                 failures += 1;
                 debug!(%url, why, failures, "route attempt failed");
-                if !seed && failures >= LEARNED_ATTEMPTS {
-                    info!(%url, "giving up a learned route address");
-                    return;
-                }
             }
+        }
+        if !seed && failures >= LEARNED_ATTEMPTS {
+            info!(%url, "giving up a learned route address");
+            return;
         }
         let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
         backoff = (backoff * 2).min(MAX_BACKOFF);
