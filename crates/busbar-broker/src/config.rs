@@ -53,7 +53,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Unanswered pings before a connection counts as dead (at least 1).
     pub heartbeat_max_missed: u32,
-    /// Most requests one connection may have waiting for replies.
+    /// Most requests one connection may have waiting for replies. One past its timeout counts
+    /// until the sweep forgets it (once a second).
     pub max_requests: usize,
     /// Time a new connection has to send HELLO.
     pub handshake_timeout: Duration,

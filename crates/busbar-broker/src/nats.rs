@@ -509,7 +509,14 @@ impl Conn<'_> {
                 inner.destination = t.conn;
             }
             let call = Call { id, sid: t.sid, timeout_ms, message: inner };
-            t.outbox.deliver_frame(Frame::Call(call));
+            if !t.outbox.deliver_frame(Frame::Call(call)) {
+                // Answered for the responder (with a Busbar-Error header), not left to time out.
+                let (code, text) = crate::requests::undelivered(&t.outbox);
+                let reply = crate::requests::refusal(id, code, 0, message.topic.clone(), text);
+                if let Some(replied) = shared.requests().undelivered(self.id, t.conn, reply) {
+                    crate::requests::settle(replied, shared);
+                }
+            }
         }
         targets.len()
     }

@@ -210,6 +210,21 @@ impl Requests {
         outcome
     }
 
+    /// The CALL of request `reply.id` of `requester` could not be queued for `responder`:
+    /// `reply` (its refusal) answers for it. A first-wins request goes on while another
+    /// responder may still answer, and nothing is done when the request or this responder's
+    /// part in it is already over (its cleanup came first): `None` then, or what to settle.
+    pub(crate) fn undelivered(&mut self, requester: u32, responder: u32, reply: Reply) -> Option<Replied> {
+        let key = (requester, reply.id);
+        let p = self.pending.get_mut(&key)?;
+        let i = p.responders.iter().position(|&r| r == responder)?;
+        if p.first_wins && p.responders.len() > 1 {
+            p.responders.swap_remove(i);
+            return None;
+        }
+        Some(self.reply(requester, responder, reply, None, |_| true))
+    }
+
     /// A connection is gone: forget its own requests, and fail the ones it was to answer.
     pub(crate) fn remove_connection(&mut self, conn: u32) {
         self.remove_connections(vec![conn]);
@@ -358,6 +373,25 @@ mod tests {
         lost.sort_unstable_by_key(|(id, _, _)| *id);
         let gone = Some(ErrorCode::ResponderLost);
         assert_eq!(lost, [(1, gone, 1), (2, gone, 0)]);
+    }
+
+    #[test]
+    fn an_undelivered_call_ends_a_first_wins_request_only_when_nobody_else_was_asked() {
+        let mut r = Requests::default();
+        let t = Duration::from_secs(5);
+        let first_wins = |responders: Vec<u32>| NewRequest { first_wins: true, ..native(responders, t) };
+        let refusal = |id| super::refusal(id, ErrorCode::TooManyRequests, 0, "a".into(), "full");
+        r.insert(1, 7, first_wins(vec![2, 3]), 10).unwrap();
+        assert!(r.undelivered(1, 2, refusal(7)).is_none(), "3 may still answer");
+        assert!(r.undelivered(1, 2, refusal(7)).is_none(), "2 is no longer asked");
+        assert_eq!(r.len(), 1);
+        assert!(matches!(r.reply(1, 3, reply(7), None, |_| true), Replied::Delivered));
+        assert_eq!(r.len(), 0);
+        // Alone, its refusal is the answer; once the request is over, nothing (not a late reply).
+        r.insert(1, 8, first_wins(vec![2]), 10).unwrap();
+        assert!(matches!(r.undelivered(1, 2, refusal(8)), Some(Replied::Delivered)));
+        assert!(r.undelivered(1, 2, refusal(8)).is_none());
+        assert_eq!(r.len(), 0);
     }
 
     #[test]

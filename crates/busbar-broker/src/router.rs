@@ -515,8 +515,11 @@ impl Router {
                 let queued = if !s.outbox.is_route() {
                     s.outbox.deliver(s.sid, msg)
                 } else if grouped {
-                    let out = RouteOut::Msg { target: s.conn, sid: s.sid, msg: s.outbox.share(msg) };
-                    s.outbox.push(Outbound::Route(out))
+                    let out = || {
+                        let msg = s.outbox.share(msg);
+                        Outbound::Route(RouteOut::Msg { target: s.conn, sid: s.sid, msg })
+                    };
+                    s.outbox.push_sized(msg.frame_size(), out)
                 } else {
                     let node = node_of(s.conn);
                     if forwarded.contains(&node) {
@@ -525,8 +528,9 @@ impl Router {
                     forwarded.push(node);
                     // Direct addressing (by id or by name) restricts the peer's fan-out to one client.
                     let target = only.unwrap_or(msg.destination);
-                    let out = RouteOut::Msg { target, sid: FANOUT, msg: s.outbox.share(msg) };
-                    s.outbox.push(Outbound::Route(out))
+                    let out =
+                        || Outbound::Route(RouteOut::Msg { target, sid: FANOUT, msg: s.outbox.share(msg) });
+                    s.outbox.push_sized(msg.frame_size(), out)
                 };
                 delivered += usize::from(queued);
             },

@@ -43,8 +43,8 @@ const READ_BUFFER: usize = 32 * 1024;
 const FIRST_READ_BUFFER: usize = 512;
 /// Frames after which a connection counts as busy (its reads get `READ_BUFFER` of room).
 const BUSY_AFTER: u32 = 64;
-/// A connection whose queue has held at least [`DETACH_AFTER`] items and not been empty for
-/// [`DETACH_AFTER_BEHIND`] ms is given copies of messages rather than the read buffers they
+/// A connection whose queue has held at least [`DETACH_AFTER`] items for
+/// [`DETACH_AFTER_BEHIND`] ms on end is given copies of messages rather than the read buffers they
 /// arrived in ([`Outbox::share`]). What it keeps alive is then bounded by what its queue counts,
 /// plus the buffers of what it was given before.
 const DETACH_AFTER: usize = 256;
@@ -157,10 +157,12 @@ pub(crate) struct Control {
     pub(crate) no_echo: std::sync::atomic::AtomicBool,
     /// Routes only: the peer's `max_frame_size`, when it said (0: not known).
     pub(crate) peer_max_frame: usize,
-    /// When the writer last found nothing left to write ([`millis`]).
+    /// When the writer last left fewer than [`DETACH_AFTER`] items queued ([`millis`]).
     drained_at: AtomicU64,
-    /// Behind for longer than [`DETACH_AFTER_BEHIND`]: given copies ([`Outbox::share`]).
-    behind: std::sync::atomic::AtomicBool,
+    /// One more than the `drained_at` since which the queue has been found long behind
+    /// ([`Outbox::share`]); 0 for none. A `drained_at` the writer has moved on from no longer
+    /// matches, so a finding made late cannot outlive the writer catching up.
+    behind_since: AtomicU64,
 }
 
 impl Control {
@@ -178,26 +180,24 @@ impl Control {
         }
     }
 
-    /// The writer has written everything queued.
+    /// The writer has left fewer than [`DETACH_AFTER`] items queued.
     fn caught_up(&self) {
         self.drained_at.store(millis(), Ordering::Relaxed);
-        self.behind.store(false, Ordering::Relaxed);
     }
 
-    /// True once the queue has not been empty for [`DETACH_AFTER_BEHIND`], with at least
-    /// [`DETACH_AFTER`] items in it. The clock is read once per 64 items queued meanwhile.
+    /// True once at least [`DETACH_AFTER`] items have stayed queued for
+    /// [`DETACH_AFTER_BEHIND`]. The clock is read once per 64 items queued meanwhile.
     fn long_behind(&self) -> bool {
         let pending = self.pending_frames.load(Ordering::Relaxed);
         if pending < DETACH_AFTER {
             return false;
         }
-        if self.behind.load(Ordering::Relaxed) {
+        let drained = self.drained_at.load(Ordering::Relaxed);
+        if self.behind_since.load(Ordering::Relaxed) == drained + 1 {
             return true;
         }
-        if pending.is_multiple_of(64)
-            && millis().saturating_sub(self.drained_at.load(Ordering::Relaxed)) >= DETACH_AFTER_BEHIND
-        {
-            self.behind.store(true, Ordering::Relaxed);
+        if pending.is_multiple_of(64) && millis().saturating_sub(drained) >= DETACH_AFTER_BEHIND {
+            self.behind_since.store(drained + 1, Ordering::Relaxed);
             return true;
         }
         false
@@ -298,7 +298,8 @@ impl Outbox {
     /// Queues a message without waiting. A full queue makes the connection a slow consumer: it is
     /// closed with `SlowConsumer` rather than allowed to slow the publisher or grow without bound.
     pub(crate) fn deliver(&self, sid: u64, msg: &Arc<Message>) -> bool {
-        self.push(Outbound::Msg { sid, msg: self.share(msg) })
+        // Made once the bound has taken it: a copy for a full queue would be thrown away.
+        self.push_sized(msg.frame_size(), || Outbound::Msg { sid, msg: self.share(msg) })
     }
 
     /// The message to queue here: the routed one itself, or, for a connection long behind, a
@@ -306,8 +307,9 @@ impl Outbox {
     /// a busy publisher), and a reader that has stopped keeps what it was given: one small
     /// message to it among 16 KiB of others' traffic would keep a whole buffer alive per
     /// queued message, far beyond what `max_pending_bytes` counts. A connection that keeps up,
-    /// or is behind only for a burst, is given the message itself (copying for every backlog
-    /// halved the rate of a saturated subscriber).
+    /// or is behind only for a burst (its queue below [`DETACH_AFTER`] items at least once every
+    /// [`DETACH_AFTER_BEHIND`] ms), is given the message itself: copying for every backlog
+    /// halved the rate of a saturated subscriber.
     pub(crate) fn share(&self, msg: &Arc<Message>) -> Arc<Message> {
         if self.control.long_behind() { Arc::new(msg.detached()) } else { msg.clone() }
     }
@@ -326,16 +328,21 @@ impl Outbox {
 
     /// Queues anything without waiting, with the slow-consumer rule of [`Outbox::deliver`].
     pub(crate) fn push(&self, out: Outbound) -> bool {
+        self.push_sized(out.size(), || out)
+    }
+
+    /// [`Outbox::push`] of the item `make` builds, of `size` (its [`Outbound::size`]), built
+    /// only once the bound has room for it.
+    pub(crate) fn push_sized(&self, size: usize, make: impl FnOnce() -> Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
-        let size = out.size();
         if c.full(size, false) {
             self.overflow("outbound queue over its bounds");
             return false;
         }
         // Counted before it is queued, so that the writer never subtracts what was not added.
         c.add_pending(size);
-        if tx.try_send(out).is_err() {
+        if tx.try_send(make()).is_err() {
             c.sub_pending(size);
             return false;
         }
@@ -764,7 +771,9 @@ impl Heartbeat {
         match self.rule.check(idle) {
             busbar_core::heartbeat::Beat::Dead => return Err(idle),
             busbar_core::heartbeat::Beat::Ping => {
-                outbox.deliver_frame(Frame::Ping);
+                if !outbox.deliver_frame(Frame::Ping) {
+                    self.rule.ping_not_sent();
+                }
             }
             busbar_core::heartbeat::Beat::Quiet => {}
         }
@@ -1233,8 +1242,10 @@ async fn request_in(
                 debug!(responder = t.conn, "request not delivered");
                 let (code, text) = crate::requests::undelivered(&t.outbox);
                 let reply = crate::requests::refusal(req_id, code, 0, topic.clone(), text);
-                let replied = shared.requests().reply(id, t.conn, reply, None, |_| true);
-                crate::requests::settle(replied, shared);
+                let replied = shared.requests().undelivered(id, t.conn, reply);
+                if let Some(replied) = replied {
+                    crate::requests::settle(replied, shared);
+                }
             }
         }
     });
@@ -1384,7 +1395,8 @@ impl Tally {
     fn settle(&mut self, control: &Control) {
         if self.items > 0 {
             control.pending_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
-            if control.pending_frames.fetch_sub(self.items, Ordering::Relaxed) == self.items {
+            let before = control.pending_frames.fetch_sub(self.items, Ordering::Relaxed);
+            if before - self.items < DETACH_AFTER {
                 control.caught_up();
             }
         }

@@ -56,6 +56,12 @@ impl Heartbeat {
         self.pings = 0;
     }
 
+    /// The PING [`Heartbeat::check`] asked for could not be sent (the outbound queue was full):
+    /// it does not count as missed, and the next check asks again.
+    pub fn ping_not_sent(&mut self) {
+        self.pings = self.pings.saturating_sub(1);
+    }
+
     /// What to do after `idle` of silence (the time since the peer was last heard).
     pub fn check(&mut self, idle: Duration) -> Beat {
         if self.interval.is_zero() {
@@ -89,6 +95,9 @@ mod tests {
         // Answered in time: a fresh start.
         h.heard();
         assert_eq!(h.check(S * 10), Beat::Ping);
+        // A ping that could not go out is asked for again.
+        h.ping_not_sent();
+        assert_eq!(h.check(S * 11), Beat::Ping);
     }
 
     #[test]

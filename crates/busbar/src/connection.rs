@@ -535,9 +535,11 @@ impl ConnectionTask {
                 self.offline_changed();
             }
             Command::Subscribe { sub, sink, done } => {
-                // Sent when the connection is back, like every other subscription.
-                self.subs.insert(sub.sid, (*sub, sink));
-                let _ = done.send(Ok(()));
+                // Sent when the connection is back, like every other subscription, unless its
+                // subscribe call was given up meanwhile: nobody would read it.
+                if done.send(Ok(())).is_ok() {
+                    self.subs.insert(sub.sid, (*sub, sink));
+                }
             }
             Command::Unsubscribe { sid } => {
                 self.subs.remove(&sid);

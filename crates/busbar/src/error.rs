@@ -68,8 +68,11 @@ pub enum Error {
     /// client may be reconnecting: retry later).
     #[error("connection to the broker lost")]
     ConnectionLost,
-    /// Disconnected, and the buffer for publishes made meanwhile is full.
-    #[error("disconnected and the offline buffer ({capacity} messages) is full")]
+    /// Disconnected, and the buffer for publishes made meanwhile has no room for this one (it
+    /// holds `capacity` messages, or `ClientOptions::offline_buffer_bytes`).
+    #[error(
+        "disconnected and the offline buffer (at most {capacity} messages, and its byte bound) has no room"
+    )]
     BufferFull {
         /// The buffer's size.
         capacity: usize,
