@@ -47,7 +47,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/subsz", get(subsz))
         .route("/routez", get(routez))
         .with_state(shared);
-    let listener = Limited::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE);
+    let listener = Limited::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE, HTTP_REQUEST);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         warn!(error = %e, "monitoring listener failed");
     }
@@ -58,22 +58,28 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 /// the file descriptors the broker's own listeners need.
 const MAX_HTTP_CONNECTIONS: usize = 64;
 
-/// A monitoring connection that neither sends nor takes a byte for this long is closed (a
-/// half-sent request, or a reader that stopped reading). axum serves without hyper's header
-/// timeout, which needs a timer it is not given.
+/// A monitoring connection that neither sends nor takes a byte for this long is closed (an
+/// idle keep-alive, or a reader that stopped reading).
 const HTTP_IDLE: Duration = Duration::from_secs(30);
 
-/// A listener for `axum::serve` with at most `max` connections open, each closed after `idle`
-/// without progress.
+/// A request must have arrived whole and been answered (the first byte of its answer written)
+/// within this long of its first byte: a client trickling a byte at a time would otherwise keep
+/// its slot for ever. axum serves without hyper's header timeout, which needs a timer it is not
+/// given.
+const HTTP_REQUEST: Duration = Duration::from_secs(10);
+
+/// A listener for `axum::serve` with at most `max` connections open, each held to [`Guarded`]'s
+/// deadlines.
 struct Limited {
     inner: TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
     idle: Duration,
+    request: Duration,
 }
 
 impl Limited {
-    fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
-        Self { inner, slots: Arc::new(tokio::sync::Semaphore::new(max)), idle }
+    fn new(inner: TcpListener, max: usize, idle: Duration, request: Duration) -> Self {
+        Self { inner, slots: Arc::new(tokio::sync::Semaphore::new(max)), idle, request }
     }
 }
 
@@ -86,7 +92,9 @@ impl axum::serve::Listener for Limited {
         // TcpListener's own accept: it retries, and waits a second after errors such as EMFILE.
         let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let deadline = Box::pin(tokio::time::sleep(self.idle));
-        (Guarded { stream, _slot: slot, idle: self.idle, deadline }, addr)
+        let guarded =
+            Guarded { stream, _slot: slot, idle: self.idle, request: self.request, started: None, deadline };
+        (guarded, addr)
     }
 
     fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -95,30 +103,41 @@ impl axum::serve::Listener for Limited {
 }
 
 /// A monitoring connection: holds its slot, and fails its I/O once it has made no progress for
-/// `idle`.
+/// `idle`, or once a request begun `request` ago has not been answered.
 struct Guarded {
     stream: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
+    request: Duration,
+    /// When the first byte of the request being read arrived (none between requests).
+    started: Option<tokio::time::Instant>,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Guarded {
-    /// After a poll of the stream: progress moves the deadline; waiting past it is an error.
-    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        match poll {
-            Poll::Ready(r) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.deadline.as_mut().reset(next);
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "monitoring connection idle",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+    /// Bytes came in (`read`) or went out: the deadlines move.
+    fn progress(&mut self, read: bool) {
+        let now = tokio::time::Instant::now();
+        if read {
+            self.started.get_or_insert(now);
+        } else {
+            self.started = None;
+        }
+        let mut next = now + self.idle;
+        if let Some(started) = self.started {
+            next = next.min(started + self.request);
+        }
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// A poll that found nothing to do: past the deadline, it is an error.
+    fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "monitoring connection idle, or its request too slow",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -130,22 +149,39 @@ impl tokio::io::AsyncRead for Guarded {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.watch(cx, poll)
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => this.waiting(cx),
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.progress(true);
+                }
+                Poll::Ready(r)
+            }
+        }
     }
 }
 
 impl tokio::io::AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.watch(cx, poll)
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Pending => this.waiting(cx),
+            Poll::Ready(r) => {
+                if r.as_ref().is_ok_and(|n| *n > 0) {
+                    this.progress(false);
+                }
+                Poll::Ready(r)
+            }
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut this.stream).poll_flush(cx);
-        this.watch(cx, poll)
+        match Pin::new(&mut this.stream).poll_flush(cx) {
+            Poll::Pending => this.waiting(cx),
+            ready => ready,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -371,7 +407,7 @@ mod tests {
     async fn monitoring_connections_are_bounded_and_closed_when_idle() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut listener = Limited::new(tcp, 1, Duration::from_millis(100));
+        let mut listener = Limited::new(tcp, 1, Duration::from_millis(100), Duration::from_secs(60));
         let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut first, _) = listener.accept().await;
         // The one slot is taken: the next connection waits (in the backlog) until it is free.
@@ -385,5 +421,37 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         drop(first);
         let (_second, _) = waiting.await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_trickling_in_is_cut_off() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (idle, request) = (Duration::from_millis(100), Duration::from_millis(250));
+        let mut listener = Limited::new(tcp, 1, idle, request);
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await;
+        // A byte every 50 ms: never idle for 100 ms, but the request never ends.
+        let trickle = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for _ in 0..100 {
+                if client.write_all(b"G").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let began = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let e = loop {
+            match server.read(&mut buf).await {
+                Ok(n) => assert!(n > 0, "the client does not close"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let took = began.elapsed();
+        assert!(took >= request && took < request + idle, "cut off at the request deadline: {took:?}");
+        trickle.abort();
     }
 }
