@@ -35,6 +35,16 @@ pub enum Error {
         /// Which rule it breaks.
         source: TopicError,
     },
+    /// In-process bus: a publish from inside a synchronous handler, nested this deep (each
+    /// delivered at once, on the same stack): a handler that publishes what it handles would
+    /// otherwise overflow the stack.
+    #[error("publishes nested {depth} deep inside synchronous handlers on {topic:?}")]
+    NestedTooDeep {
+        /// The nesting limit.
+        depth: u32,
+        /// The topic of the publish refused.
+        topic: String,
+    },
     /// In-process bus in strict mode: the topic was never registered.
     #[error("topic {topic:?} is not registered on this strict bus")]
     UnknownTopic {

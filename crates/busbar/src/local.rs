@@ -25,7 +25,8 @@
 //! message delivered to one of them allocates nothing. Each runs under `catch_unwind`: one that
 //! panics or returns an error is reported in the returned [`Delivery`] (and logged) and the
 //! others still run. The handlers of one message run in no promised order; a handler that
-//! publishes delivers that message at once (depth first). Streams ([`Bus::subscribe`]) and async handlers
+//! publishes delivers that message at once (depth first), up to 64 publishes deep (beyond that the
+//! publish fails with [`Error::NestedTooDeep`] rather than overflow the stack). Streams ([`Bus::subscribe`]) and async handlers
 //! ([`crate::EventBus::subscribe_with`]) receive through a bounded buffer; a full buffer drops
 //! and counts, never blocks the emitter.
 //!
@@ -548,6 +549,13 @@ impl Bus {
         if self.inner.options.addressed_elsewhere(&message.inner) {
             return Ok(Delivery::default());
         }
+        // A publish from a synchronous handler is delivered at once, on this stack: bounded.
+        let depth = DEPTH.get();
+        if depth >= MAX_DEPTH {
+            return Err(Error::NestedTooDeep { depth: MAX_DEPTH, topic: topic.to_string() });
+        }
+        DEPTH.set(depth + 1);
+        let _back = Restore(depth);
         // Handlers run in the message's transaction: set once for all of them.
         let tx = message.envelope().map(|e| e.tx);
         Ok(in_transaction_sync(tx, || deliver_all(&table, message)))
@@ -658,6 +666,23 @@ impl Bus {
             }
         }
         Ok(answers)
+    }
+}
+
+/// Most publishes nested inside synchronous handlers on one thread (see [`Bus::emit`]).
+const MAX_DEPTH: u32 = 64;
+
+thread_local! {
+    /// Publishes being delivered on this thread's stack, one inside another's handler.
+    static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Puts [`DEPTH`] back when a delivery ends, handler panics included.
+struct Restore(u32);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        DEPTH.set(self.0);
     }
 }
 

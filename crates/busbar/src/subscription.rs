@@ -244,7 +244,9 @@ where
         while let Some(message) = sub.next().await {
             let tx = message.envelope().map(|e| e.tx);
             let topic = message.topic().to_string();
-            let run = AssertUnwindSafe(in_transaction(tx, handler(message))).catch_unwind();
+            // The handler is called inside the caught future, in its transaction: a closure that
+            // panics before it returns its future (parsing the payload, say) is caught too.
+            let run = AssertUnwindSafe(in_transaction(tx, async { handler(message).await })).catch_unwind();
             if run.await.is_err() {
                 error!(%topic, "subscription handler panicked; continuing with the next message");
             }
@@ -267,7 +269,8 @@ where
     let task = spawn(tracker, async move {
         while let Some(request) = requests.next().await {
             let tx = request.message().envelope().map(|e| e.tx);
-            let run = AssertUnwindSafe(in_transaction(tx, handler(request.message().clone()))).catch_unwind();
+            let message = request.message().clone();
+            let run = AssertUnwindSafe(in_transaction(tx, async { handler(message).await })).catch_unwind();
             let sent = match run.await {
                 Ok(Ok(reply)) => request.reply(reply).await,
                 Ok(Err(e)) => request.fail(e).await,

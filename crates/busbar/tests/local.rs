@@ -64,6 +64,30 @@ fn strict_registration_refuses_unknown_topics() {
 }
 
 #[test]
+fn a_handler_that_publishes_what_it_handles_is_stopped_at_a_depth_not_by_the_stack() {
+    let bus = Bus::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(Mutex::new(None));
+    let (b, c, r) = (bus.clone(), calls.clone(), refused.clone());
+    let _audit = bus
+        .on(">", move |_m| {
+            c.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = b.publish("audit.seen", "") {
+                r.lock().unwrap().get_or_insert(e.to_string());
+            }
+        })
+        .unwrap();
+    bus.publish("order.created", "").unwrap();
+    assert_eq!(calls.load(Ordering::Relaxed), 64, "one per level");
+    let refused = refused.lock().unwrap().clone().expect("the 65th publish refused");
+    assert!(refused.contains("nested 64 deep"), "{refused}");
+    // The depth is back to zero afterwards.
+    calls.store(0, Ordering::Relaxed);
+    bus.publish("order.created", "").unwrap();
+    assert_eq!(calls.load(Ordering::Relaxed), 64);
+}
+
+#[test]
 fn a_failing_or_panicking_handler_is_reported_and_never_skips_the_others() {
     let bus = Bus::new();
     let calls = Arc::new(AtomicUsize::new(0));

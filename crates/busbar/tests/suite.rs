@@ -244,6 +244,34 @@ async fn direct_addressing(bus: &impl EventBus) {
     assert!(notes.try_next().is_none());
 }
 
+async fn a_handler_panicking_before_its_future_keeps_serving(bus: &(impl EventBus + Clone)) {
+    // Both closures panic while they build their future (a payload that does not parse, say),
+    // not inside it: the handler task must catch that too, and go on.
+    let mut seen = bus.subscribe("parsed.ok").await.unwrap();
+    let b = bus.clone();
+    let _h = bus
+        .subscribe_with("parse.me", move |m| {
+            let n: u32 = m.payload_str().unwrap().parse().expect("a number");
+            let b = b.clone();
+            async move { b.publish("parsed.ok", n.to_string()).await.unwrap() }
+        })
+        .await
+        .unwrap();
+    let _r = bus
+        .respond("parse.req", |m| {
+            let n: u32 = m.payload_str().unwrap().parse().expect("a number");
+            async move { Ok::<_, String>((n + 1).to_string()) }
+        })
+        .await
+        .unwrap();
+    bus.publish("parse.me", "not a number").await.unwrap();
+    bus.publish("parse.me", "7").await.unwrap();
+    assert_eq!(next(&mut seen).await.payload_str(), Some("7"), "the next message is handled");
+    let failed = bus.request("parse.req", "nope", LONG).await;
+    assert!(matches!(&failed, Err(Error::Handler(t)) if t.contains("panicked")), "{failed:?}");
+    assert_eq!(bus.request("parse.req", "1", LONG).await.unwrap().payload_str(), Some("2"));
+}
+
 async fn whole_suite(bus: AnyBus) {
     pub_sub_with_wildcards(&bus).await;
     handler_runs_and_propagates_the_transaction(&bus).await;
@@ -254,6 +282,7 @@ async fn whole_suite(bus: AnyBus) {
     a_responder_outlives_abandoned_requests(&bus).await;
     round_robin_is_fair_when_topics_interleave(&bus).await;
     direct_addressing(&bus).await;
+    a_handler_panicking_before_its_future_keeps_serving(&bus).await;
 }
 
 #[tokio::test]
