@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/nats-py-venv
-if [ ! -x "$venv/bin/python" ]; then
+# Checked by importing it: a venv whose install failed half-way is made again.
+if ! "$venv/bin/python" -c 'import nats' >/dev/null 2>&1; then
+    rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet nats-py
 fi
@@ -21,7 +23,8 @@ bin=target/release/busbar
 log=$(mktemp)
 "$bin" serve --listen 127.0.0.1:0 --nats-listen 127.0.0.1:0 >"$log" &
 broker=$!
-trap 'kill $broker $responder 2>/dev/null || true; rm -f "$log"' EXIT
+responder=""
+trap 'kill $broker ${responder:-} 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 100); do
     grep -q "^busbar listening on" "$log" && break
     sleep 0.1
