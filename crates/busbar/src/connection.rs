@@ -982,7 +982,12 @@ fn deliver_reply(requests: &mut HashMap<u64, ReplySink, foldhash::fast::RandomSt
         Some(ReplySink::All(tx)) => {
             let last = reply.remaining == 0;
             match tx.try_send(reply) {
-                Err(mpsc::error::TrySendError::Full(_)) => warn!(id, "gather buffer full: reply dropped"),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Its requester is not keeping up with the answers: it gets those it has,
+                    // now, rather than wait out its timeout for one that was dropped.
+                    warn!(id, "gather buffer full: reply dropped, and the gather ended");
+                    requests.remove(&id);
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     requests.remove(&id);
                 }
@@ -1148,6 +1153,20 @@ mod tests {
             }
         }
         assert_eq!(refused, [(1, Some(ErrorCode::NoResponders)), (2, Some(ErrorCode::NoResponders))]);
+    }
+
+    #[test]
+    fn a_gather_whose_buffer_fills_ends_with_what_it_has() {
+        let mut requests = HashMap::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        requests.insert(5, ReplySink::All(tx));
+        let reply =
+            |remaining| Reply { id: 5, error: None, remaining, message: busbar_core::Message::new("t", "x") };
+        deliver_reply(&mut requests, reply(1));
+        deliver_reply(&mut requests, reply(0)); // the buffer is full: dropped
+        assert!(requests.is_empty(), "the gather ended");
+        assert_eq!(rx.try_recv().unwrap().remaining, 1);
+        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)), "not left waiting");
     }
 
     #[test]
