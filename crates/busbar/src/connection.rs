@@ -491,7 +491,7 @@ impl ConnectionTask {
             }
             let Some(oldest) = self.offline.pop_front() else { break };
             self.offline_bytes -= oldest.len();
-            self.offline_dropped(1);
+            self.offline_dropped();
         }
         true
     }
@@ -505,10 +505,9 @@ impl ConnectionTask {
     }
 
     /// Counts messages the offline buffer could not keep (logged at each power of two).
-    fn offline_dropped(&mut self, n: u64) {
-        let before = self.offline_drops;
-        self.offline_drops += n;
-        if (before + 1..=self.offline_drops).any(u64::is_power_of_two) {
+    fn offline_dropped(&mut self) {
+        self.offline_drops += 1;
+        if self.offline_drops.is_power_of_two() {
             warn!(dropped = self.offline_drops, policy = ?self.options.offline_policy, "offline buffer full: messages dropped");
         }
     }
@@ -529,7 +528,7 @@ impl ConnectionTask {
                         self.offline_bytes += frame.len();
                         self.offline.push_back(Bytes::copy_from_slice(&frame));
                     } else {
-                        self.offline_dropped(1);
+                        self.offline_dropped();
                     }
                 }
                 self.offline_changed();
