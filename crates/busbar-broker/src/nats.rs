@@ -511,11 +511,7 @@ impl Conn<'_> {
             let call = Call { id, sid: t.sid, timeout_ms, message: inner };
             if !t.outbox.deliver_frame(Frame::Call(call)) {
                 // Answered for the responder (with a Busbar-Error header), not left to time out.
-                let (code, text) = crate::requests::undelivered(&t.outbox);
-                let reply = crate::requests::refusal(id, code, 0, message.topic.clone(), text);
-                if let Some(replied) = shared.requests().undelivered(self.id, t.conn, reply) {
-                    crate::requests::settle(replied, shared);
-                }
+                crate::requests::refuse_undelivered(shared, (self.id, id), t.conn, &t.outbox, &message.topic);
             }
         }
         targets.len()

@@ -103,6 +103,23 @@ pub(crate) fn undelivered(outbox: &Outbox) -> (ErrorCode, &'static str) {
     }
 }
 
+/// Answers request `(requester, id)` for `responder`, whose `outbox` did not take its CALL
+/// ([`Requests::undelivered`]), and settles what that gives.
+pub(crate) fn refuse_undelivered(
+    shared: &crate::server::Shared,
+    (requester, id): (u32, u64),
+    responder: u32,
+    outbox: &Outbox,
+    topic: &ByteString,
+) {
+    let (code, text) = undelivered(outbox);
+    let reply = refusal(id, code, 0, topic.clone(), text);
+    let replied = shared.requests().undelivered(requester, responder, reply);
+    if let Some(replied) = replied {
+        settle(replied, shared);
+    }
+}
+
 /// Finishes a reply outside the requests lock: counts an unknown one as late, and routes one for a
 /// NATS requester to its reply subject.
 pub(crate) fn settle(replied: Replied, shared: &crate::server::Shared) {

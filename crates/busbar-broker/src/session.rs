@@ -1240,12 +1240,7 @@ async fn request_in(
                 // Answered for the responder at once: one kept under the Drop policy would
                 // never see the request, and its requester would wait out the timeout.
                 debug!(responder = t.conn, "request not delivered");
-                let (code, text) = crate::requests::undelivered(&t.outbox);
-                let reply = crate::requests::refusal(req_id, code, 0, topic.clone(), text);
-                let replied = shared.requests().undelivered(id, t.conn, reply);
-                if let Some(replied) = replied {
-                    crate::requests::settle(replied, shared);
-                }
+                crate::requests::refuse_undelivered(shared, (id, req_id), t.conn, &t.outbox, &topic);
             }
         }
     });
