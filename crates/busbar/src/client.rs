@@ -269,6 +269,7 @@ pub struct Client {
     offline: Arc<crate::connection::OfflineState>,
     /// The current broker's `max_frame_size`, read per publish without the watch's lock.
     max_frame: Arc<AtomicUsize>,
+    offline_buffer: usize,
     offline_policy: OfflinePolicy,
     handlers: TaskTracker,
 }
@@ -297,7 +298,7 @@ impl Client {
         let (status_tx, status) = watch::channel(Status::Connected);
         let (welcome_tx, welcome) = watch::channel(Arc::new(welcome));
         let (commands, rx) = crate::commands::commands(options.command_capacity);
-        let offline = Arc::new(crate::connection::OfflineState::default());
+        let offline = Arc::new(crate::connection::OfflineState::new(options.offline_buffer_bytes));
         let max_frame = Arc::new(AtomicUsize::new(welcome.borrow().max_frame_size as usize));
         let client = Self {
             commands: commands.clone(),
@@ -308,6 +309,7 @@ impl Client {
             ids: options.id_generator.clone(),
             offline: offline.clone(),
             max_frame: max_frame.clone(),
+            offline_buffer: options.offline_buffer,
             offline_policy: options.offline_policy,
             handlers: TaskTracker::new(),
         };
@@ -402,7 +404,7 @@ impl Client {
             && size > self.offline.room.load(Ordering::Relaxed)
             && self.status() != Status::Connected
         {
-            return Err(Error::BufferFull { capacity: self.offline.capacity.load(Ordering::Relaxed) });
+            return Err(Error::BufferFull { capacity: self.offline_buffer });
         }
         Ok(())
     }

@@ -110,15 +110,20 @@ enum PongWaiter {
 }
 
 /// What the handles see of the offline buffer, kept by the connection task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct OfflineState {
     /// Frames in it.
     pub(crate) len: AtomicUsize,
     /// Bytes a frame may have to fit (0 when it is full by count): under
     /// [`OfflinePolicy::Error`], a larger publish is refused.
     pub(crate) room: AtomicUsize,
-    /// Its bound in frames, for the error.
-    pub(crate) capacity: AtomicUsize,
+}
+
+impl OfflineState {
+    /// An empty buffer of `bytes`.
+    pub(crate) fn new(bytes: usize) -> Self {
+        Self { len: AtomicUsize::new(0), room: AtomicUsize::new(bytes) }
+    }
 }
 
 /// An established connection.
@@ -301,8 +306,6 @@ impl ConnectionTask {
         max_frame: Arc<AtomicUsize>,
         server: usize,
     ) -> Self {
-        offline_state.capacity.store(options.offline_buffer, Ordering::Relaxed);
-        offline_state.room.store(options.offline_buffer_bytes, Ordering::Relaxed);
         let ids = options.id_generator.clone();
         Self {
             options,
