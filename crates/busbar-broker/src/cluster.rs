@@ -705,7 +705,7 @@ async fn apply(
             match responder {
                 Some(responder) => {
                     if !responder.deliver_frame(Frame::Call(call)) {
-                        refuse(crate::requests::undelivered(&responder));
+                        refuse(crate::requests::undelivered_status(&responder));
                     }
                 }
                 // Gone since the peer chose it.

@@ -111,7 +111,7 @@ struct Guarded {
     request: Duration,
     /// When the first byte of the request being read arrived (none between requests).
     started: Option<tokio::time::Instant>,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Guarded {

@@ -95,7 +95,7 @@ pub(crate) fn refusal(id: u64, code: ErrorCode, remaining: u32, topic: ByteStrin
 
 /// The refusal for a CALL its responder's outbox did not take: the responder is being closed
 /// (as a slow consumer, or gone), or, under the Drop policy, kept with a full queue.
-pub(crate) fn undelivered(outbox: &Outbox) -> (ErrorCode, &'static str) {
+pub(crate) fn undelivered_status(outbox: &Outbox) -> (ErrorCode, &'static str) {
     if outbox.control().is_killed() {
         (ErrorCode::ResponderLost, "the responder disconnected before it replied")
     } else {
@@ -112,7 +112,7 @@ pub(crate) fn refuse_undelivered(
     outbox: &Outbox,
     topic: &ByteString,
 ) {
-    let (code, text) = undelivered(outbox);
+    let (code, text) = undelivered_status(outbox);
     let reply = refusal(id, code, 0, topic.clone(), text);
     let replied = shared.requests().undelivered(requester, responder, reply);
     if let Some(replied) = replied {
