@@ -671,6 +671,10 @@ async fn apply(
                 // A service registered by one of the peer's clients.
                 own_client(source)?;
                 shared.router_mut().register_remote_service(peer.node, source, name.into(), outbox);
+            } else if update.properties.get(crate::session::NATS_CLIENT_PROPERTY).is_some() {
+                // One of the peer's clients speaks NATS: its plain subscriptions answer requests.
+                own_client(source)?;
+                shared.router_mut().register_remote_nats(peer.node, source, outbox);
             } else {
                 // Gossip after the handshake: a broker that joined the peer since.
                 for url in gossip(&update.properties) {

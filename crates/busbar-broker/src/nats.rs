@@ -50,7 +50,10 @@ use crate::session::{self, Control, Encoder, Outbound, Outbox, ReadHalf, WriteHa
 pub(crate) const REPLY_HEADER: &str = ":reply";
 /// Header of the envelope that carries a NATS status code (503: no responders).
 const STATUS_HEADER: &str = ":status";
-/// Reply subjects of native requests sent to NATS subscribers: `_BUSBAR.R.<requester>.<id>`.
+/// Reply subjects of native requests sent to NATS subscribers: `_BUSBAR.R.<requester>.<id>`,
+/// and `_BUSBAR.R.<requester>.<id>.<topic>` when the requester is another broker's client (the
+/// topic is what this broker checks the responder's permission on, and what the requester's
+/// broker checks against the request's own).
 const REPLY_PREFIX: &str = "_BUSBAR.R.";
 /// Subjects reserved for the broker: clients may not use them as reply subjects.
 const RESERVED: &str = "_BUSBAR.";
@@ -212,6 +215,7 @@ async fn run(
         subs: FastMap::default(),
         done: done_tx,
         block: BytesMut::new(),
+        node: shared.cluster.as_ref().map(|c| c.node()),
     };
     let writer = tokio::spawn(session::write_loop(wr, rx, control.clone(), usize::MAX, encoder));
     let limits =
@@ -517,11 +521,13 @@ impl Conn<'_> {
         targets.len()
     }
 
-    /// A PUB to `_BUSBAR.R.<requester>.<id>`: the reply to a native request.
-    fn reply(&self, rest: &str, message: Message) {
-        let parsed =
-            rest.split_once('.').and_then(|(r, i)| Some((r.parse::<u32>().ok()?, i.parse::<u64>().ok()?)));
-        let Some((requester, id)) = parsed else {
+    /// A PUB to `_BUSBAR.R.<requester>.<id>[.<topic>]`: the reply to a native request.
+    fn reply(&self, rest: &str, mut message: Message) {
+        let parsed = rest.split_once('.').and_then(|(r, rest)| {
+            let (id, topic) = rest.split_once('.').map_or((rest, None), |(i, t)| (i, Some(t)));
+            Some((r.parse::<u32>().ok()?, id.parse::<u64>().ok()?, topic))
+        });
+        let Some((requester, id, topic)) = parsed else {
             self.shared.stats.late_replies.inc();
             return;
         };
@@ -533,6 +539,24 @@ impl Conn<'_> {
             }
             ok
         };
+        if crate::cluster::is_remote(self.shared, requester) {
+            // The request is kept by the requester's broker, which accepts the reply only from
+            // a responder it asked and only when the topic named is the request's.
+            let Some(topic) = topic.filter(|t| validate_topic(t).is_ok()) else {
+                self.shared.stats.late_replies.inc();
+                return;
+            };
+            if !may_reply(topic) {
+                return;
+            }
+            message.topic = topic.into();
+            message.destination = requester;
+            let reply = Reply { id, error: None, remaining: 0, message };
+            if !crate::cluster::forward_reply(self.shared, reply) {
+                self.shared.stats.late_replies.inc();
+            }
+            return;
+        }
         let reply = Reply { id, error: None, remaining: 0, message };
         let replied = self.shared.requests().reply(requester, self.id, reply, None, may_reply);
         crate::requests::settle(replied, self.shared);
@@ -687,6 +711,9 @@ pub(crate) struct NatsEncoder {
     done: mpsc::UnboundedSender<u64>,
     /// Scratch space for a header block.
     block: BytesMut,
+    /// This broker's node id, in a cluster: a CALL from another node's client gets the long
+    /// form of reply subject.
+    node: Option<u8>,
 }
 
 impl NatsEncoder {
@@ -754,7 +781,13 @@ impl Encoder for NatsEncoder {
             Outbound::Frame(frame) => match *frame {
                 Frame::Call(call) => {
                     if self.count(call.sid) {
-                        let reply = format!("{REPLY_PREFIX}{}.{}", call.message.source, call.id);
+                        let (requester, id) = (call.message.source, call.id);
+                        let reply = match self.node {
+                            Some(own) if crate::router::node_of(requester) != own => {
+                                format!("{REPLY_PREFIX}{requester}.{id}.{}", call.message.topic)
+                            }
+                            _ => format!("{REPLY_PREFIX}{requester}.{id}"),
+                        };
                         self.message(buf, call.sid, &call.message, Some(&reply));
                     }
                 }
@@ -823,6 +856,7 @@ mod tests {
                 subs: FastMap::default(),
                 done,
                 block: BytesMut::new(),
+                node: None,
             },
             rx,
         )

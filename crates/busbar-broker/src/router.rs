@@ -46,6 +46,9 @@ pub(crate) enum RouteOut {
     Unsub { conn: u32, sid: u64 },
     /// Client `conn` of this broker registered service `name` (direct addressing by name).
     Service { conn: u32, name: ByteString },
+    /// Client `conn` of this broker speaks NATS: its plain subscriptions answer native requests
+    /// (sent before its first subscription).
+    Nats { conn: u32 },
     /// A message for subscription `sid` of client `target`, or with `sid` [`FANOUT`] for every
     /// matching plain subscription of the peer's clients (`target` then restricts it to one
     /// client when the message is directly addressed, 0 otherwise).
@@ -61,6 +64,7 @@ impl RouteOut {
             RouteOut::Sub { sub, .. } => 64 + sub.pattern.len(),
             RouteOut::Unsub { .. } => 32,
             RouteOut::Service { name, .. } => 48 + name.len(),
+            RouteOut::Nats { .. } => 48,
             RouteOut::Msg { msg, .. } => msg.frame_size(),
             // Not counted: it is as large as this broker's interest (itself bounded by the
             // subscription limits), and counted it could exceed `max_pending_bytes` and close
@@ -104,6 +108,9 @@ struct ConnSubs {
     outbox: Outbox,
     /// For a client of another broker: that broker's node id.
     remote: Option<u8>,
+    /// A NATS client: a native request goes to its plain subscriptions when no native
+    /// responder serves the topic.
+    nats: bool,
 }
 
 #[derive(Debug)]
@@ -181,7 +188,8 @@ impl Router {
             self.services.entry(name.clone()).or_default().push(conn);
             self.announce(RouteOut::Service { conn, name: name.clone() });
         }
-        self.conns.insert(conn, ConnSubs { subs: FastMap::default(), service, outbox, remote: None });
+        let nats = outbox.is_nats();
+        self.conns.insert(conn, ConnSubs { subs: FastMap::default(), service, outbox, remote: None, nats });
     }
 
     /// Removes a connection and every subscription it held.
@@ -220,15 +228,17 @@ impl Router {
         conns.iter().rev().find(local).or(conns.last()).copied()
     }
 
-    /// Client `conn` of broker `node` registered service `name`, learned over the route `outbox`.
-    pub(crate) fn register_remote_service(&mut self, node: u8, conn: u32, name: ByteString, outbox: &Outbox) {
+    /// The entry of client `conn` of broker `node`, made on first mention over the route
+    /// `outbox`; None when that is not the current route to `node`, when `conn` is not that
+    /// broker's client, or when it already has as many clients known as a broker may.
+    fn remote_entry(&mut self, node: u8, conn: u32, outbox: &Outbox) -> Option<&mut ConnSubs> {
         if !self.is_current_route(node, outbox) {
-            return;
+            return None;
         }
         if !self.conns.contains_key(&conn) {
             let known = self.remote_conns.entry(node).or_default();
             if *known >= MAX_REMOTE_CONNS {
-                return;
+                return None;
             }
             *known += 1;
         }
@@ -237,12 +247,26 @@ impl Router {
             service: None,
             outbox: outbox.clone(),
             remote: Some(node),
+            nats: false,
         });
-        if entry.remote != Some(node) || entry.service.is_some() {
+        (entry.remote == Some(node)).then_some(entry)
+    }
+
+    /// Client `conn` of broker `node` registered service `name`, learned over the route `outbox`.
+    pub(crate) fn register_remote_service(&mut self, node: u8, conn: u32, name: ByteString, outbox: &Outbox) {
+        let Some(entry) = self.remote_entry(node, conn, outbox) else { return };
+        if entry.service.is_some() {
             return;
         }
         entry.service = Some(name.clone());
         self.services.entry(name).or_default().push(conn);
+    }
+
+    /// Client `conn` of broker `node` is a NATS client, learned over the route `outbox`.
+    pub(crate) fn register_remote_nats(&mut self, node: u8, conn: u32, outbox: &Outbox) {
+        if let Some(entry) = self.remote_entry(node, conn, outbox) {
+            entry.nats = true;
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -258,6 +282,8 @@ impl Router {
     ) -> Result<(), SubError> {
         let Some(entry) = self.conns.get_mut(&conn) else { return Ok(()) };
         let local = entry.remote.is_none();
+        // A NATS client's peers learn that it is one before its first subscription.
+        let nats_first = entry.nats && entry.subs.is_empty();
         if entry.subs.contains_key(&sid) {
             return Err(SubError::Duplicate);
         }
@@ -293,6 +319,9 @@ impl Router {
         };
         trie.insert(&pattern, SubRef { conn, sid, group: group.clone(), outbox, turn: Turn::default() });
         if local {
+            if nats_first {
+                self.announce(RouteOut::Nats { conn });
+            }
             let group_frame = group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
             let sub = Sub { sid, pattern: pattern.clone(), group: group_frame, kind };
             self.announce(RouteOut::Sub { conn, sub: Box::new(sub) });
@@ -322,22 +351,10 @@ impl Router {
         if busbar_core::topic::validate_pattern(&sub.pattern).is_err() {
             return Err(SubError::Invalid);
         }
-        if !self.conns.contains_key(&conn) {
-            let known = self.remote_conns.entry(node).or_default();
-            if *known >= MAX_REMOTE_CONNS {
-                return Err(SubError::Limit);
-            }
-            *known += 1;
-        }
-        let entry = self.conns.entry(conn).or_insert_with(|| ConnSubs {
-            subs: FastMap::default(),
-            service: None,
-            outbox: outbox.clone(),
-            remote: Some(node),
-        });
-        if entry.remote != Some(node) {
-            // Not a client of that broker: a confused or hostile peer.
-            return Err(SubError::Duplicate);
+        if self.remote_entry(node, conn, outbox).is_none() {
+            // Too many clients of that broker known, or not a client of that broker (a confused
+            // or hostile peer).
+            return Err(SubError::Limit);
         }
         let group = sub.group.map(|g| (g.name, g.policy));
         self.subscribe(conn, sub.sid, sub.pattern, group, sub.kind, outbox.clone(), limit)
@@ -359,6 +376,7 @@ impl Router {
                         RouteOut::Service { conn, name } => {
                             RouteOut::Service { conn: *conn, name: name.clone() }
                         }
+                        RouteOut::Nats { conn } => RouteOut::Nats { conn: *conn },
                         RouteOut::Msg { target, sid, msg } => {
                             RouteOut::Msg { target: *target, sid: *sid, msg: msg.clone() }
                         }
@@ -376,6 +394,9 @@ impl Router {
         for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
             if let Some(name) = &c.service {
                 snapshot.push(RouteOut::Service { conn, name: name.clone() });
+            }
+            if c.nats && !c.subs.is_empty() {
+                snapshot.push(RouteOut::Nats { conn });
             }
             for (&sid, s) in &c.subs {
                 let group = s.group.as_ref().map(|g| Group { name: g.name.clone(), policy: g.policy });
@@ -568,23 +589,26 @@ impl Router {
         delivered
     }
 
-    /// The local connection `conn` with a requests subscription `sid`, for a CALL another broker
-    /// forwarded.
+    /// The local connection `conn` with a subscription `sid` that answers requests, for a CALL
+    /// another broker forwarded: a requests subscription, or any subscription of a NATS client.
     pub(crate) fn local_responder(&self, conn: u32, sid: u64) -> Option<&Outbox> {
         let c = self.conns.get(&conn)?;
-        let ok = c.remote.is_none() && c.subs.get(&sid).is_some_and(|s| s.kind == SubKind::Requests);
+        let answers = |s: &SubEntry| s.kind == SubKind::Requests || c.nats;
+        let ok = c.remote.is_none() && c.subs.get(&sid).is_some_and(answers);
         ok.then_some(&c.outbox)
     }
 
     /// The NATS subscriptions a native request goes to when no native responder serves its topic:
-    /// as NATS does it, every matching subscription, one member per queue group.
+    /// as NATS does it, every matching subscription, one member per queue group; on this broker
+    /// and on the others of the cluster.
     pub(crate) fn nats_responders(&self, topic: &str, key: Option<u64>, only: Option<u32>) -> Targets {
         let mut out = Targets::new();
+        let remote_nats = |conn: u32| self.conns.get(&conn).is_some_and(|c| c.nats && c.remote.is_some());
         self.recipients(
             topic,
             key,
             only,
-            |s| s.outbox.is_nats(),
+            |s| s.outbox.is_nats() || (s.outbox.is_route() && remote_nats(s.conn)),
             |s, _| {
                 out.push(Target { conn: s.conn, sid: s.sid, outbox: s.outbox.clone() });
             },

@@ -619,6 +619,8 @@ impl tokio_util::codec::Decoder for SessionCodec {
 
 /// The HELLO property that registers a service name for direct addressing.
 pub(crate) const SERVICE_PROPERTY: &str = "service";
+/// Route HELLO property: the client named by the source id speaks NATS (value `1`).
+pub(crate) const NATS_CLIENT_PROPERTY: &str = "nats";
 /// The reserved header that addresses a PUB or REQUEST to a service by name.
 pub(crate) const TO_HEADER: &str = ":to";
 
@@ -1355,6 +1357,11 @@ fn encode_route(buf: &mut BytesMut, out: crate::router::RouteOut, max: usize) ->
         RouteOut::Service { conn, name } => {
             // A HELLO on an established route: the client's service registration.
             let properties = [(SERVICE_PROPERTY, name)].into_iter().collect();
+            Frame::Hello(busbar_core::Hello { name: "".into(), properties }).encode(buf, max)?;
+            (conn, 0)
+        }
+        RouteOut::Nats { conn } => {
+            let properties = [(NATS_CLIENT_PROPERTY, "1")].into_iter().collect();
             Frame::Hello(busbar_core::Hello { name: "".into(), properties }).encode(buf, max)?;
             (conn, 0)
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use busbar::{Client, ClientOptions, Error, EventBus, GroupPolicy, Outgoing, Status, Subscription};
 use busbar_broker::{Broker, ClusterConfig};
 use common::*;
+use futures_util::StreamExt;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -393,6 +394,85 @@ async fn a_nats_request_reaches_a_native_responder_on_another_broker() {
     let nc = async_nats::connect(format!("nats://{}", a.nats_addr().unwrap())).await.unwrap();
     let reply = tokio::time::timeout(PATIENCE, nc.request("far.svc", "?".into())).await.unwrap().unwrap();
     assert_eq!(reply.payload, "from C");
+    assert_eq!(a.routes().len(), 1, "the route stayed up");
+}
+
+/// A broker of the cluster with a NATS listener too.
+async fn nats_node(node: u8, seeds: &[SocketAddr]) -> Broker {
+    let mut config = node_config(node, seeds);
+    config.nats_listen = Some("127.0.0.1:0".parse().unwrap());
+    broker_with(config).await
+}
+
+/// A NATS client of `broker` answering `subject` (in `queue` when given) with `answer`.
+async fn nats_responder(broker: &Broker, subject: &str, queue: Option<&str>, answer: &'static str) {
+    let nc = async_nats::connect(format!("nats://{}", broker.nats_addr().unwrap())).await.unwrap();
+    let mut service = match queue {
+        Some(q) => nc.queue_subscribe(subject.to_string(), q.to_string()).await.unwrap(),
+        None => nc.subscribe(subject.to_string()).await.unwrap(),
+    };
+    nc.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = service.next().await {
+            nc.publish(m.reply.expect("a request"), answer.into()).await.unwrap();
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_native_request_reaches_nats_responders_on_other_brokers() {
+    // One NATS responder on C, there before A joins (A learns of it from C's snapshot). The
+    // reply subject names the topic, for C to judge permissions on; the requester's broker
+    // takes a reply only for the request's own topic.
+    let c = nats_node(3, &[]).await;
+    let nc = async_nats::connect(format!("nats://{}", c.nats_addr().unwrap())).await.unwrap();
+    let mut service = nc.subscribe("far.nats").await.unwrap();
+    nc.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = service.next().await {
+            let reply = m.reply.expect("a request").to_string();
+            let head = reply.strip_suffix(".far.nats").expect("the long form names the topic");
+            if m.payload == "forge" {
+                nc.publish(format!("{head}.far.other"), "forged topic".into()).await.unwrap();
+            } else {
+                // Without the topic: not a reply C can judge, dropped.
+                nc.publish(head.to_string(), "no topic".into()).await.unwrap();
+                nc.publish(reply, "from C".into()).await.unwrap();
+            }
+        }
+    });
+    let a = nats_node(1, &[c.cluster_addr().unwrap()]).await;
+    meshed(&[&a, &c]).await;
+    let requester = client(&a).await;
+    wait_interest(&a, 1).await;
+    let forged = requester.request("far.nats", "forge", LONG).await;
+    assert_eq!(forged.unwrap_err().code(), Some(busbar::ErrorCode::PermissionDenied));
+    let reply = requester.request("far.nats", "?", LONG).await.unwrap();
+    assert_eq!(reply.payload_str(), Some("from C"));
+    assert_eq!(reply.topic(), "far.nats");
+    assert_eq!(a.stats().requests_pending, 0);
+
+    // Scatter-gather: a NATS subscriber here and one on C both answer.
+    nats_responder(&a, "all.nats", None, "from A").await;
+    nats_responder(&c, "all.nats", None, "from C").await;
+    wait_interest(&a, 2).await;
+    let answers = requester.request_all("all.nats", "?", LONG, None).await.unwrap();
+    let mut got: Vec<String> =
+        answers.iter().map(|a| a.as_ref().unwrap().payload_str().unwrap().to_string()).collect();
+    got.sort();
+    assert_eq!(got, ["from A", "from C"]);
+
+    // A queue group on C: one member answers each request.
+    nats_responder(&c, "q.nats", Some("workers"), "member 1").await;
+    nats_responder(&c, "q.nats", Some("workers"), "member 2").await;
+    wait_interest(&a, 4).await;
+    for _ in 0..6 {
+        let reply = requester.request("q.nats", "?", LONG).await.unwrap();
+        assert!(reply.payload_str().unwrap().starts_with("member "));
+    }
+    let gathered = requester.request_all("q.nats", "?", LONG, None).await.unwrap();
+    assert_eq!(gathered.len(), 1, "one member of the group");
+    assert_eq!(a.stats().requests_pending, 0);
     assert_eq!(a.routes().len(), 1, "the route stayed up");
 }
 
