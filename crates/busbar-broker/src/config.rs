@@ -137,6 +137,19 @@ impl ClusterConfig {
 }
 
 impl Config {
+    /// Loads every certificate and key this configuration names (the client listener's and the
+    /// routes'), as starting the broker does: a file that is missing or unusable is an error
+    /// that names it. Binds nothing.
+    pub fn check_tls(&self) -> Result<(), crate::BrokerError> {
+        if let Some(tls) = &self.tls {
+            crate::tls::acceptor(tls)?;
+        }
+        if let Some(tls) = self.cluster.as_ref().and_then(|c| c.tls.as_ref()) {
+            crate::tls::route_ends(tls)?;
+        }
+        Ok(())
+    }
+
     /// The default configuration listening on `listen`.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self { listen, ..Self::default() }

@@ -352,7 +352,9 @@ fn duration_text(d: Duration) -> String {
 pub fn default_toml() -> String {
     let c = Config::default();
     format!(
-        r#"# busbar broker configuration. Every key is optional; shown here at its default.
+        r#"# busbar broker configuration. Every key shown is optional, at its default. A commented-out
+# section ([tls], [cluster], [cluster.tls], [[auth.users]]) is off; one you turn on needs the
+# keys marked "required".
 # busbar serve --config busbar.toml   (command-line flags and BUSBAR_* variables override it)
 
 [server]
@@ -394,16 +396,16 @@ policy = "disconnect"
 
 # TLS on the native listener (clients use busbars://host:port). Off when this section is absent.
 # [tls]
-# cert = "/etc/busbar/server.pem"          # certificate chain, PEM
-# key = "/etc/busbar/server.key"           # private key, PEM
+# cert = "/etc/busbar/server.pem"          # required: certificate chain, PEM
+# key = "/etc/busbar/server.key"           # required: private key, PEM
 # client_ca = "/etc/busbar/clients-ca.pem" # mutual TLS: clients need a certificate from this CA
 # required = true                          # false: plain and TLS clients on the same port
 
 # Several brokers as one bus (docs/CLUSTER.md). Off when this section is absent.
 # [cluster]
-# name = "main"                            # routes from another cluster are refused
-# node_id = 1                              # 1-255, unique per broker: the top byte of its service ids
-# listen = "127.0.0.1:4901"                # where the other brokers connect
+# name = "main"                            # required: routes from another cluster are refused
+# node_id = 1                              # required: 1-255, unique per broker (top byte of ids)
+# listen = "127.0.0.1:4901"                # required: where the other brokers connect
 # routes = ["10.0.0.2:4901"]               # seeds; the rest of the cluster is learned from them
 # token = "a shared secret of 16+ chars"   # brokers must present it
 # advertise = "10.0.0.1:4901"              # the route address others dial (default: the listen
@@ -411,9 +413,9 @@ policy = "disconnect"
 # client_advertise = "10.0.0.1:4900"       # the client address clients are told of (same default)
 # nats_advertise = "10.0.0.1:4222"         # the NATS address NATS clients are told of (same default)
 # [cluster.tls]                            # mutual TLS between brokers
-# cert = "/etc/busbar/node1.pem"           # must name the address others dial (IP SAN for an IP)
-# key = "/etc/busbar/node1.key"
-# ca = "/etc/busbar/cluster-ca.pem"        # peers' certificates must chain to it
+# cert = "/etc/busbar/node1.pem"           # required: must name the address others dial (IP SAN)
+# key = "/etc/busbar/node1.key"            # required
+# ca = "/etc/busbar/cluster-ca.pem"        # required: peers' certificates must chain to it
 
 # Authentication: with neither a token nor users, anyone may connect (with default_permissions).
 [auth]
@@ -433,8 +435,8 @@ tls_identity = false
 # allow_responses = false
 
 # [[auth.users]]
-# name = "shop"
-# password_hash = "$argon2id$..."          # busbar config hash-password
+# name = "shop"                            # required
+# password_hash = "$argon2id$..."          # required: busbar config hash-password
 # [auth.users.permissions]
 # publish = {{ allow = ["orders.>"], deny = ["orders.internal.>"] }}
 # subscribe = {{ allow = ["orders.>"] }}
@@ -463,6 +465,54 @@ mod tests {
 
     fn same(a: &Config, b: &Config) -> bool {
         format!("{a:?}") == format!("{b:?}")
+    }
+
+    /// The generated file's commented-out sections: each, turned on with exactly the keys it
+    /// marks required, parses; without any one of them, it does not, and the error names it.
+    #[test]
+    fn generated_sections_mark_their_required_keys() {
+        let text = default_toml();
+        let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+        for line in text.lines() {
+            let Some(line) = line.strip_prefix("# ") else {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                sections.push((String::new(), Vec::new()));
+                continue;
+            };
+            if line.starts_with('[') {
+                let header = line.split("  ").next().unwrap().trim().to_string();
+                sections.push((header, Vec::new()));
+            } else if line.contains("# required")
+                && let Some((_, keys)) = sections.last_mut()
+            {
+                keys.push(line.split("  #").next().unwrap().trim().to_string());
+            }
+        }
+        let wanted = ["[tls]", "[cluster]", "[cluster.tls]", "[[auth.users]]"];
+        let found: Vec<&str> =
+            sections.iter().filter(|(_, k)| !k.is_empty()).map(|(h, _)| h.as_str()).collect();
+        assert_eq!(found, wanted);
+        let block = |header: &str, skip: Option<usize>| {
+            let (_, keys) = sections.iter().find(|(h, _)| h == header).unwrap();
+            let kept = keys.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(_, k)| k.as_str());
+            format!("{header}\n{}\n", kept.collect::<Vec<_>>().join("\n"))
+        };
+        for header in wanted {
+            // [cluster.tls] needs its [cluster].
+            let base = if header == "[cluster.tls]" { block("[cluster]", None) } else { String::new() };
+            let whole = format!("{base}{}", block(header, None));
+            if let Err(e) = Config::from_toml(&whole) {
+                assert!(!e.to_string().contains("missing field"), "{header}: {e}\n{whole}");
+            }
+            let n = sections.iter().find(|(h, _)| h == header).unwrap().1.len();
+            for skip in 0..n {
+                let short = format!("{base}{}", block(header, Some(skip)));
+                let e = Config::from_toml(&short).expect_err(&short).to_string();
+                assert!(e.contains("missing field"), "{header} without key {skip}: {e}");
+            }
+        }
     }
 
     #[test]

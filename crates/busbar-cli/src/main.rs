@@ -102,7 +102,7 @@ struct ReplyArgs {
     #[arg(long)]
     group: Option<String>,
     /// Exit after answering this many requests.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     #[command(flatten)]
     connect: ConnectArgs,
@@ -153,14 +153,15 @@ struct ServeArgs {
     #[arg(long, env = "BUSBAR_NATS_ADVERTISE")]
     nats_advertise: Option<SocketAddr>,
     /// Mutual TLS on routes: this broker's certificate (PEM; it must name the address others
-    /// dial), with --cluster-tls-key and --cluster-tls-ca.
-    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CERT", requires_all = ["cluster_tls_key", "cluster_tls_ca"])]
+    /// dial), with --cluster-tls-key and --cluster-tls-ca. With `[cluster.tls]` in the
+    /// configuration file, any of the three replaces that one file.
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CERT")]
     cluster_tls_cert: Option<std::path::PathBuf>,
     /// Its private key (PEM).
-    #[arg(long, env = "BUSBAR_CLUSTER_TLS_KEY", requires = "cluster_tls_cert")]
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_KEY")]
     cluster_tls_key: Option<std::path::PathBuf>,
     /// The CA the cluster's certificates chain to (PEM).
-    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CA", requires = "cluster_tls_cert")]
+    #[arg(long, env = "BUSBAR_CLUSTER_TLS_CA")]
     cluster_tls_ca: Option<std::path::PathBuf>,
     /// Largest frame accepted, in bytes.
     #[arg(long)]
@@ -231,7 +232,7 @@ struct PubArgs {
     #[arg(long)]
     key: Option<u64>,
     /// Publish the message this many times.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
     #[command(flatten)]
     connect: ConnectArgs,
@@ -255,7 +256,7 @@ struct SubArgs {
     #[arg(long, value_enum, default_value_t = Policy::RoundRobin, requires = "group")]
     policy: Policy,
     /// Exit after this many messages.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Print payloads raw, without JSON pretty-printing.
     #[arg(long)]
@@ -409,6 +410,8 @@ fn config_command(command: ConfigCommand) -> Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let config = Config::from_toml(&text)
                 .with_context(|| format!("invalid configuration {}", file.display()))?;
+            // As starting would: every certificate and key named is read and must be usable.
+            config.check_tls().with_context(|| format!("{}: unusable TLS files", file.display()))?;
             print_summary(&file, &config);
         }
     }
@@ -460,8 +463,11 @@ fn print_summary(file: &std::path::Path, c: &Config) {
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = serve_config(args)?;
     let listen = config.listen;
-    let broker =
-        busbar_broker::Broker::start(config).await.with_context(|| format!("cannot start on {listen}"))?;
+    // The error names what failed (which listener, which file); the client address is only
+    // the broker's name here.
+    let broker = busbar_broker::Broker::start(config)
+        .await
+        .with_context(|| format!("cannot start the broker (client listener {listen})"))?;
     // Printed with the real ports, so that port 0 is usable from scripts.
     if let Some(http) = broker.http_addr() {
         println!("busbar monitoring on http://{http}/");

@@ -203,22 +203,22 @@ fn reply_exec_takes_input_and_gives_output_larger_than_a_pipe() {
 
 #[test]
 fn flags_that_make_no_sense_are_refused() {
-    for args in [
-        &["serve", "--listen", "127.0.0.1:0", "--node-id", "2", "--routes", "127.0.0.1:1"][..],
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
+    let cluster = ["serve", "--listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--node-id", "2"];
+    let partial_tls = [&cluster[..], &["--cluster-tls-cert", "x.pem"]].concat();
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--node-id", "2", "--routes", "127.0.0.1:1"],
             "--cluster-listen",
-            "127.0.0.1:0",
-            "--node-id",
-            "2",
-            "--cluster-tls-cert",
-            "x.pem",
-        ],
-        &["bench", "fanout", "--subs", "0", "--embedded"],
-        &["bench", "request-inflight", "--inflight", "0", "--embedded"],
-    ] {
+        ),
+        (&partial_tls, "all three"),
+        (&["bench", "fanout", "--subs", "0", "--embedded"], "--subs"),
+        (&["bench", "request-inflight", "--inflight", "0", "--embedded"], "--inflight"),
+        // "Exit after 0 messages" would have meant one.
+        (&["sub", "a.>", "--count", "0", "--server", "127.0.0.1:1"], "--count"),
+        (&["reply", "a.b", "x", "--count", "0", "--server", "127.0.0.1:1"], "--count"),
+        (&["pub", "a.b", "x", "--count", "0", "--server", "127.0.0.1:1"], "--count"),
+    ];
+    for (args, says) in cases {
         // Bounded: a broker that starts anyway would serve for ever.
         let child =
             Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
@@ -234,11 +234,45 @@ fn flags_that_make_no_sense_are_refused() {
         assert!(!status.success(), "{args:?} refused");
         let mut err = String::new();
         child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        assert!(
-            err.contains("--cluster-listen") || err.contains("all three") || err.contains("0"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains(says), "{args:?} should say {says:?}: {err}");
     }
+}
+
+/// TLS files named in a configuration are read by `config check`, and a route TLS flag replaces
+/// the one file it names (the others stay the file's).
+#[test]
+fn tls_files_are_checked_and_one_route_file_can_be_replaced() {
+    let dir = std::env::temp_dir().join(format!("busbar-tlsfiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tls.toml");
+    let missing = dir.join("absent-server.pem");
+    std::fs::write(&file, format!("[tls]\ncert = {:?}\nkey = {:?}\n", missing, dir.join("absent.key")))
+        .unwrap();
+    let check = Command::new(BIN).args(["config", "check"]).arg(&file).output().unwrap();
+    assert!(!check.status.success(), "a missing certificate fails the check");
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("absent-server.pem"), "{err}");
+
+    let routes = dir.join("routes.toml");
+    let cluster = "[cluster]\nname = \"c\"\nnode_id = 1\nlisten = \"127.0.0.1:0\"\n";
+    let tls = format!(
+        "[cluster.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        dir.join("file-cert.pem"),
+        dir.join("file.key"),
+        dir.join("file-ca.pem")
+    );
+    std::fs::write(&routes, format!("[server]\nlisten = \"127.0.0.1:0\"\n{cluster}{tls}")).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&routes)
+        .arg("--cluster-tls-ca")
+        .arg(dir.join("flag-ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flag-ca.pem") && !err.contains("file-ca.pem"), "the flag's file is used: {err}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
