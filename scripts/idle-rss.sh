@@ -42,6 +42,11 @@ time.sleep(600)
 PY
 clients=$!
 for _ in $(seq 600); do grep -q opened "$out.clients" 2>/dev/null && break; sleep 0.2; done
+if ! grep -qx "opened $n" "$out.clients" 2>/dev/null; then
+    echo "not every connection opened and subscribed; no figure taken:" >&2
+    cat "$out.clients" >&2
+    exit 1
+fi
 sleep 1
 echo "$(cat "$out.clients")"
 echo "with $n idle connections, one subscription each: $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status)"

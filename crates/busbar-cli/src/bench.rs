@@ -82,7 +82,9 @@ struct Report {
     p90_us: f64,
     p99_us: f64,
     p999_us: f64,
+    /// Messages that never arrived (in a group: sequence numbers no member got).
     lost: u64,
+    /// Messages out of order, of the wrong size, or (in a group) delivered twice.
     out_of_order: u64,
     elapsed_ms: u128,
 }
@@ -250,6 +252,38 @@ struct Seen {
     count: u64,
     out_of_order: u64,
     wrong_size: u64,
+    /// Group members: the sequence numbers received, one bit each, to tell a message that two
+    /// members got (and one that none got) from a plain count, where they would cancel out.
+    got: Vec<u64>,
+    duplicates: u64,
+}
+
+impl Seen {
+    /// Marks sequence number `seq` received; a second time is a duplicate.
+    fn mark(&mut self, seq: u64) {
+        let Some(word) = self.got.get_mut((seq / 64) as usize) else { return };
+        let bit = 1u64 << (seq % 64);
+        if *word & bit != 0 {
+            self.duplicates += 1;
+        }
+        *word |= bit;
+    }
+}
+
+/// Sequence numbers got by several members and by any of them, over every member's bits.
+fn merge_groups(members: &[Vec<u64>]) -> (u64, u64) {
+    let words = members.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut twice, mut any) = (0u64, 0u64);
+    for i in 0..words {
+        let mut acc = 0u64;
+        for m in members {
+            let w = m.get(i).copied().unwrap_or(0);
+            twice += u64::from((acc & w).count_ones());
+            acc |= w;
+        }
+        any += u64::from(acc.count_ones());
+    }
+    (twice, any)
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
@@ -302,7 +336,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         bail!("messages were lost");
     }
     if let Some(r) = reports.iter().find(|r| r.out_of_order > 0) {
-        bail!("{}: {} messages out of order or of the wrong size", r.scenario, r.out_of_order);
+        bail!("{}: {} messages out of order, duplicated or of the wrong size", r.scenario, r.out_of_order);
     }
     Ok(())
 }
@@ -332,6 +366,9 @@ async fn fan(
         let total = args.msgs;
         tasks.push(tokio::spawn(async move {
             let mut seen = Seen::default();
+            if group {
+                seen.got = vec![0; total.div_ceil(64) as usize];
+            }
             let mut local = crate::bench::histogram();
             let mut last: Option<u64> = None;
             // Created once, and polled only when no message is ready: a fresh `cancelled()` per
@@ -356,6 +393,9 @@ async fn fan(
                     seen.wrong_size += 1;
                 }
                 seen.count += 1;
+                if group {
+                    seen.mark(seq);
+                }
                 received.fetch_add(1, Ordering::Relaxed);
                 if seq + 1 == total && !group {
                     break;
@@ -390,14 +430,23 @@ async fn fan(
     bar.finish_and_clear();
     stop.cancel();
     let mut seen = Seen::default();
+    let mut members = Vec::new();
     for t in tasks {
         let s = t.await?;
         seen.count += s.count;
         seen.out_of_order += s.out_of_order;
         seen.wrong_size += s.wrong_size;
+        seen.duplicates += s.duplicates;
+        members.push(s.got);
     }
     drop((peers, publisher));
-    let got = received.load(Ordering::Relaxed);
+    let mut got = received.load(Ordering::Relaxed);
+    if group {
+        // Counted by sequence number: a duplicate must not hide a loss.
+        let (twice, any) = merge_groups(&members);
+        seen.duplicates += twice;
+        got = any;
+    }
     let h = histogram.lock().await;
     Ok(report(
         name,
@@ -406,7 +455,7 @@ async fn fan(
         receivers,
         got,
         expected.saturating_sub(got),
-        seen.out_of_order + seen.wrong_size,
+        seen.out_of_order + seen.wrong_size + seen.duplicates,
         elapsed,
         &h,
     ))
@@ -548,5 +597,33 @@ fn print_table(reports: &[Report]) {
             r.p999_us,
             r.lost
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_in_a_group_cannot_hide_a_loss() {
+        // Four messages to two members: 0 and 1 to the first, 1 and 3 to the second; 2 lost.
+        let mut a = Seen { got: vec![0; 1], ..Seen::default() };
+        let mut b = Seen { got: vec![0; 1], ..Seen::default() };
+        for seq in [0, 1] {
+            a.mark(seq);
+        }
+        for seq in [1, 3] {
+            b.mark(seq);
+        }
+        assert_eq!(a.count + b.count, 0, "mark counts nothing by itself");
+        let (twice, any) = merge_groups(&[a.got, b.got]);
+        assert_eq!((twice, any), (1, 3), "four received, but three distinct and one twice");
+        // Within one member, and past the end of its bits (ignored, not a panic).
+        let mut c = Seen { got: vec![0; 2], ..Seen::default() };
+        for seq in [70, 70, 5000] {
+            c.mark(seq);
+        }
+        assert_eq!(c.duplicates, 1);
+        assert_eq!(merge_groups(&[c.got]), (0, 1));
     }
 }
