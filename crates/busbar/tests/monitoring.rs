@@ -185,24 +185,28 @@ async fn the_dashboard_shows_live_connections_in_a_real_browser() {
         args.push(url.clone());
         args
     };
+    // Bounded, and a Chromium that hangs is killed with every process it started: a blocking
+    // wait would keep the test binary (and CI) from ever exiting.
     let run = |args: Vec<String>| {
-        let chromium = chromium.clone();
-        tokio::task::spawn_blocking(move || std::process::Command::new(chromium).args(args).output())
+        let mut command = tokio::process::Command::new(&chromium);
+        command.args(args).kill_on_drop(true).stdout(std::process::Stdio::piped());
+        command.stderr(std::process::Stdio::piped()).process_group(0);
+        async move {
+            let child = command.spawn().expect("chromium starts");
+            let group = child.id().expect("running");
+            let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await;
+            if out.is_err() {
+                let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{group}")]).status();
+            }
+            out.expect("chromium finishes").expect("chromium's output")
+        }
     };
-    let dom = tokio::time::timeout(Duration::from_secs(60), run(common_args(&["--dump-dom".into()])))
-        .await
-        .expect("chromium finishes")
-        .unwrap()
-        .unwrap();
+    let dom = run(common_args(&["--dump-dom".into()])).await;
     let html = String::from_utf8_lossy(&dom.stdout);
     assert!(html.contains(r#"id="connections">2<"#), "the page shows the live connection count:\n{html}");
     assert!(html.contains(r#"id="subscriptions">1<"#), "{html}");
     let shot_arg = format!("--screenshot={}", shot.display());
-    let out = tokio::time::timeout(Duration::from_secs(60), run(common_args(&[shot_arg])))
-        .await
-        .expect("chromium finishes")
-        .unwrap()
-        .unwrap();
+    let out = run(common_args(&[shot_arg])).await;
     assert!(shot.exists(), "screenshot saved: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("dashboard screenshot: {}", shot.display());
     let _ = std::fs::remove_dir_all(profile);
