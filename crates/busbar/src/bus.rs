@@ -41,7 +41,8 @@ pub trait EventBus: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Message>> + Send;
 
     /// Sends a request to every responder; collects their answers until all have answered,
-    /// `expected` have, or `timeout` passes.
+    /// `expected` have (at least one: `Some(0)` waits for one, as `Some(1)` does), or `timeout`
+    /// passes.
     fn request_all_message(
         &self,
         message: Outgoing,

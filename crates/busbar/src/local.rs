@@ -61,7 +61,8 @@ use crate::subscription::{Requests, Subscription, Unsubscriber};
 pub struct BusOptions {
     /// Makes message ids.
     pub id_generator: Arc<dyn IdGenerator>,
-    /// When true, publishing to a topic not registered with [`Bus::register_topics`] is an error.
+    /// When true, publishing, requesting or sending a command to a topic not registered with
+    /// [`Bus::register_topics`] is an error ([`Error::UnknownTopic`]).
     pub strict: bool,
     /// Messages (or requests) buffered per stream subscription before new ones are dropped.
     pub subscription_capacity: usize,
@@ -361,7 +362,7 @@ impl Bus {
         Self { inner: Arc::new(inner) }
     }
 
-    /// A strict bus: publishing to a topic that was not registered is an error.
+    /// A strict bus: publishing (or requesting) on a topic that was not registered is an error.
     pub fn strict() -> Self {
         Self::with_options(BusOptions::default().strict(true))
     }
@@ -569,6 +570,9 @@ impl Bus {
 
     fn responders_for(&self, message: &Message, all: bool) -> Result<Vec<Arc<Responder>>> {
         let table = self.inner.table.load();
+        if self.inner.options.strict && !table.topics.contains(message.topic()) {
+            return Err(Error::UnknownTopic { topic: message.topic().to_string() });
+        }
         let mut candidates: Vec<&Arc<Responder>> = Vec::new();
         if !self.inner.options.addressed_elsewhere(&message.inner) {
             table.responders.for_each_match(message.topic(), |r| candidates.push(r));
@@ -656,7 +660,8 @@ impl Bus {
         {
             return Err(Error::NoResponders { topic: topic.clone() });
         }
-        let want = expected.map_or(responders.len(), |n| n.min(responders.len()));
+        // At least one, as over the network, where the first answer is what ends the wait.
+        let want = expected.map_or(responders.len(), |n| n.clamp(1, responders.len()));
         answers.truncate(want);
         let deadline = crate::request::deadline_in(timeout);
         while answers.len() < want {

@@ -60,7 +60,9 @@ impl Message {
     pub fn reply_to(&self) -> Option<&str> {
         self.inner.headers.get(":reply")
     }
-    /// Id of the subscription it arrived on.
+    /// Id of the subscription it arrived on; 0 in a synchronous in-process handler
+    /// ([`crate::local::Bus::on`]), which is handed the one message every such handler shares
+    /// (no copy per handler) and knows its own subscription from registering it.
     pub fn subscription_id(&self) -> u64 {
         self.sid
     }

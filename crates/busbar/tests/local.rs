@@ -63,6 +63,19 @@ fn strict_registration_refuses_unknown_topics() {
     assert!(matches!(bus.register_topics(["bad..topic"]), Err(Error::InvalidTopic { .. })));
 }
 
+#[tokio::test]
+async fn strict_registration_covers_requests_and_commands() {
+    let bus = Bus::strict();
+    bus.register_topics(["order.get"]).unwrap();
+    let _h = bus.respond("order.>", |_m| async move { Ok::<_, String>("ok") }).await.unwrap();
+    assert_eq!(bus.request("order.get", "", LONG).await.unwrap().payload_str(), Some("ok"));
+    let unknown =
+        |r: Result<_, Error>| matches!(r, Err(Error::UnknownTopic { topic }) if topic == "order.lost");
+    assert!(unknown(bus.request("order.lost", "", LONG).await.map(|_| ())));
+    assert!(unknown(bus.request_all("order.lost", "", LONG, None).await.map(|_| ())));
+    assert!(unknown(bus.send_command("order.lost", &1, LONG).await));
+}
+
 #[test]
 fn a_handler_that_publishes_what_it_handles_is_stopped_at_a_depth_not_by_the_stack() {
     let bus = Bus::new();

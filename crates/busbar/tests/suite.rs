@@ -97,6 +97,8 @@ async fn scatter_gather(bus: &impl EventBus) {
     // A timeout too long to add to the clock is one that never comes.
     assert_eq!(bus.request_all("poll", "", Duration::MAX, None).await.unwrap().len(), 3);
     assert!(matches!(bus.request_all("nobody.polls", "", LONG, None).await, Err(Error::NoResponders { .. })));
+    // Zero expected waits for one answer, on every transport alike.
+    assert_eq!(bus.request_all("poll", "", LONG, Some(0)).await.unwrap().len(), 1);
 }
 
 async fn groups_round_robin(bus: &impl EventBus) {
