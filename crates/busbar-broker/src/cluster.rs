@@ -745,8 +745,17 @@ fn reply_from_peer(reply: Reply, shared: &Shared) {
     let requester = reply.message.destination;
     let responder = reply.message.source;
     let claimed = reply.message.topic.clone();
-    let replied = shared.requests().reply(requester, responder, reply, None, |topic| topic == &*claimed);
-    crate::requests::settle(replied, shared);
+    let may_reply = |topic: &str| topic == &*claimed;
+    let replied = if reply.error.is_some() {
+        // A refusal that broker answered for its responder: for a request that several NATS
+        // subscribers got, it only takes that one out (as on one broker).
+        shared.requests().refused(requester, responder, reply, may_reply)
+    } else {
+        Some(shared.requests().reply(requester, responder, reply, None, may_reply))
+    };
+    if let Some(replied) = replied {
+        crate::requests::settle(replied, shared);
+    }
 }
 
 /// Sends a REPLY from a local responder to a requester on another broker; false when no route

@@ -276,7 +276,10 @@ async fn run(
                     break;
                 }
             },
-            Some(sid) = done_rx.recv() => conn.unsubscribe_now(sid).await,
+            Some(done) = done_rx.recv() => match done {
+                Done::Limit(sid) => conn.unsubscribe_now(sid).await,
+                Done::Undelivered { requester, id, topic } => conn.refuse_call(requester, id, topic),
+            },
             () = heartbeat.tick(), if !heartbeat.off() => {
                 if let Err(idle) = heartbeat.check(&outbox) {
                     warn!(?idle, "no operation within the heartbeat limit, closing connection");
@@ -546,12 +549,16 @@ impl Conn<'_> {
                 self.shared.stats.late_replies.inc();
                 return;
             };
-            if !may_reply(topic) {
-                return;
-            }
             message.topic = topic.into();
             message.destination = requester;
-            let reply = Reply { id, error: None, remaining: 0, message };
+            let mut reply = Reply { id, error: None, remaining: 0, message };
+            if !may_reply(topic) {
+                // Told to the requester's broker, which fails the request with it (or, when
+                // other subscribers got it too, waits for them) rather than for its timeout.
+                reply.error = Some(ErrorCode::PermissionDenied);
+                reply.message.payload = Bytes::from_static(b"the responder may not reply on this topic");
+                reply.message.headers = Headers::default();
+            }
             if !crate::cluster::forward_reply(self.shared, reply) {
                 self.shared.stats.late_replies.inc();
             }
@@ -639,6 +646,23 @@ impl Conn<'_> {
         self.ok().await;
     }
 
+    /// Answers request `id` of `requester` for this client, whose subscription reached its
+    /// `max_msgs` before the CALL could be written: ResponderLost, here or over the route to
+    /// the requester's broker.
+    fn refuse_call(&self, requester: u32, id: u64, topic: ByteString) {
+        let text = "the responder unsubscribed before it replied";
+        let mut reply = crate::requests::refusal(id, ErrorCode::ResponderLost, 0, topic, text);
+        if crate::cluster::is_remote(self.shared, requester) {
+            reply.message.source = self.id;
+            reply.message.destination = requester;
+            if !crate::cluster::forward_reply(self.shared, reply) {
+                self.shared.stats.late_replies.inc();
+            }
+        } else if let Some(replied) = self.shared.requests().undelivered(requester, self.id, reply) {
+            crate::requests::settle(replied, self.shared);
+        }
+    }
+
     async fn unsubscribe_now(&mut self, sid: u64) {
         if self.shared.router_mut().unsubscribe(self.id, sid) {
             // Queued after the router stopped delivering to `sid`: nothing for it follows.
@@ -701,14 +725,25 @@ struct SidState {
     closed: bool,
 }
 
+/// What the write task tells the read loop.
+#[derive(Debug)]
+enum Done {
+    /// Subscription `sid` reached its `max_msgs`: unsubscribe it.
+    Limit(u64),
+    /// A CALL came for a subscription past its limit and was not written: its requester is
+    /// told at once, not left to its timeout.
+    Undelivered { requester: u32, id: u64, topic: ByteString },
+}
+
 /// Encodes outbound items as NATS protocol, in the write task.
 #[derive(Debug)]
 pub(crate) struct NatsEncoder {
     headers: bool,
     names: FastMap<u64, Arc<str>>,
     subs: FastMap<u64, SidState>,
-    /// Subscriptions whose limit was reached, for the read loop to unsubscribe.
-    done: mpsc::UnboundedSender<u64>,
+    /// Subscriptions whose limit was reached, for the read loop to unsubscribe, and CALLs not
+    /// written for that reason. Bounded: one per subscription, plus what the outbox held.
+    done: mpsc::UnboundedSender<Done>,
     /// Scratch space for a header block.
     block: BytesMut,
     /// This broker's node id, in a cluster: a CALL from another node's client gets the long
@@ -726,7 +761,7 @@ impl NatsEncoder {
         state.delivered += 1;
         if state.max.is_some_and(|max| state.delivered >= max) {
             state.closed = true;
-            let _ = self.done.send(sid);
+            let _ = self.done.send(Done::Limit(sid));
         }
         true
     }
@@ -780,8 +815,11 @@ impl Encoder for NatsEncoder {
             }
             Outbound::Frame(frame) => match *frame {
                 Frame::Call(call) => {
-                    if self.count(call.sid) {
-                        let (requester, id) = (call.message.source, call.id);
+                    let (requester, id) = (call.message.source, call.id);
+                    if !self.count(call.sid) {
+                        let topic = call.message.topic;
+                        let _ = self.done.send(Done::Undelivered { requester, id, topic });
+                    } else {
                         let reply = match self.node {
                             Some(own) if crate::router::node_of(requester) != own => {
                                 format!("{REPLY_PREFIX}{requester}.{id}.{}", call.message.topic)
@@ -813,7 +851,7 @@ impl Encoder for NatsEncoder {
                 state.max = Some(max);
                 if state.delivered >= max && !state.closed {
                     state.closed = true;
-                    let _ = self.done.send(sid);
+                    let _ = self.done.send(Done::Limit(sid));
                 }
             }
             Outbound::Route(_) => {}
@@ -847,7 +885,7 @@ pub(crate) fn closing_text(e: &ErrorFrame) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn encoder() -> (NatsEncoder, mpsc::UnboundedReceiver<u64>) {
+    fn encoder() -> (NatsEncoder, mpsc::UnboundedReceiver<Done>) {
         let (done, rx) = mpsc::unbounded_channel();
         (
             NatsEncoder {
@@ -921,7 +959,7 @@ mod tests {
         let text = String::from_utf8(buf.to_vec()).unwrap();
         assert_eq!(text.matches("MSG a 1 1").count(), 3, "{text}");
         assert_eq!(text.matches("MSG b abc 1").count(), 4, "{text}");
-        assert_eq!(done.try_recv(), Ok(1));
+        assert!(matches!(done.try_recv(), Ok(Done::Limit(1))));
         assert!(done.try_recv().is_err());
         enc.encode(&mut buf, Outbound::Nats(NatsOut::Forget(1)), 0);
         assert!(!enc.subs.contains_key(&1));

@@ -232,6 +232,18 @@ impl Requests {
     /// responder may still answer, and nothing is done when the request or this responder's
     /// part in it is already over (its cleanup came first): `None` then, or what to settle.
     pub(crate) fn undelivered(&mut self, requester: u32, responder: u32, reply: Reply) -> Option<Replied> {
+        self.refused(requester, responder, reply, |_| true)
+    }
+
+    /// [`Requests::undelivered`] for a refusal another broker sent for its responder (gone, its
+    /// queue full, or not allowed to reply), judged by `may_reply` on the request's topic.
+    pub(crate) fn refused(
+        &mut self,
+        requester: u32,
+        responder: u32,
+        reply: Reply,
+        may_reply: impl FnOnce(&str) -> bool,
+    ) -> Option<Replied> {
         let key = (requester, reply.id);
         let p = self.pending.get_mut(&key)?;
         let i = p.responders.iter().position(|&r| r == responder)?;
@@ -239,7 +251,7 @@ impl Requests {
             p.responders.swap_remove(i);
             return None;
         }
-        Some(self.reply(requester, responder, reply, None, |_| true))
+        Some(self.reply(requester, responder, reply, None, may_reply))
     }
 
     /// A connection is gone: forget its own requests, and fail the ones it was to answer.

@@ -1222,8 +1222,10 @@ async fn request_in(
     for t in &unreachable {
         let text = "the request is larger than the responder's broker accepts";
         let reply = crate::requests::refusal(req_id, ErrorCode::FrameTooLarge, 0, topic.clone(), text);
-        let replied = shared.requests().reply(id, t.conn, reply, None, |_| true);
-        crate::requests::settle(replied, shared);
+        // A first-wins request goes on while another responder may answer.
+        if let Some(replied) = shared.requests().undelivered(id, t.conn, reply) {
+            crate::requests::settle(replied, shared);
+        }
     }
     deferred.hold(|| {
         // The REQUEST's box carries the first CALL; the last CALL takes the message itself.

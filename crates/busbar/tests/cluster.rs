@@ -476,6 +476,77 @@ async fn a_native_request_reaches_nats_responders_on_other_brokers() {
     assert_eq!(a.routes().len(), 1, "the route stayed up");
 }
 
+/// Refusals another broker answers for its NATS subscriber (here: not allowed to reply; a
+/// request too large for that broker) fail a request it alone was sent at once, and only take
+/// that subscriber out of one that others got too (first reply wins).
+#[tokio::test]
+async fn refusals_from_another_broker_fail_fast_or_leave_the_request_to_the_others() {
+    use busbar_broker::{AuthConfig, Permissions, Rules, User, hash_password};
+    let mut config = node_config(3, &[]);
+    config.nats_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.max_frame_size = 16 * 1024;
+    // C's one user may subscribe anywhere but may neither publish on perm.> nor answer requests.
+    let mute = Permissions {
+        publish: Rules::only(["elsewhere.>"]),
+        allow_responses: false,
+        ..Permissions::default()
+    };
+    let user = User { name: "mute".into(), password_hash: hash_password("pw"), permissions: Some(mute) };
+    config.auth = AuthConfig { users: vec![user], ..AuthConfig::default() };
+    let token = Some("a-cluster-token-0123".to_string());
+    config.cluster.as_mut().unwrap().token = token.clone();
+    let c = broker_with(config).await;
+    let mut config = node_config(1, &[c.cluster_addr().unwrap()]);
+    config.nats_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.cluster.as_mut().unwrap().token = token;
+    let a = broker_with(config).await;
+    meshed(&[&a, &c]).await;
+    let on_c = async_nats::ConnectOptions::new()
+        .user_and_password("mute".into(), "pw".into())
+        .connect(format!("nats://{}", c.nats_addr().unwrap()))
+        .await
+        .unwrap();
+    let mut perm = on_c.subscribe("perm.x").await.unwrap();
+    let _big = on_c.subscribe("big.x").await.unwrap();
+    on_c.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = perm.next().await {
+            on_c.publish(m.reply.unwrap(), "not allowed".into()).await.unwrap();
+        }
+    });
+    wait_interest(&a, 2).await;
+    let requester = client(&a).await;
+
+    // Alone: PermissionDenied at once, not the timeout.
+    let alone = tokio::time::timeout(PATIENCE, requester.request("perm.x", "?", LONG))
+        .await
+        .expect("refused long before its timeout");
+    assert_eq!(alone.unwrap_err().code(), Some(busbar::ErrorCode::PermissionDenied));
+
+    // With a subscriber on A too, which answers only once C has refused.
+    let on_a = async_nats::connect(format!("nats://{}", a.nats_addr().unwrap())).await.unwrap();
+    let mut here = on_a.subscribe("perm.x").await.unwrap();
+    let mut here_big = on_a.subscribe("big.x").await.unwrap();
+    on_a.flush().await.unwrap();
+    let refused = c.stats().permission_denied;
+    let r = requester.clone();
+    let pending = tokio::spawn(async move { r.request("perm.x", "?", LONG).await });
+    let m = tokio::time::timeout(PATIENCE, here.next()).await.unwrap().unwrap();
+    eventually("C refused", || c.stats().permission_denied > refused).await;
+    on_a.publish(m.reply.unwrap(), "from A".into()).await.unwrap();
+    let answer = tokio::time::timeout(PATIENCE, pending).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap().payload_str(), Some("from A"), "C's refusal did not end it");
+
+    // Too large for C: refused for C's subscriber before any CALL goes out; A's answers.
+    let r = requester.clone();
+    let pending = tokio::spawn(async move { r.request("big.x", vec![7u8; 32 * 1024], LONG).await });
+    let m = tokio::time::timeout(PATIENCE, here_big.next()).await.unwrap().unwrap();
+    on_a.publish(m.reply.unwrap(), "big from A".into()).await.unwrap();
+    let answer = tokio::time::timeout(PATIENCE, pending).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap().payload_str(), Some("big from A"));
+    assert_eq!(a.stats().requests_pending, 0);
+}
+
 #[tokio::test]
 async fn peers_are_told_the_advertised_client_address() {
     let a = node(1, &[]).await;

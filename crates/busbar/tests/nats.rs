@@ -302,6 +302,38 @@ async fn unsubscribe_after_max_messages() {
     eventually("the broker forgot the subscription", || broker.stats().subscriptions == 0).await;
 }
 
+/// A NATS subscriber that stops after one message is sent several native requests at once:
+/// the one it sees is answered, and each one past its limit fails at once (ResponderLost when
+/// its CALL was already queued, NoResponders once the broker forgot the subscription) instead
+/// of waiting out its timeout.
+#[tokio::test]
+async fn requests_past_a_subscribers_max_msgs_fail_at_once() {
+    let broker = nats_broker().await;
+    let nc = nats(&broker).await;
+    let mut sub = nc.subscribe("once").await.unwrap();
+    sub.unsubscribe_after(1).await.unwrap();
+    nc.flush().await.unwrap();
+    let r = nc.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            r.publish(m.reply.unwrap(), "the one".into()).await.unwrap();
+        }
+    });
+    let native = client(&broker).await;
+    let asks: Vec<_> = (0..4).map(|_| native.request("once", "?", LONG)).collect();
+    let answers = tokio::time::timeout(PATIENCE, futures_util::future::join_all(asks))
+        .await
+        .expect("every request ends long before its timeout");
+    let ok = answers.iter().filter(|a| a.is_ok()).count();
+    assert_eq!(ok, 1, "{answers:?}");
+    for a in answers.iter().filter_map(|a| a.as_ref().err()) {
+        let code = a.code();
+        let lost = code == Some(busbar::ErrorCode::ResponderLost);
+        assert!(lost || matches!(a, busbar::Error::NoResponders { .. }), "{a:?}");
+    }
+    assert_eq!(broker.stats().requests_pending, 0);
+}
+
 #[tokio::test]
 async fn echo_false_hides_a_clients_own_messages() {
     let broker = nats_broker().await;
