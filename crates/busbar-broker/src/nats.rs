@@ -119,7 +119,9 @@ struct ConnectOptions {
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
-            verbose: false,
+            // nats-server's defaults: a bare `CONNECT {}` is verbose (and pedantic, which
+            // this server always is) and echoes.
+            verbose: true,
             echo: true,
             headers: false,
             no_responders: false,

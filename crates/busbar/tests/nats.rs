@@ -397,7 +397,7 @@ async fn a_denied_queue_subscription_is_named_with_its_queue() {
     let no_queue_q = Permissions { groups: Rules::only(["ok"]), ..Permissions::default() };
     let broker = broker_with_ana(no_queue_q).await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {\"user\":\"ana\",\"pass\":\"s3cret\"}\r\nSUB a q 1\r\nSUB a ok 2\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false,\"user\":\"ana\",\"pass\":\"s3cret\"}\r\nSUB a q 1\r\nSUB a ok 2\r\nPING\r\n").await;
     // nats-server's text: clients (nats.go) match subject and queue to flag the subscription.
     assert_eq!(
         raw.line().await.as_deref(),
@@ -410,7 +410,7 @@ async fn a_denied_queue_subscription_is_named_with_its_queue() {
 async fn a_header_name_with_a_space_is_carried_not_refused() {
     let broker = nats_broker().await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {\"headers\":true}\r\nSUB h 1\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false,\"headers\":true}\r\nSUB h 1\r\nPING\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("PONG"));
     let block = "NATS/1.0\r\nMy Key: 1\r\n\r\n";
     raw.send(format!("HPUB h {} {}\r\n{block}\r\nPING\r\n", block.len(), block.len()).as_bytes()).await;
@@ -429,7 +429,7 @@ async fn a_payload_trickling_in_keeps_the_connection_alive() {
         Config { heartbeat_interval: Duration::from_millis(200), heartbeat_max_missed: 2, ..nats_config() };
     let broker = broker_with(config).await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {}\r\nSUB t 1\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false}\r\nSUB t 1\r\nPING\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("PONG"));
     raw.send(b"PUB t 20\r\n").await;
     for _ in 0..20 {
@@ -453,7 +453,7 @@ async fn a_slow_consumer_is_closed_without_an_err_line() {
     let config = Config { max_frame_size: 64 * 1024, max_pending_bytes: 64 * 1024, ..nats_config() };
     let broker = broker_with(config).await;
     let (mut slow, _) = RawNats::connect(&broker).await;
-    slow.send(b"CONNECT {}\r\nSUB flood 1\r\nPING\r\n").await;
+    slow.send(b"CONNECT {\"verbose\":false}\r\nSUB flood 1\r\nPING\r\n").await;
     assert_eq!(slow.line().await.as_deref(), Some("PONG"));
     // From here on `slow` reads nothing until the flood is over.
     let publisher = nats(&broker).await;
@@ -525,7 +525,8 @@ async fn info_verbose_ok_ping_and_named_sids() {
     assert_eq!(info["headers"], true);
     assert!(info["max_payload"].as_u64().unwrap() > 0);
     assert!(info["client_id"].as_u64().is_some() && info["server_id"].is_string());
-    raw.send(b"CONNECT {\"verbose\":true,\"name\":\"raw\"}\r\n").await;
+    // Every CONNECT field is optional, and verbose defaults to true, as at nats-server.
+    raw.send(b"CONNECT {\"name\":\"raw\"}\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("+OK"));
     raw.send(b"ping\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("PONG"));
@@ -549,7 +550,7 @@ async fn info_verbose_ok_ping_and_named_sids() {
 async fn unsub_max_is_exact_on_the_wire() {
     let broker = nats_broker().await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {}\r\nSUB n 9\r\nPUB n 1\r\na\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false}\r\nSUB n 9\r\nPUB n 1\r\na\r\nPING\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("MSG n 9 1"));
     raw.payload(1).await;
     assert_eq!(raw.line().await.as_deref(), Some("PONG"));
@@ -569,11 +570,11 @@ async fn unsub_max_is_exact_on_the_wire() {
 async fn too_large_a_payload_is_refused_and_closes_only_that_connection() {
     let broker = nats_broker().await;
     let (mut bystander, _) = RawNats::connect(&broker).await;
-    bystander.send(b"CONNECT {}\r\nSUB x 1\r\nPING\r\n").await;
+    bystander.send(b"CONNECT {\"verbose\":false}\r\nSUB x 1\r\nPING\r\n").await;
     assert_eq!(bystander.line().await.as_deref(), Some("PONG"));
     let (mut raw, info) = RawNats::connect(&broker).await;
     let too_big = info["max_payload"].as_u64().unwrap() + 1;
-    raw.send(format!("CONNECT {{}}\r\nPUB x {too_big}\r\n").as_bytes()).await;
+    raw.send(format!("CONNECT {{\"verbose\":false}}\r\nPUB x {too_big}\r\n").as_bytes()).await;
     assert_eq!(raw.line().await.as_deref(), Some("-ERR 'Maximum Payload Violation'"));
     assert!(raw.closed().await);
     bystander.send(b"PUB x 2\r\nok\r\n").await;
@@ -585,7 +586,7 @@ async fn a_malformed_operation_gets_err_and_close() {
     let broker = nats_broker().await;
     for bad in [&b"FLY me\r\n"[..], b"PUB a notanumber\r\n", b"PUB a 2\r\nabc\r\n", b"HPUB a 1 2\r\nxy\r\n"] {
         let (mut raw, _) = RawNats::connect(&broker).await;
-        raw.send(b"CONNECT {}\r\n").await;
+        raw.send(b"CONNECT {\"verbose\":false}\r\n").await;
         raw.send(bad).await;
         let line = raw.line().await.unwrap_or_default();
         assert!(line.starts_with("-ERR '"), "{bad:?} → {line}");
@@ -618,7 +619,7 @@ async fn the_server_pings_idle_clients_and_closes_silent_ones() {
     config.heartbeat_interval = Duration::from_millis(100);
     let broker = broker_with(config).await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {}\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false}\r\n").await;
     assert_eq!(raw.line().await.as_deref(), Some("PING"));
     // Never answered: closed as stale.
     let mut last = String::new();
@@ -645,7 +646,7 @@ async fn sids_are_text_and_unknown_unsubs_are_ignored() {
     let (mut raw, _) = RawNats::connect(&broker).await;
     // "01" and "1" are two subscriptions; an UNSUB with a limit for a sid not subscribed leaves
     // nothing behind that could cut short a later SUB with that sid.
-    raw.send(b"CONNECT {}\r\nUNSUB 7 1\r\nSUB s 01\r\nSUB s 1\r\nSUB s 7\r\nPUB s 1\r\na\r\nPUB s 1\r\nb\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false}\r\nUNSUB 7 1\r\nSUB s 01\r\nSUB s 1\r\nSUB s 7\r\nPUB s 1\r\na\r\nPUB s 1\r\nb\r\nPING\r\n").await;
     let mut seen = Vec::new();
     for _ in 0..6 {
         let line = raw.line().await.unwrap();
@@ -670,7 +671,7 @@ async fn sids_are_text_and_unknown_unsubs_are_ignored() {
 async fn reply_subjects_cannot_be_forged_or_injected() {
     let broker = nats_broker().await;
     let (mut raw, _) = RawNats::connect(&broker).await;
-    raw.send(b"CONNECT {}\r\nSUB x 1\r\nPUB x _BUSBAR.R.1.1 1\r\na\r\nPING\r\n").await;
+    raw.send(b"CONNECT {\"verbose\":false}\r\nSUB x 1\r\nPUB x _BUSBAR.R.1.1 1\r\na\r\nPING\r\n").await;
     assert_eq!(
         raw.line().await.as_deref(),
         Some("-ERR 'Invalid Publish Subject'"),
