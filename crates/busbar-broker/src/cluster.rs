@@ -57,6 +57,9 @@ mod prop {
     pub(super) const CLIENT_URL: &str = "client_url";
     pub(super) const NATS_URL: &str = "nats_url";
     pub(super) const ROUTES: &str = "routes";
+    /// A random number each broker draws at start: tells a restarted broker from another one
+    /// given the same node id.
+    pub(super) const INSTANCE: &str = "instance";
     /// The largest frame this broker reads (its `max_frame_size`; a route reads 1 KiB more).
     pub(super) const MAX_FRAME: &str = "max_frame_size";
 }
@@ -75,7 +78,16 @@ pub(crate) struct Cluster {
     next_link: AtomicU64,
     /// Mutual TLS on routes, when configured.
     tls: Option<crate::tls::RouteTlsEnds>,
+    /// This broker's instance (see [`prop::INSTANCE`]).
+    instance: u64,
+    /// Per node id, the instances whose route a route from another instance of the same node
+    /// replaced (the last few): one that comes back is a second broker with that node id, not
+    /// a restart, and is refused rather than let the two replace each other for ever.
+    replaced: Mutex<HashMap<u8, Vec<u64>>>,
 }
+
+/// Instances remembered per node id in [`Cluster::replaced`].
+const REPLACED_KEPT: usize = 8;
 
 /// A route that is up.
 #[derive(Debug, Clone)]
@@ -91,6 +103,8 @@ pub(crate) struct RouteInfo {
     pub(crate) control: Arc<Control>,
     /// Tells this connection from another one to the same broker.
     link: u64,
+    /// The peer's instance (0: not said).
+    instance: u64,
 }
 
 /// A route as monitoring shows it.
@@ -141,7 +155,14 @@ impl Cluster {
             routes: Mutex::default(),
             dialing: Mutex::default(),
             next_link: AtomicU64::new(1),
+            instance: rand::random::<u64>() | 1,
+            replaced: Mutex::default(),
         })
+    }
+
+    /// True when instance `instance` of node `node` had its route replaced by another instance.
+    fn was_replaced(&self, node: u8, instance: u64) -> bool {
+        lock(&self.replaced).get(&node).is_some_and(|seen| seen.contains(&instance))
     }
 
     pub(crate) fn node(&self) -> u8 {
@@ -169,6 +190,7 @@ impl Cluster {
         p.insert(prop::MAX_FRAME, max_frame_size.to_string());
         p.insert(prop::ROUTE, self.config.name.as_str());
         p.insert(prop::NODE, self.node().to_string());
+        p.insert(prop::INSTANCE, self.instance.to_string());
         if let Some(token) = &self.config.token {
             p.insert(prop::TOKEN, token.as_str());
         }
@@ -193,6 +215,8 @@ struct Peer {
     routes: Vec<SocketAddr>,
     /// The peer's `max_frame_size`, when it says (brokers of an older version do not).
     max_frame: Option<usize>,
+    /// Its instance; 0 when it does not say.
+    instance: u64,
 }
 
 /// Checks a peer's handshake properties against this broker's cluster.
@@ -212,6 +236,13 @@ fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
     }
     let addr = |key| p.get(key).and_then(|a| a.parse::<SocketAddr>().ok());
     let cluster_url = addr(prop::CLUSTER_URL).ok_or("no cluster_url")?;
+    let instance = p.get(prop::INSTANCE).and_then(|i| i.parse().ok()).unwrap_or(0);
+    if instance != 0 && cluster.was_replaced(node, instance) {
+        return Err(format!(
+            "node id {node} is used by two brokers: the one at {cluster_url} was replaced by another \
+             with the same id; give each broker its own node_id"
+        ));
+    }
     let routes = gossip(p);
     Ok(Peer {
         node,
@@ -221,6 +252,7 @@ fn peer(cluster: &Cluster, name: &str, p: &Headers) -> Result<Peer, String> {
         nats_url: addr(prop::NATS_URL),
         routes,
         max_frame: p.get(prop::MAX_FRAME).and_then(|m| m.parse().ok()),
+        instance,
     })
 }
 
@@ -490,6 +522,22 @@ fn register(shared: &Shared, info: RouteInfo, outbox: &Outbox) -> bool {
         if initiator(existing) < initiator(&info) {
             return false;
         }
+        if existing.instance != info.instance && existing.instance != 0 && info.instance != 0 {
+            // A restart, or a second broker with this node id: should the replaced one come
+            // back, it is the latter (see `peer`).
+            info!(
+                node = info.node,
+                replaced = %existing.cluster_url,
+                by = %info.cluster_url,
+                "route replaced by another broker instance with that node id (a restart?)"
+            );
+            let mut replaced = lock(&cluster.replaced);
+            let seen = replaced.entry(info.node).or_default();
+            if seen.len() == REPLACED_KEPT {
+                seen.remove(0);
+            }
+            seen.push(existing.instance);
+        }
         existing.control.fail(error(ErrorCode::ShuttingDown, 0, "replaced by another route"));
         forget(shared, existing);
     }
@@ -546,6 +594,7 @@ async fn run(
         since: SystemTime::now(),
         control: control.clone(),
         link,
+        instance: peer.instance,
     };
     let registered = register(&shared, info, &outbox);
     if registered {

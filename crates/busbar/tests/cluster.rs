@@ -547,6 +547,33 @@ async fn refusals_from_another_broker_fail_fast_or_leave_the_request_to_the_othe
     assert_eq!(a.stats().requests_pending, 0);
 }
 
+/// Two brokers given the same node id: the second replaces the first's route once (it could
+/// be a restart), and when the first comes back it is refused, not let the two replace each
+/// other for ever.
+#[tokio::test]
+async fn a_second_broker_with_a_node_id_in_use_is_refused() {
+    let a = node(1, &[]).await;
+    let seed = [a.cluster_addr().unwrap()];
+    let first = node(2, &seed).await;
+    meshed(&[&a, &first]).await;
+    let second = node(2, &seed).await;
+    eventually("the returning first instance refused", || a.stats().auth_failures >= 1).await;
+    let second_url = second.cluster_addr().unwrap().to_string();
+    eventually("node 2 is the second broker, for good", || {
+        a.routes().iter().any(|r| r.node == 2 && r.cluster_url == second_url)
+    })
+    .await;
+    // It stays so: messages from A reach the second broker's clients.
+    let sub_client = client(&second).await;
+    let mut sub = sub_client.subscribe("dup.>").await.unwrap();
+    sub_client.flush().await.unwrap();
+    wait_interest(&a, 1).await;
+    let publisher = client(&a).await;
+    publisher.publish("dup.x", "to node 2").await.unwrap();
+    assert_eq!(next(&mut sub).await.payload_str(), Some("to node 2"));
+    drop(first);
+}
+
 #[tokio::test]
 async fn peers_are_told_the_advertised_client_address() {
     let a = node(1, &[]).await;
