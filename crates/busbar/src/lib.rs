@@ -33,6 +33,20 @@
 //!
 //! Topics and patterns are checked on the client before anything is sent, so a bad topic is an
 //! immediate [`Error::InvalidTopic`], not a round trip.
+//!
+//! # Where the two transports differ
+//!
+//! The shared test suite (`tests/suite.rs`) runs the same bodies on both; what is left differs
+//! by nature, not by accident:
+//! - **Size.** A broker refuses a frame over its `max_frame_size` (announced at connect;
+//!   [`ErrorCode::FrameTooLarge`]); the in-process bus copies nothing and has no limit.
+//! - **Timeouts.** A request's timeout is kept by the client either way; the broker is told it
+//!   in milliseconds as a `u32`, so it forgets a request after at most about 49.7 days.
+//! - **Timing.** [`local::Bus::publish`] runs synchronous handlers before it returns (its
+//!   [`local::Delivery`] counts them); over a broker, publishing returns once the message is
+//!   queued, and [`EventBus::flush`] waits for the broker to have handled it.
+//! - **Synchronous handlers** exist only in process; they share one message without a copy per
+//!   handler, so [`Message::subscription_id`] is 0 there.
 
 mod bus;
 mod client;
