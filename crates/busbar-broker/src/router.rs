@@ -391,10 +391,16 @@ impl Router {
     /// A route to broker `node` is up: remember it and send it every local subscription.
     pub(crate) fn add_route(&mut self, node: u8, outbox: Outbox) {
         let mut snapshot = Vec::new();
-        for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
-            if let Some(name) = &c.service {
-                snapshot.push(RouteOut::Service { conn, name: name.clone() });
+        // Service names in the order they were registered, so that the peer resolves a name
+        // shared by several clients to the same latest one as this broker does.
+        for (name, conns) in &self.services {
+            for &conn in conns {
+                if self.conns.get(&conn).is_some_and(|c| c.remote.is_none()) {
+                    snapshot.push(RouteOut::Service { conn, name: name.clone() });
+                }
             }
+        }
+        for (&conn, c) in self.conns.iter().filter(|(_, c)| c.remote.is_none()) {
             if c.nats && !c.subs.is_empty() {
                 snapshot.push(RouteOut::Nats { conn });
             }
@@ -796,5 +802,26 @@ mod tests {
         let msg = |topic: &str| Arc::new(Message::new(topic.to_string(), "x"));
         assert_eq!(r.route_from_peer(&msg(&vec!["a"; 30_000].join(".")), 0, FANOUT), 0);
         assert_eq!(r.route_from_peer(&msg("a.b"), 0, FANOUT), 1);
+    }
+
+    #[test]
+    fn a_new_route_learns_service_names_in_the_order_they_were_registered() {
+        let mut r = Router::default();
+        let order: Vec<u32> = vec![7, 3, 9, 1, 12, 5, 30, 2];
+        for &conn in &order {
+            r.add_connection(conn, Some("svc".into()), Outbox::detached());
+        }
+        assert_eq!(r.resolve_service("svc"), Some(2), "the latest");
+        let (tx, mut rx) = crate::queue::queue();
+        r.add_route(2, Outbox::new(tx));
+        let Some(Outbound::Route(RouteOut::Snapshot(items))) = rx.try_recv() else { panic!("a snapshot") };
+        let sent: Vec<u32> = items
+            .iter()
+            .filter_map(|i| match i {
+                RouteOut::Service { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, order, "the peer registers them in the same order, so resolves the same");
     }
 }
