@@ -207,8 +207,9 @@ impl Requests {
             ReplyTo::Conn(outbox) => {
                 reply.message.topic = p.topic.clone();
                 reply.message.destination = requester;
-                // In the box the REPLY came in, when the caller has it.
-                outbox.push(crate::session::Outbound::boxed(spare, Frame::Reply(reply)));
+                // In the box the REPLY came in, when the caller has it. Past a queue full of
+                // messages (drop policy): the requester is owed it.
+                outbox.push_answer(crate::session::Outbound::boxed(spare, Frame::Reply(reply)));
                 Replied::Delivered
             }
             ReplyTo::Subject(subject) => {
@@ -288,7 +289,7 @@ impl Requests {
                     let text = "the responder disconnected before it replied";
                     let reply = error_reply(id, ErrorCode::ResponderLost, remaining, p.topic.clone(), text);
                     if let ReplyTo::Conn(outbox) = &p.reply_to {
-                        outbox.deliver_frame(reply);
+                        outbox.push_answer(crate::session::Outbound::frame(reply));
                     }
                 }
                 !p.responders.is_empty()

@@ -240,13 +240,26 @@ impl Control {
     }
 
     /// Stops the connection, abandoning what is queued; `reason` is written if the socket takes it.
-    pub(crate) fn fail(&self, reason: ErrorFrame) {
+    /// True for the one call that stopped it (the others find it stopped already).
+    pub(crate) fn fail(&self, reason: ErrorFrame) -> bool {
         let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() && !self.is_killed() {
+        let first = !self.dead.swap(true, Ordering::AcqRel);
+        if first {
             *slot = Some(reason);
         }
         drop(slot);
         self.stop();
+        first
+    }
+
+    /// Closes the connection as a slow consumer, counted once however many publishers find it.
+    fn slow_consumer(&self, why: &str) {
+        if self.fail(error(ErrorCode::SlowConsumer, 0, format!("{why}: slow consumer"))) {
+            warn!(why, "slow consumer: closing connection");
+            if let Some(counters) = &self.counters {
+                counters.slow_consumers.inc();
+            }
+        }
     }
 }
 
@@ -334,9 +347,21 @@ impl Outbox {
     /// [`Outbox::push`] of the item `make` builds, of `size` (its [`Outbound::size`]), built
     /// only once the bound has room for it.
     pub(crate) fn push_sized(&self, size: usize, make: impl FnOnce() -> Outbound) -> bool {
+        self.push_bounded(size, false, make)
+    }
+
+    /// Queues, without waiting, an answer the client is owed (the reply to its request, an
+    /// error about it): past the bound messages stop at, by the answer slack, so that under the
+    /// drop policy a queue full of messages does not swallow it. Beyond that, the slow-consumer
+    /// rule.
+    pub(crate) fn push_answer(&self, out: Outbound) -> bool {
+        self.push_bounded(out.size(), true, || out)
+    }
+
+    fn push_bounded(&self, size: usize, slack: bool, make: impl FnOnce() -> Outbound) -> bool {
         let Some(tx) = &self.tx else { return false };
         let c = &self.control;
-        if c.full(size, false) {
+        if c.full(size, slack) {
             self.overflow("outbound queue over its bounds");
             return false;
         }
@@ -354,15 +379,7 @@ impl Outbox {
     fn overflow(&self, why: &str) {
         let c = &self.control;
         match c.policy {
-            SlowConsumerPolicy::Disconnect => {
-                if !c.is_killed() {
-                    warn!(why, "slow consumer: closing connection");
-                    if let Some(counters) = &c.counters {
-                        counters.slow_consumers.inc();
-                    }
-                    c.fail(error(ErrorCode::SlowConsumer, 0, format!("{why}: slow consumer")));
-                }
-            }
+            SlowConsumerPolicy::Disconnect => c.slow_consumer(why),
             SlowConsumerPolicy::Drop => {
                 let n = c.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Some(counters) = &c.counters {
@@ -383,7 +400,7 @@ impl Outbox {
         let c = &self.control;
         let size = out.size();
         if c.max_bytes > 0 && size > c.max_bytes {
-            c.fail(error(ErrorCode::SlowConsumer, 0, "outbound bytes over the limit: slow consumer"));
+            c.slow_consumer("outbound bytes over the limit");
             return false;
         }
         // Waiting for room is rare (a client that does not read): poll for it, bounded.
@@ -393,7 +410,7 @@ impl Outbox {
                 return false;
             }
             if tokio::time::Instant::now() >= deadline {
-                c.fail(error(ErrorCode::SlowConsumer, 0, "not reading: slow consumer"));
+                c.slow_consumer("not reading");
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -1456,5 +1473,30 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_is_counted_once_however_it_is_found() {
+        let counters = Arc::new(crate::server::Counters::default());
+        let config = crate::Config { max_pending: 1, max_pending_bytes: 1024, ..Default::default() };
+        let control = Arc::new(Control::new(&config, counters.clone(), Link::Client));
+        let (tx, _rx) = crate::queue::queue();
+        let outbox = Outbox::with_control(tx, control.clone());
+        let msg = Arc::new(Message::new("a", "x"));
+        assert!(outbox.deliver(1, &msg));
+        // Found full by several publishers, then by an answer too large for its bound.
+        assert!(!outbox.deliver(1, &msg) && !outbox.deliver(1, &msg));
+        let huge = Frame::Error(error(ErrorCode::HandlerError, 0, "x".repeat(4096)));
+        assert!(!outbox.send(Outbound::frame(huge)).await);
+        assert!(control.is_killed());
+        assert_eq!(counters.slow_consumers.get(), 1);
+        // Closed by `send` first: counted there.
+        let control = Arc::new(Control::new(&config, counters.clone(), Link::Client));
+        let (tx, _rx) = crate::queue::queue();
+        let outbox = Outbox::with_control(tx, control.clone());
+        let huge = Frame::Error(error(ErrorCode::HandlerError, 0, "x".repeat(4096)));
+        assert!(!outbox.send(Outbound::frame(huge)).await);
+        assert!(outbox.deliver(1, &msg) && !outbox.deliver(1, &msg));
+        assert_eq!(counters.slow_consumers.get(), 2);
     }
 }

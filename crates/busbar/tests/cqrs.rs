@@ -566,6 +566,64 @@ async fn a_request_a_full_responder_cannot_take_is_refused_at_once_under_the_dro
     requests.abort_all();
 }
 
+/// Under the drop policy a requester whose queue is full of messages (it has not read for a
+/// while) still gets its reply: replies pass the bound that messages stop at.
+#[tokio::test]
+async fn a_reply_is_not_dropped_with_the_messages_of_a_full_queue() {
+    let mut config = config();
+    config.slow_consumer = busbar_broker::SlowConsumerPolicy::Drop;
+    // Full by count: a small reply would still fit a byte bound.
+    config.max_pending = 8;
+    let broker = broker_with(config).await;
+    let responder = client(&broker).await;
+    let _h = responder.respond("svc", |_m| async move { Ok::<_, String>("the answer") }).await.unwrap();
+    responder.flush().await.unwrap();
+    let mut raw = Raw::hello(&broker).await;
+    let sub = busbar::core::Sub { sid: 1, pattern: "flood".into(), group: None, kind: Default::default() };
+    raw.send(busbar::core::Frame::Sub(sub)).await;
+    raw.send(busbar::core::Frame::Ping).await;
+    assert_eq!(raw.read().await, Some(busbar::core::Frame::Pong));
+    // It stops reading: 16 KiB messages, on and on, until the request is answered: its socket
+    // and its queue stay full and the broker drops for it.
+    let publisher = client(&broker).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let stop = stop.clone();
+        let payload = Bytes::from(vec![0u8; 16 * 1024]);
+        async move {
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                publisher.publish("flood", payload.clone()).await.unwrap();
+                publisher.flush().await.unwrap();
+            }
+        }
+    });
+    eventually("the queue full", || broker.stats().dropped > 32).await;
+    let request = busbar::core::Request {
+        id: 9,
+        all: false,
+        timeout_ms: 60_000,
+        message: busbar::core::Message::new("svc", "?"),
+    };
+    raw.send(busbar::core::Frame::Request(request)).await;
+    eventually("answered", || broker.stats().requests_pending == 0).await;
+    stop.store(true, Ordering::Relaxed);
+    flood.await.unwrap();
+    // Now it reads: the reply is among what was kept.
+    loop {
+        match raw.read().await {
+            Some(busbar::core::Frame::Reply(r)) => {
+                assert_eq!((r.id, r.error, &r.message.payload[..]), (9, None, &b"the answer"[..]));
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without the reply"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_request_whose_call_would_be_too_large_is_refused_and_the_connection_stays() {
     let broker = broker().await;
