@@ -581,6 +581,11 @@ impl Conn<'_> {
             self.err("Invalid Subject".into()).await;
             return Ok(());
         }
+        // Queue names are busbar group names, which follow the topic rules.
+        if queue.is_some_and(|q| validate_topic(q).is_err()) {
+            self.err("Invalid Queue Name".into()).await;
+            return Ok(());
+        }
         let perms = self.perms();
         if !perms.subscribe.permits_pattern(subject) || queue.is_some_and(|q| !perms.groups.permits_topic(q))
         {

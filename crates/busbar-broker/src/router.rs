@@ -61,7 +61,9 @@ pub(crate) enum RouteOut {
 impl RouteOut {
     pub(crate) fn size(&self) -> usize {
         match self {
-            RouteOut::Sub { sub, .. } => 64 + sub.pattern.len(),
+            RouteOut::Sub { sub, .. } => {
+                64 + sub.pattern.len() + sub.group.as_ref().map_or(0, |g| g.name.len())
+            }
             RouteOut::Unsub { .. } => 32,
             RouteOut::Service { name, .. } => 48 + name.len(),
             RouteOut::Nats { .. } => 48,
@@ -254,6 +256,10 @@ impl Router {
 
     /// Client `conn` of broker `node` registered service `name`, learned over the route `outbox`.
     pub(crate) fn register_remote_service(&mut self, node: u8, conn: u32, name: ByteString, outbox: &Outbox) {
+        // Held to a client's rules.
+        if busbar_core::validate_topic(&name).is_err() {
+            return;
+        }
         let Some(entry) = self.remote_entry(node, conn, outbox) else { return };
         if entry.service.is_some() {
             return;
@@ -348,7 +354,8 @@ impl Router {
         // Held to the rules a client's pattern is: the trie's removal recurses once per token,
         // and a pattern of thousands of tokens from a confused or hostile peer would overflow
         // the stack.
-        if busbar_core::topic::validate_pattern(&sub.pattern).is_err() {
+        let bad_group = sub.group.as_ref().is_some_and(|g| busbar_core::validate_topic(&g.name).is_err());
+        if busbar_core::topic::validate_pattern(&sub.pattern).is_err() || bad_group {
             return Err(SubError::Invalid);
         }
         if self.remote_entry(node, conn, outbox).is_none() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use busbar_core::frame::{self, FrameError};
 use busbar_core::{
     ByteString, Call, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, Message, Request, TopicMemo,
-    Welcome, validate_pattern,
+    Welcome, validate_pattern, validate_topic,
 };
 use bytes::BytesMut;
 use futures_util::{FutureExt, StreamExt};
@@ -712,6 +712,13 @@ async fn handshake(
     };
     let service = hello.properties.get(SERVICE_PROPERTY).filter(|s| !s.is_empty()).map(ByteString::from);
     if let Some(name) = &service
+        && let Err(e) = validate_topic(name)
+    {
+        let text = format!("invalid service name {:?}: {e}", shown(name));
+        outbox.control.fail(error(ErrorCode::InvalidTopic, 0, text));
+        return None;
+    }
+    if let Some(name) = &service
         && !permissions.services.permits_topic(name)
     {
         let text = format!("may not register service {:?}", shown(name));
@@ -1062,6 +1069,13 @@ async fn apply(
                         format!("invalid pattern {:?}: {e}", shown(&sub.pattern)),
                     ))
                     .await;
+                return Ok(());
+            }
+            if let Some(g) = &sub.group
+                && let Err(e) = validate_topic(&g.name)
+            {
+                let text = format!("invalid group name {:?}: {e}", shown(&g.name));
+                outbox.send(fail(ErrorCode::InvalidPattern, text)).await;
                 return Ok(());
             }
             let group = sub.group.map(|g| (g.name, g.policy));

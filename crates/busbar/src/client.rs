@@ -222,6 +222,8 @@ impl Pattern {
     }
 
     /// Joins group `name`: each message (or request) goes to one member, chosen by `policy`.
+    /// The name follows the topic rules (dot-separated tokens, no wildcards, at most 1 KiB);
+    /// another is refused when subscribing ([`Error::InvalidTopic`]).
     pub fn group(mut self, name: impl Into<ByteString>, policy: GroupPolicy) -> Self {
         self.group = Some(Group { name: name.into(), policy });
         self
@@ -413,6 +415,12 @@ impl Client {
         let Pattern { pattern, group } = pattern;
         validate_pattern(&pattern)
             .map_err(|source| Error::InvalidTopic { topic: pattern.to_string(), source })?;
+        // A group name follows the topic rules (the broker refuses another, and would refuse it
+        // again at every reconnect).
+        if let Some(g) = &group {
+            busbar_core::validate_topic(&g.name)
+                .map_err(|source| Error::InvalidTopic { topic: g.name.to_string(), source })?;
+        }
         let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, confirmed) = oneshot::channel();
         let sub = Sub { sid, pattern, group, kind };

@@ -225,6 +225,9 @@ impl Table {
     fn group(&mut self, pattern: &Pattern) -> Result<Option<GroupRef>> {
         let Some(group) = pattern.group_spec() else { return Ok(None) };
         let (name, policy) = (group.name.clone(), group.policy);
+        // As a broker holds them: group names follow the topic rules.
+        busbar_core::validate_topic(&name)
+            .map_err(|source| Error::InvalidTopic { topic: name.to_string(), source })?;
         let entry = self.groups.entry(name.clone()).or_insert_with(|| {
             let balancer = Arc::new(Balancer::with_seed(busbar_core::id::now_ns()));
             (GroupRef { name, policy, balancer }, 0)

@@ -544,6 +544,10 @@ async fn info_verbose_ok_ping_and_named_sids() {
     assert_eq!(raw.line().await.as_deref(), Some("+OK"));
     assert_eq!(raw.line().await.as_deref(), Some("+OK"));
     assert_eq!(raw.line().await.as_deref(), Some("PONG"), "no MSG after UNSUB");
+    // A queue name is a busbar group name: it follows the topic rules.
+    raw.send(b"SUB q a..b 3\r\nPING\r\n").await;
+    assert_eq!(raw.line().await.as_deref(), Some("-ERR 'Invalid Queue Name'"));
+    assert_eq!(raw.line().await.as_deref(), Some("PONG"));
 }
 
 #[tokio::test]

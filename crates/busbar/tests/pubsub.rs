@@ -252,8 +252,22 @@ async fn protocol_violations_have_specific_codes() {
         .await;
     let e = raw.expect_error().await;
     assert_eq!((e.code, e.correlation), (ErrorCode::DuplicateSubscription, u64::MAX));
+    // Group names follow the topic rules (and so are bounded: each distinct one is kept).
+    for name in ["x".repeat(60_000), "a..b".to_string(), "w*".to_string()] {
+        let group = Some(busbar::core::Group { name: name.into(), policy: busbar::GroupPolicy::Random });
+        raw.send(Frame::Sub(Sub { sid: 8, pattern: "g".into(), group, kind: Default::default() })).await;
+        let e = raw.expect_error().await;
+        assert_eq!((e.code, e.correlation), (ErrorCode::InvalidPattern, 8), "{}", e.message);
+    }
     raw.send(Frame::Ping).await;
     assert_eq!(raw.read().await, Some(Frame::Pong));
+    assert_eq!(broker.stats().subscriptions, 1);
+    // A service name too.
+    let mut raw = Raw::connect(&broker).await;
+    let properties = [("service", "bad..name")].into_iter().collect();
+    raw.send(Frame::Hello(busbar::core::Hello { name: "raw".into(), properties })).await;
+    assert_eq!(raw.expect_error().await.code, ErrorCode::InvalidTopic);
+    raw.expect_closed().await;
 }
 
 #[tokio::test]

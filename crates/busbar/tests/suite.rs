@@ -111,6 +111,11 @@ async fn groups_round_robin(bus: &impl EventBus) {
         bus.publish("rr.work", "").await.unwrap();
     }
     each_gets_exactly(bus, &mut members, 10).await;
+    // A group name follows the topic rules, on both transports.
+    for bad in ["", "a..b", "w>"] {
+        let refused = bus.subscribe(Pattern::new("rr.work").group(bad, GroupPolicy::RoundRobin)).await;
+        assert!(matches!(refused, Err(Error::InvalidTopic { .. })), "{bad:?}: {refused:?}");
+    }
 }
 
 /// Every member receives `n` messages, and no more.
