@@ -636,20 +636,10 @@ impl ConnectionTask {
             feed(conn, Frame::Sub(sub.clone())).await?;
         }
         let buffered = self.offline.len();
-        // Encoded for the broker of the time they were published: a broker with a smaller
-        // `max_frame_size` would close the connection on the first one too large, and lose the
-        // ones after it. It is skipped alone (as in `write_run`, for what was queued meanwhile).
         let max = conn.reader.max_frame_size;
-        let mut too_large = 0usize;
-        while let Some(frame) = self.offline.pop_front() {
-            self.offline_bytes -= frame.len();
-            if over_limit(&frame, max) {
-                too_large += 1;
-                continue;
-            }
-            write_encoded(conn, &frame).await?;
-        }
+        let written = write_offline(&mut conn.writer, &mut self.offline, &mut self.offline_bytes, max).await;
         self.offline_changed();
+        let too_large = written?;
         if too_large > 0 {
             warn!(
                 too_large,
@@ -895,17 +885,70 @@ impl ConnectionTask {
     }
 }
 
-/// Size of the write buffer past which encoded frames are flushed before more are added
-/// (tokio-util's own back-pressure boundary): what a failed connection can lose is bounded by it.
-const WRITE_HIGH_WATER: usize = 8 * 1024;
+/// Bytes of buffered frames written at once by [`write_offline`].
+const OFFLINE_RUN: usize = 64 * 1024;
 
-/// Appends an encoded frame to the writer's buffer, in order with the frames fed to it.
-async fn write_encoded(conn: &mut Conn, frame: &[u8]) -> Result<()> {
-    if conn.writer.write_buffer().len() >= WRITE_HIGH_WATER {
-        SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)?;
+/// Writes the frames kept while offline, after what the writer's buffer holds (the restored
+/// subscriptions). A frame is taken off `offline` only once wholly written: when the connection
+/// fails again, what it did not take stays at the front, in order, for the next one (a frame cut
+/// short is sent whole again; the broker dropped the half with the connection). Frames encoded
+/// for an earlier broker with a larger `max_frame_size` are dropped alone: sent, the first would
+/// close the connection and lose the ones after it. Returns how many were dropped so.
+async fn write_offline(
+    writer: &mut FramedWrite<WriteHalf, FrameCodec>,
+    offline: &mut VecDeque<Bytes>,
+    offline_bytes: &mut usize,
+    max: usize,
+) -> Result<usize> {
+    SinkExt::<Frame>::flush(writer).await.map_err(codec_error)?;
+    let mut too_large = 0;
+    offline.retain(|frame| {
+        let fits = !over_limit(frame, max);
+        if !fits {
+            too_large += 1;
+            *offline_bytes -= frame.len();
+        }
+        fits
+    });
+    let mut run = BytesMut::new();
+    while !offline.is_empty() {
+        run.clear();
+        let mut in_run = 0;
+        for frame in offline.iter() {
+            if in_run > 0 && run.len() + frame.len() > OFFLINE_RUN {
+                break;
+            }
+            run.extend_from_slice(frame);
+            in_run += 1;
+        }
+        let mut at = 0;
+        let mut failed = None;
+        while at < run.len() {
+            match writer.get_mut().write(&run[at..]).await {
+                Ok(0) => failed = Some(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        // Off the buffer: the frames wholly written.
+        let mut done = 0;
+        while in_run > 0
+            && let Some(frame) = offline.front()
+            && done + frame.len() <= at
+        {
+            done += frame.len();
+            *offline_bytes -= frame.len();
+            offline.pop_front();
+            in_run -= 1;
+        }
+        if let Some(e) = failed {
+            return Err(Error::Io(e));
+        }
     }
-    conn.writer.write_buffer_mut().extend_from_slice(frame);
-    Ok(())
+    Ok(too_large)
 }
 
 /// Adds a frame to the write buffer; a frame that cannot be encoded is reported and skipped.
@@ -1099,6 +1142,73 @@ fn frames(mut run: Bytes) -> impl Iterator<Item = Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes `room` bytes, then fails every write.
+    struct Breaks {
+        room: usize,
+        taken: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl tokio::io::AsyncWrite for Breaks {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.room == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            // A little at a time, as a socket filling up would.
+            let n = buf.len().min(self.room).min(1000);
+            self.room -= n;
+            self.taken.lock().unwrap().extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_buffered_offline_stay_buffered_until_wholly_written() {
+        let frame = |i: u64| {
+            let mut run = BytesMut::new();
+            let message = busbar_core::Message::new("t", i.to_be_bytes().repeat(50));
+            busbar_core::frame::encode_pub(&mut run, &message, 1 << 20).unwrap();
+            run.freeze()
+        };
+        let len = frame(0).len();
+        let mut offline: VecDeque<Bytes> = (0..400).map(frame).collect();
+        let mut bytes = offline.iter().map(Bytes::len).sum::<usize>();
+        // The connection breaks in the middle of frame 250, well past the first run.
+        let room = 250 * len + len / 2;
+        let taken = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io: WriteHalf = Box::new(Breaks { room, taken: taken.clone() });
+        let mut writer = FramedWrite::new(io, FrameCodec::new(1 << 20));
+        let result = write_offline(&mut writer, &mut offline, &mut bytes, 1 << 20).await;
+        assert!(matches!(result, Err(Error::Io(_))), "{result:?}");
+        assert_eq!(taken.lock().unwrap().len(), room);
+        assert_eq!(offline.len(), 150, "frame 250 (cut short) and after stay buffered");
+        assert_eq!(offline.front(), Some(&frame(250)));
+        assert_eq!(bytes, 150 * len);
+        // The next connection takes them all, in order.
+        let taken = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io: WriteHalf = Box::new(Breaks { room: usize::MAX, taken: taken.clone() });
+        let mut writer = FramedWrite::new(io, FrameCodec::new(1 << 20));
+        assert_eq!(write_offline(&mut writer, &mut offline, &mut bytes, 1 << 20).await.unwrap(), 0);
+        assert!(offline.is_empty() && bytes == 0);
+        let expected: Vec<u8> = (250..400).flat_map(|i| frame(i).to_vec()).collect();
+        assert_eq!(*taken.lock().unwrap(), expected);
+    }
 
     #[tokio::test]
     async fn a_call_for_a_subscription_gone_is_refused_at_once() {
