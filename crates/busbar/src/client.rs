@@ -498,7 +498,7 @@ impl Client {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply_result(reply),
             // The connection task dropped the request: the connection is gone.
-            Ok(Err(_)) => Err(Error::ConnectionLost),
+            Ok(Err(_)) => Err(self.lost_or_closed()),
             Err(_) => {
                 let _ = self.commands.try_send(Command::CancelRequest { id });
                 Err(Error::Timeout)
@@ -534,7 +534,7 @@ impl Client {
                         break;
                     }
                 }
-                Ok(None) if answers.is_empty() => return Err(Error::ConnectionLost),
+                Ok(None) if answers.is_empty() => return Err(self.lost_or_closed()),
                 Ok(None) | Err(_) => break,
             }
         }
@@ -565,6 +565,12 @@ impl Client {
         }
         let _ = self.flush().await;
         self.disconnect().await
+    }
+
+    /// Why the connection task dropped a request: `Closed` after `disconnect` (the task says so
+    /// before it drops them), else `ConnectionLost`.
+    fn lost_or_closed(&self) -> Error {
+        if self.offline.closed.load(Ordering::Acquire) { Error::Closed } else { Error::ConnectionLost }
     }
 
     /// Flushes what is queued and closes the connection, for this handle and all its clones.

@@ -117,12 +117,15 @@ pub(crate) struct OfflineState {
     /// Bytes a frame may have to fit (0 when it is full by count): under
     /// [`OfflinePolicy::Error`], a larger publish is refused.
     pub(crate) room: AtomicUsize,
+    /// The client was closed (`disconnect`), not cut off: set before what was in flight is
+    /// failed, so that it fails with `Closed` rather than `ConnectionLost`.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
 }
 
 impl OfflineState {
     /// An empty buffer of `bytes`.
     pub(crate) fn new(bytes: usize) -> Self {
-        Self { len: AtomicUsize::new(0), room: AtomicUsize::new(bytes) }
+        Self { len: AtomicUsize::new(0), room: AtomicUsize::new(bytes), closed: Default::default() }
     }
 }
 
@@ -362,10 +365,13 @@ impl ConnectionTask {
             };
             self.status.send_replace(Status::Connected);
             match self.session(current).await {
-                End::Closed => break,
+                End::Closed => {
+                    self.offline_state.closed.store(true, Ordering::Release);
+                    break;
+                }
                 End::Lost(e) => {
                     warn!(error = %e, "connection lost");
-                    self.fail_in_flight();
+                    self.fail_in_flight(false);
                     if !self.options.reconnect.enabled {
                         break;
                     }
@@ -386,28 +392,30 @@ impl ConnectionTask {
             }
         }
         self.status.send_replace(Status::Disconnected);
-        self.fail_in_flight();
-        for waiter in self.pongs.drain(..) {
-            match waiter {
-                PongWaiter::Heartbeat => {}
-                PongWaiter::Flush { done, .. } | PongWaiter::Subscribe { done, .. } => {
-                    let _ = done.send(Err(Error::Closed));
-                }
-            }
-        }
+        // Over for good: a flush or subscribe waiting fails, and so does a request in flight
+        // (`Closed` after `disconnect`, else `ConnectionLost`).
+        self.fail_in_flight(true);
         // Dropping `subs` ends every subscription stream.
     }
 
     /// Requests in flight cannot be answered over a new connection: fail them now (dropping
-    /// their sinks gives the requester `ConnectionLost`). Flushes fail too; subscriptions
-    /// waiting for confirmation stay, and are sent again on the next connection.
-    fn fail_in_flight(&mut self) {
+    /// their sinks gives the requester `ConnectionLost`, or `Closed` after `disconnect`).
+    /// Flushes fail too; subscriptions waiting for confirmation stay, and are sent again on the
+    /// next connection, unless there is none (`for_good`).
+    fn fail_in_flight(&mut self, for_good: bool) {
+        let closed = self.offline_state.closed.load(Ordering::Acquire);
+        let why = || if closed { Error::Closed } else { Error::ConnectionLost };
         self.requests.clear();
         for waiter in std::mem::take(&mut self.pongs) {
             match waiter {
                 PongWaiter::Heartbeat => {}
                 PongWaiter::Flush { done, .. } => {
-                    let _ = done.send(Err(Error::ConnectionLost));
+                    let _ = done.send(Err(why()));
+                }
+                // No next connection: the subscription will not be restored anywhere.
+                PongWaiter::Subscribe { done, error, sid } if for_good => {
+                    let _ = done.send(Err(error.unwrap_or_else(why)));
+                    self.subs.remove(&sid);
                 }
                 PongWaiter::Subscribe { done, error, sid } => {
                     let refused = error.is_some();

@@ -624,6 +624,24 @@ async fn a_reply_is_not_dropped_with_the_messages_of_a_full_queue() {
     }
 }
 
+/// `disconnect` fails what is in flight with `Closed`, as documented (and as the in-process bus
+/// does), not `ConnectionLost`, which says the connection broke.
+#[tokio::test]
+async fn disconnect_fails_requests_in_flight_with_closed() {
+    let broker = broker().await;
+    let responder = client(&broker).await;
+    let _calls = responder.requests("slow.answer").await.unwrap(); // never answered
+    responder.flush().await.unwrap();
+    let requester = client(&broker).await;
+    let r = requester.clone();
+    let pending = tokio::spawn(async move { r.request("slow.answer", "?", LONG).await });
+    eventually("the request in flight", || broker.stats().requests_pending == 1).await;
+    requester.disconnect().await.unwrap();
+    let answer = tokio::time::timeout(PATIENCE, pending).await.unwrap().unwrap();
+    assert!(matches!(answer, Err(Error::Closed)), "{answer:?}");
+    assert!(matches!(requester.request("slow.answer", "?", LONG).await, Err(Error::Closed)));
+}
+
 #[tokio::test]
 async fn a_request_whose_call_would_be_too_large_is_refused_and_the_connection_stays() {
     let broker = broker().await;
