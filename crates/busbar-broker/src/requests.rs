@@ -77,6 +77,9 @@ pub(crate) struct TooMany;
 pub(crate) struct Requests {
     pending: FastMap<(u32, u64), Pending>,
     per_requester: FastMap<u32, usize>,
+    /// The broker's `max_frame_size` (0: not checked): a reply given the request's topic in
+    /// place of the one it named may grow past it.
+    max_frame: usize,
 }
 
 /// The header that carries a native error reply's code to a NATS requester.
@@ -136,6 +139,11 @@ pub(crate) fn settle(replied: Replied, shared: &crate::server::Shared) {
 }
 
 impl Requests {
+    /// An empty table for a broker whose frames are at most `max_frame` bytes.
+    pub(crate) fn new(max_frame: usize) -> Self {
+        Self { max_frame, ..Self::default() }
+    }
+
     /// Registers request `id` of `requester`.
     pub(crate) fn insert(
         &mut self,
@@ -207,6 +215,14 @@ impl Requests {
             ReplyTo::Conn(outbox) => {
                 reply.message.topic = p.topic.clone();
                 reply.message.destination = requester;
+                if self.max_frame > 0 && reply.message.frame_size() > self.max_frame {
+                    // Its writer could not send it, and the request would wait out its timeout.
+                    reply.error = Some(ErrorCode::FrameTooLarge);
+                    reply.message.payload =
+                        "the reply, with the request's topic, is larger than max_frame_size".into();
+                    reply.message.headers = Default::default();
+                    reply.message.envelope = None;
+                }
                 // In the box the REPLY came in, when the caller has it. Past a queue full of
                 // messages (drop policy): the requester is owed it.
                 outbox.push_answer(crate::session::Outbound::boxed(spare, Frame::Reply(reply)));
@@ -268,7 +284,7 @@ impl Requests {
         }
         gone.sort_unstable();
         let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
-        let Self { pending, per_requester } = self;
+        let Self { pending, per_requester, .. } = self;
         // One pass, in place: no copy of the keys (a disconnect is frequent, the table large).
         pending.retain(|&(requester, id), p| {
             let keep = if is_gone(&requester) {
@@ -304,7 +320,7 @@ impl Requests {
     /// Forgets requests whose timeout has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
         let before = self.pending.len();
-        let Self { pending, per_requester } = self;
+        let Self { pending, per_requester, .. } = self;
         pending.retain(|&(requester, _), p| {
             let keep = p.deadline > now;
             if !keep {
@@ -360,6 +376,30 @@ mod tests {
 
     fn reply(id: u64) -> Reply {
         Reply { id, error: None, remaining: 0, message: Message::new("a", "") }
+    }
+
+    #[test]
+    fn a_reply_grown_past_the_frame_limit_by_the_requests_topic_is_refused_instead() {
+        let mut r = Requests::new(400);
+        let (tx, mut rx) = crate::queue::queue();
+        let long_topic: ByteString = "t".repeat(200).into();
+        let ask = NewRequest {
+            reply_to: ReplyTo::Conn(Outbox::new(tx)),
+            topic: long_topic.clone(),
+            responders: vec![2].into(),
+            timeout: Duration::from_secs(5),
+            first_wins: false,
+        };
+        r.insert(1, 7, ask, 10).unwrap();
+        // Named its own short topic: fit as sent, not once given the request's.
+        let reply = Reply { id: 7, error: None, remaining: 0, message: Message::new("x", vec![0u8; 190]) };
+        assert!(reply.message.frame_size() <= 400);
+        assert!(matches!(r.reply(1, 2, reply, None, |_| true), Replied::Delivered));
+        let Some(crate::session::Outbound::Frame(frame)) = rx.try_recv() else { panic!("a reply") };
+        let Frame::Reply(reply) = *frame else { panic!("a REPLY") };
+        assert_eq!((reply.id, reply.error), (7, Some(ErrorCode::FrameTooLarge)));
+        assert_eq!(reply.message.topic, long_topic);
+        assert!(reply.message.frame_size() <= 400);
     }
 
     #[test]

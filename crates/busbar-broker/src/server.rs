@@ -393,10 +393,11 @@ fn new_shared(config: Config, listeners: &Listeners) -> Result<Arc<Shared>, Brok
         }
         _ => None,
     };
+    let requests = Mutex::new(Requests::new(config.max_frame_size));
     Ok(Arc::new(Shared {
         config,
         router: RwLock::default(),
-        requests: Mutex::default(),
+        requests,
         shutdown: CancellationToken::new(),
         stats: Arc::default(),
         conns: Mutex::default(),
