@@ -757,7 +757,15 @@ async fn apply(
             };
             match responder {
                 Some(responder) => {
-                    if !responder.deliver_frame(Frame::Call(call)) {
+                    // Remembered first: the reply may come back before this task goes on.
+                    let timeout = Duration::from_millis(u64::from(call.timeout_ms));
+                    if !shared.requests().owe(target, requester, id, timeout) {
+                        refuse((
+                            ErrorCode::TooManyRequests,
+                            "too many requests in flight at the responder's broker",
+                        ));
+                    } else if !responder.deliver_frame(Frame::Call(call)) {
+                        shared.requests().settle_owed(target, requester, id);
                         refuse(crate::requests::undelivered_status(&responder));
                     }
                 }

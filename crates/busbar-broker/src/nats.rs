@@ -551,6 +551,11 @@ impl Conn<'_> {
                 self.shared.stats.late_replies.inc();
                 return;
             };
+            // Only an answer to a CALL this client was handed goes over the route.
+            if !self.shared.requests().settle_owed(self.id, requester, id) {
+                self.shared.stats.late_replies.inc();
+                return;
+            }
             message.topic = topic.into();
             message.destination = requester;
             let mut reply = Reply { id, error: None, remaining: 0, message };
@@ -660,6 +665,9 @@ impl Conn<'_> {
         let text = "the responder unsubscribed before it replied";
         let mut reply = crate::requests::refusal(id, ErrorCode::ResponderLost, 0, topic, text);
         if crate::cluster::is_remote(self.shared, requester) {
+            if !self.shared.requests().settle_owed(self.id, requester, id) {
+                return;
+            }
             reply.message.source = self.id;
             reply.message.destination = requester;
             if !crate::cluster::forward_reply(self.shared, reply) {

@@ -80,7 +80,16 @@ pub(crate) struct Requests {
     /// The broker's `max_frame_size` (0: not checked): a reply given the request's topic in
     /// place of the one it named may grow past it.
     max_frame: usize,
+    /// CALLs from other brokers handed to this broker's responders, by (responder, requester,
+    /// request id), until their timeout: a REPLY to another broker's client goes over the route
+    /// only when it answers one of them. Otherwise any client could push REPLY frames (with no
+    /// publish rights) onto a route until it closed as a slow consumer.
+    owed: FastMap<(u32, u32, u64), Instant>,
 }
+
+/// Most CALLs from other brokers awaiting a reply here at once; past it, a CALL is refused
+/// (TooManyRequests).
+pub(crate) const MAX_OWED: usize = 1 << 20;
 
 /// The header that carries a native error reply's code to a NATS requester.
 pub(crate) const ERROR_HEADER: &str = "Busbar-Error";
@@ -276,14 +285,36 @@ impl Requests {
         self.remove_connections(vec![conn]);
     }
 
+    /// Remembers that local `responder` was handed CALL `id` of `requester` (a client of
+    /// another broker), for `timeout`; false when [`MAX_OWED`] are remembered already.
+    pub(crate) fn owe(&mut self, responder: u32, requester: u32, id: u64, timeout: Duration) -> bool {
+        if self.owed.len() >= MAX_OWED {
+            return false;
+        }
+        self.owed.insert((responder, requester, id), Instant::now() + timeout);
+        true
+    }
+
+    /// True (once) when `responder` owes `requester` an answer to request `id`: its REPLY may go
+    /// over the route.
+    pub(crate) fn settle_owed(&mut self, responder: u32, requester: u32, id: u64) -> bool {
+        self.owed.remove(&(responder, requester, id)).is_some()
+    }
+
     /// [`Requests::remove_connection`] for many connections (the clients of a broker whose route
     /// went down) in one pass over the requests in flight, not one pass each.
     pub(crate) fn remove_connections(&mut self, mut gone: Vec<u32>) {
-        if gone.is_empty() || self.pending.is_empty() {
+        if gone.is_empty() {
             return;
         }
         gone.sort_unstable();
         let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
+        if !self.owed.is_empty() {
+            self.owed.retain(|(responder, _, _), _| !is_gone(responder));
+        }
+        if self.pending.is_empty() {
+            return;
+        }
         let Self { pending, per_requester, .. } = self;
         // One pass, in place: no copy of the keys (a disconnect is frequent, the table large).
         pending.retain(|&(requester, id), p| {
@@ -319,6 +350,7 @@ impl Requests {
 
     /// Forgets requests whose timeout has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
+        self.owed.retain(|_, deadline| *deadline > now);
         let before = self.pending.len();
         let Self { pending, per_requester, .. } = self;
         pending.retain(|&(requester, _), p| {

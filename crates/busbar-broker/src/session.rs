@@ -1034,6 +1034,11 @@ async fn apply(
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester != 0 && crate::cluster::is_remote(shared, requester) {
+                // Only an answer to a CALL this client was handed goes over the route.
+                if !shared.requests().settle_owed(id, requester, reply.id) {
+                    shared.stats.late_replies.inc();
+                    return Ok(());
+                }
                 // Judged here, on the topic the reply names; the requester's broker checks that
                 // it is the request's.
                 let mut reply = reply;

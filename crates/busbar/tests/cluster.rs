@@ -283,6 +283,30 @@ async fn requests_and_direct_messages_cross_brokers() {
     assert!(drain(&mut theirs).await.is_empty(), "not for the bystander");
 }
 
+/// A REPLY goes over a route only when it answers a CALL its client was handed: any other is
+/// dropped where it was sent, not carried to the requester's broker (a client with no publish
+/// rights could otherwise fill a route until it closed).
+#[tokio::test]
+async fn an_unsolicited_reply_does_not_cross_the_route() {
+    let a = node(1, &[]).await;
+    let c = node(3, &[a.cluster_addr().unwrap()]).await;
+    meshed(&[&a, &c]).await;
+    let on_a = client(&a).await;
+    let mut sub = on_a.subscribe("after").await.unwrap();
+    on_a.flush().await.unwrap();
+    wait_interest(&c, 1).await;
+    let mut raw = Raw::hello(&c).await;
+    let mut message = busbar::core::Message::new("any.topic", "unasked");
+    message.destination = on_a.service_id();
+    raw.send(busbar::core::Frame::Reply(busbar::core::Reply { id: 77, error: None, remaining: 0, message }))
+        .await;
+    // Behind it on the same route, a message: once it arrived, the reply would have too.
+    raw.send(busbar::core::Frame::Pub(busbar::core::Message::new("after", "x"))).await;
+    assert_eq!(next(&mut sub).await.payload_str(), Some("x"));
+    assert_eq!(c.stats().late_replies, 1, "dropped where it was sent");
+    assert_eq!(a.stats().late_replies, 0, "never carried over the route");
+}
+
 #[tokio::test]
 async fn a_responder_lost_on_another_broker_fails_the_request_fast() {
     let (a, _b, c) = three().await;
