@@ -91,6 +91,11 @@ pub(crate) struct Requests {
 /// (TooManyRequests).
 pub(crate) const MAX_OWED: usize = 1 << 20;
 
+/// Most requests in flight on a broker, all requesters together (each is also held to
+/// `max_requests`): the table, and the pass over it at each disconnect, stay bounded however
+/// many connections there are.
+pub(crate) const MAX_PENDING: usize = 1 << 18;
+
 /// The header that carries a native error reply's code to a NATS requester.
 pub(crate) const ERROR_HEADER: &str = "Busbar-Error";
 
@@ -164,7 +169,9 @@ impl Requests {
         // Requests past their timeout still count until the sweep (once a second) forgets them:
         // purging here would scan every client's requests, under the lock all requests share,
         // for each REQUEST of a requester that keeps knocking at its limit.
-        if self.per_requester.get(&requester).copied().unwrap_or(0) >= limit {
+        if self.per_requester.get(&requester).copied().unwrap_or(0) >= limit
+            || self.pending.len() >= MAX_PENDING
+        {
             return Err(TooMany);
         }
         let NewRequest { reply_to, topic, responders, timeout, first_wins } = request;
@@ -399,6 +406,12 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r.expire(Instant::now() + t), 1);
         assert_eq!(r.len(), 1);
+        // However many requesters, the broker's table is bounded.
+        let mut r = Requests::default();
+        for requester in 0..MAX_PENDING as u32 {
+            r.insert(requester, 1, native(vec![2], t), 2).unwrap();
+        }
+        assert_eq!(r.insert(u32::MAX, 1, native(vec![2], t), 2), Err(TooMany));
     }
 
     fn native(responders: Vec<u32>, timeout: Duration) -> NewRequest {

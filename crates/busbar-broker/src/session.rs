@@ -1245,7 +1245,10 @@ async fn request_in(
             return;
         }
         Some(Err(_)) => {
-            let text = format!("more than {limit} requests in flight");
+            let text = format!(
+                "more than {limit} requests of this client, or {} on the broker, in flight",
+                crate::requests::MAX_PENDING
+            );
             outbox.send(fail(ErrorCode::TooManyRequests, &text, topic)).await;
             return;
         }
