@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::ClusterConfig;
 use crate::router::{GONE, node_of};
 use crate::server::Shared;
-use crate::session::{self, Control, Link, Native, Outbound, Outbox, error};
+use crate::session::{self, Control, Link, Native, Outbox, error};
 
 /// Longest pause between two attempts to reach a route.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -650,7 +650,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, peer: &Peer, shared: &A
             }
             () = control.killed() => return,
             () = shared.shutdown.cancelled() => {
-                outbox.send(Outbound::Close(error(ErrorCode::ShuttingDown, 0, "server shutting down"))).await;
+                outbox.close_now(error(ErrorCode::ShuttingDown, 0, "server shutting down"));
                 return;
             }
         };

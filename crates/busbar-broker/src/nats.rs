@@ -295,7 +295,7 @@ async fn run(
             }
             () = control.killed() => break,
             () = &mut stopping => {
-                outbox.send(Outbound::Close(error(ErrorCode::ShuttingDown, 0, "server shutting down"))).await;
+                outbox.close_now(error(ErrorCode::ShuttingDown, 0, "server shutting down"));
                 break;
             }
         }

@@ -320,6 +320,15 @@ enum Protocol {
     Nats,
 }
 
+/// One open connection, counted in `Shared::open` while it lives.
+struct Opened(Arc<Shared>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
@@ -476,11 +485,13 @@ async fn serve_shared(
         let s = shared.clone();
         tracker.spawn(
             async move {
+                // Given back however the session ends, a panic included: a slot lost for good
+                // would count against max_connections until the broker restarts.
+                let _open = Opened(s.clone());
                 match protocol {
                     Protocol::Native => session::accept(stream, peer, id, s.clone(), tls).await,
                     Protocol::Nats => crate::nats::accept(stream, peer, id, s.clone(), tls).await,
                 }
-                s.open.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
         );

@@ -350,6 +350,15 @@ impl Outbox {
         self.push_bounded(size, false, make)
     }
 
+    /// Closes the connection once what is queued is written, with `reason` last (shutdown):
+    /// without waiting, so that the broker's drain timeout bounds every connection's close.
+    /// A queue too full to take it even past its bound is closed at once, `reason` still sent.
+    pub(crate) fn close_now(&self, reason: ErrorFrame) {
+        if !self.push_answer(Outbound::Close(reason.clone())) {
+            self.control.fail(reason);
+        }
+    }
+
     /// Queues, without waiting, an answer the client is owed (the reply to its request, an
     /// error about it): past the bound messages stop at, by the answer slack, so that under the
     /// drop policy a queue full of messages does not swallow it. Beyond that, the slow-consumer
@@ -863,7 +872,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
                 }
                 () = &mut killed => return,
                 () = &mut stopping => {
-                    outbox.send(Outbound::Close(bye())).await;
+                    outbox.close_now(bye());
                     return;
                 }
             }
@@ -876,7 +885,7 @@ async fn read_loop(reader: &mut Reader, outbox: &Outbox, id: u32, shared: &Share
             unchecked = 0;
             if shared.shutdown.is_cancelled() {
                 deferred.wake_all();
-                outbox.send(Outbound::Close(bye())).await;
+                outbox.close_now(bye());
                 return;
             }
         }
@@ -1495,6 +1504,30 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn shutdown_never_waits_for_a_full_queue() {
+        let config =
+            crate::Config { max_pending: 1, slow_consumer: SlowConsumerPolicy::Drop, ..Default::default() };
+        let control = Arc::new(Control::new(&config, Arc::default(), Link::Client));
+        let (tx, mut rx) = crate::queue::queue();
+        let outbox = Outbox::with_control(tx, control.clone());
+        // Room: the close goes last in the queue, after what is there.
+        let msg = Arc::new(Message::new("a", "x"));
+        assert!(outbox.deliver(1, &msg));
+        outbox.close_now(error(ErrorCode::ShuttingDown, 0, "bye"));
+        assert!(!control.is_killed());
+        assert!(matches!(rx.try_recv(), Some(Outbound::Msg { .. })));
+        assert!(matches!(rx.try_recv(), Some(Outbound::Close(_))));
+        // Full past the answer slack too: closed at once, the reason kept for the writer.
+        for _ in 0..=ANSWER_SLACK_ITEMS {
+            outbox.push_answer(Outbound::frame(Frame::Pong));
+        }
+        outbox.close_now(error(ErrorCode::ShuttingDown, 0, "bye"));
+        assert!(control.is_killed());
+        let reason = control.reason.lock().unwrap().clone();
+        assert_eq!(reason.map(|r| r.code), Some(ErrorCode::ShuttingDown));
     }
 
     #[tokio::test]
