@@ -446,13 +446,8 @@ impl ConnectionTask {
                 tokio::select! {
                     () = &mut wake => break,
                     n = self.commands.recv_all(&mut batch) => {
-                        if n == 0 {
+                        if !self.offline_batch(n, &mut batch) {
                             return None;
-                        }
-                        for command in batch.drain(..) {
-                            if !self.offline_command(command) {
-                                return None;
-                            }
                         }
                     }
                 }
@@ -469,7 +464,22 @@ impl ConnectionTask {
                 .nth(self.server)
                 .cloned()
                 .unwrap_or_default();
-            match handshake(&self.options, &addr).await {
+            // Commands are still taken while the attempt runs: one that hangs until its
+            // connect_timeout must not hold every publish, reply and disconnect for that long.
+            let options = self.options.clone();
+            let attempt_done = handshake(&options, &addr);
+            tokio::pin!(attempt_done);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut attempt_done => break outcome,
+                    n = self.commands.recv_all(&mut batch) => {
+                        if !self.offline_batch(n, &mut batch) {
+                            return None;
+                        }
+                    }
+                }
+            };
+            match outcome {
                 Ok((conn, welcome)) => {
                     info!(%addr, attempt, service_id = welcome.service_id, "reconnected");
                     self.learn(&welcome);
@@ -486,6 +496,20 @@ impl ConnectionTask {
             }
             delay = backoff(delay, policy.max_delay);
         }
+    }
+
+    /// Takes a batch of `n` commands while offline; false when it closes the client (a Close,
+    /// or every handle gone).
+    fn offline_batch(&mut self, n: usize, batch: &mut Vec<Command>) -> bool {
+        if n == 0 {
+            return false;
+        }
+        for command in batch.drain(..) {
+            if !self.offline_command(command) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Room in the offline buffer for a frame of `len` bytes, by policy: the oldest frames make

@@ -196,6 +196,31 @@ async fn a_silent_broker_is_found_by_the_client_heartbeat() {
     assert_eq!(sub.next().await.unwrap().payload_str(), Some("hi"));
 }
 
+/// A reconnect attempt that hangs (a broker that accepts and says nothing, until the connect
+/// timeout) does not hold the handles: publishes are buffered and disconnect returns.
+#[tokio::test]
+async fn commands_are_taken_while_a_reconnect_attempt_hangs() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let mut options = fast_reconnect(proxy.addr().to_string());
+    options.connect_timeout = Duration::from_secs(3600);
+    options.command_capacity = 4;
+    let c = Client::connect_with(options).await.unwrap();
+    proxy.pause();
+    proxy.cut();
+    wait_status(&c, Status::Reconnecting).await;
+    // An attempt is under way (a few ms of backoff) and hangs: its HELLO is held.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let handles = async {
+        for i in 0..64 {
+            c.publish("held", format!("{i}")).await.unwrap();
+        }
+        c.disconnect().await.unwrap();
+    };
+    tokio::time::timeout(PATIENCE, handles).await.expect("not held until the connect timeout");
+    assert_eq!(c.status(), Status::Disconnected);
+}
+
 #[tokio::test]
 async fn a_cut_connection_comes_back_and_flushes_what_was_published_meanwhile() {
     let broker = broker().await;
