@@ -509,7 +509,9 @@ impl Client {
     /// Scatter-gather: sends the request to every responder and collects their answers until all
     /// have answered, `expected` answers have arrived, or `timeout` passes. Each answer is a
     /// reply or the error its responder returned. [`Error::NoResponders`] when nobody serves the
-    /// topic.
+    /// topic. At most 1 024 answers wait to be taken: a larger burst than that, arriving faster
+    /// than this call takes them, ends the gather with the answers it has (logged), as does a
+    /// connection lost meanwhile once some have come.
     pub async fn request_all_message(
         &self,
         message: Outgoing,
@@ -545,7 +547,9 @@ impl Client {
     /// Waits until the broker has handled every frame this client sent before (a PING/PONG round
     /// trip). Fails with the first error the broker reported about a publish since the last
     /// flush (one outside the user's permissions, say), which otherwise is only logged: the
-    /// connection stays up either way.
+    /// connection stays up either way. While the client is reconnecting it fails at once with
+    /// [`Error::ConnectionLost`]: what was published meanwhile is in the offline buffer (not
+    /// lost) and goes out on reconnect, so publishing it again would send it twice.
     pub async fn flush(&self) -> Result<()> {
         let (done, flushed) = oneshot::channel();
         self.command(Command::Flush { done }).await?;
