@@ -367,8 +367,33 @@ async fn write_frame(wr: &mut (impl AsyncWriteExt + Unpin), frame: Frame) -> std
     wr.write_all(&buf).await
 }
 
+/// Why a route could not be dialled.
+enum DialError {
+    /// This broker refused the peer's WELCOME (cluster name, token, node id).
+    Refused(String),
+    /// The peer refused this broker's HELLO.
+    RefusedBy(String),
+    /// Anything else: unreachable, timed out, closed.
+    Failed(String),
+}
+
+impl From<String> for DialError {
+    fn from(why: String) -> Self {
+        DialError::Failed(why)
+    }
+}
+
+impl From<&str> for DialError {
+    fn from(why: &str) -> Self {
+        DialError::Failed(why.into())
+    }
+}
+
 /// Dials `url` and completes the handshake as the initiator.
-async fn dial(url: SocketAddr, shared: &Arc<Shared>) -> Result<(Reader, session::WriteHalf, Peer), String> {
+async fn dial(
+    url: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<(Reader, session::WriteHalf, Peer), DialError> {
     let cluster = shared.cluster.as_ref().ok_or("no cluster")?;
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     let stream = tokio::time::timeout_at(deadline, TcpStream::connect(url))
@@ -399,12 +424,15 @@ async fn dial(url: SocketAddr, shared: &Arc<Shared>) -> Result<(Reader, session:
     let mut reader = reader(rd, shared);
     match tokio::time::timeout_at(deadline, reader.next()).await {
         Ok(Some(Ok((_, Frame::Welcome(w))))) => {
-            let peer = peer(cluster, &w.server_name, &w.properties)?;
+            let peer = peer(cluster, &w.server_name, &w.properties).map_err(DialError::Refused)?;
             Ok((reader, wr, peer))
         }
-        Ok(Some(Ok((_, Frame::Error(e))))) => Err(format!("{}: {}", e.code, e.message)),
-        Ok(Some(Err(e))) => Err(e.to_string()),
-        Ok(Some(Ok((_, other)))) => Err(format!("unexpected {}", other.name())),
+        Ok(Some(Ok((_, Frame::Error(e))))) if e.code == ErrorCode::AuthenticationFailed => {
+            Err(DialError::RefusedBy(e.message.to_string()))
+        }
+        Ok(Some(Ok((_, Frame::Error(e))))) => Err(format!("{}: {}", e.code, e.message).into()),
+        Ok(Some(Err(e))) => Err(e.to_string().into()),
+        Ok(Some(Ok((_, other)))) => Err(format!("unexpected {}", other.name()).into()),
         Ok(None) => Err("closed during the handshake".into()),
         Err(_) => Err("handshake timed out".into()),
     }
@@ -491,7 +519,18 @@ async fn dial_loop(shared: &Arc<Shared>, url: SocketAddr, seed: bool) {
                     debug!(%url, failures, "route refused or closed soon after it opened");
                 }
             }
-            Err(why) => {
+            Err(DialError::Refused(why)) => {
+                // The peer does not belong here (another cluster, a node id in use): said as
+                // loudly as on the accepting side.
+                failures += 1;
+                shared.stats.auth_failures.inc();
+                warn!(%url, why, failures, "route refused");
+            }
+            Err(DialError::RefusedBy(why)) => {
+                failures += 1;
+                warn!(%url, why, failures, "route refused by the peer");
+            }
+            Err(DialError::Failed(why)) => {
                 failures += 1;
                 debug!(%url, why, failures, "route attempt failed");
             }

@@ -81,15 +81,16 @@ pub(crate) struct Requests {
     /// place of the one it named may grow past it.
     max_frame: usize,
     /// CALLs from other brokers handed to this broker's responders, by (responder, requester,
-    /// request id), until their timeout: a REPLY to another broker's client goes over the route
-    /// only when it answers one of them. Otherwise any client could push REPLY frames (with no
+    /// request id), until their timeout, with how many (a client answers through each of its
+    /// subscriptions that matched): a REPLY to another broker's client goes over the route only
+    /// when it answers one of them. Otherwise any client could push REPLY frames (with no
     /// publish rights) onto a route until it closed as a slow consumer.
-    owed: FastMap<(u32, u32, u64), Instant>,
+    owed: FastMap<(u32, u32, u64), (Instant, u32)>,
 }
 
-/// Most CALLs from other brokers awaiting a reply here at once; past it, a CALL is refused
-/// (TooManyRequests).
-pub(crate) const MAX_OWED: usize = 1 << 20;
+/// Most CALLs from other brokers awaiting a reply here at once (as many as requests in flight
+/// may be); past it, a CALL is refused (TooManyRequests).
+pub(crate) const MAX_OWED: usize = MAX_PENDING;
 
 /// Most requests in flight on a broker, all requesters together (each is also held to
 /// `max_requests`): the table, and the pass over it at each disconnect, stay bounded however
@@ -231,7 +232,8 @@ impl Requests {
             ReplyTo::Conn(outbox) => {
                 reply.message.topic = p.topic.clone();
                 reply.message.destination = requester;
-                if self.max_frame > 0 && reply.message.frame_size() > self.max_frame {
+                // `frame_size` counts 12 bytes of fixed fields; a REPLY has 6.
+                if self.max_frame > 0 && reply.message.frame_size() - 6 > self.max_frame {
                     // Its writer could not send it, and the request would wait out its timeout.
                     reply.error = Some(ErrorCode::FrameTooLarge);
                     reply.message.payload =
@@ -295,17 +297,34 @@ impl Requests {
     /// Remembers that local `responder` was handed CALL `id` of `requester` (a client of
     /// another broker), for `timeout`; false when [`MAX_OWED`] are remembered already.
     pub(crate) fn owe(&mut self, responder: u32, requester: u32, id: u64, timeout: Duration) -> bool {
-        if self.owed.len() >= MAX_OWED {
-            return false;
+        let deadline = Instant::now() + timeout;
+        let full = self.owed.len() >= MAX_OWED;
+        match self.owed.entry((responder, requester, id)) {
+            Entry::Occupied(mut e) => {
+                let (until, calls) = e.get_mut();
+                *until = (*until).max(deadline);
+                *calls += 1;
+            }
+            Entry::Vacant(e) => {
+                if full {
+                    return false;
+                }
+                e.insert((deadline, 1));
+            }
         }
-        self.owed.insert((responder, requester, id), Instant::now() + timeout);
         true
     }
 
-    /// True (once) when `responder` owes `requester` an answer to request `id`: its REPLY may go
-    /// over the route.
+    /// True (once per CALL handed) when `responder` owes `requester` an answer to request `id`:
+    /// its REPLY may go over the route.
     pub(crate) fn settle_owed(&mut self, responder: u32, requester: u32, id: u64) -> bool {
-        self.owed.remove(&(responder, requester, id)).is_some()
+        let Entry::Occupied(mut e) = self.owed.entry((responder, requester, id)) else { return false };
+        let (_, calls) = e.get_mut();
+        *calls -= 1;
+        if *calls == 0 {
+            e.remove();
+        }
+        true
     }
 
     /// [`Requests::remove_connection`] for many connections (the clients of a broker whose route
@@ -317,7 +336,9 @@ impl Requests {
         gone.sort_unstable();
         let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
         if !self.owed.is_empty() {
-            self.owed.retain(|(responder, _, _), _| !is_gone(responder));
+            // Owed by a responder gone, or to a requester gone (another broker's client: its
+            // broker forgot the request).
+            self.owed.retain(|(responder, requester, _), _| !is_gone(responder) && !is_gone(requester));
         }
         if self.pending.is_empty() {
             return;
@@ -357,7 +378,7 @@ impl Requests {
 
     /// Forgets requests whose timeout has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        self.owed.retain(|_, deadline| *deadline > now);
+        self.owed.retain(|_, (deadline, _)| *deadline > now);
         let before = self.pending.len();
         let Self { pending, per_requester, .. } = self;
         pending.retain(|&(requester, _), p| {
@@ -445,6 +466,25 @@ mod tests {
         assert_eq!((reply.id, reply.error), (7, Some(ErrorCode::FrameTooLarge)));
         assert_eq!(reply.message.topic, long_topic);
         assert!(reply.message.frame_size() <= 400);
+    }
+
+    #[tokio::test]
+    async fn calls_owed_to_other_brokers_are_counted_and_forgotten_with_either_end() {
+        let mut r = Requests::default();
+        let t = Duration::from_secs(5);
+        // Client 2 got request 7 of remote client 9 through two of its subscriptions.
+        assert!(r.owe(2, 9, 7, t) && r.owe(2, 9, 7, t));
+        assert!(r.settle_owed(2, 9, 7) && r.settle_owed(2, 9, 7));
+        assert!(!r.settle_owed(2, 9, 7), "two CALLs, two replies");
+        assert!(!r.settle_owed(3, 9, 8), "never handed");
+        // Forgotten when the responder goes, or the requester (its broker said so).
+        assert!(r.owe(2, 9, 1, t) && r.owe(4, 10, 1, t));
+        r.remove_connections(vec![2, 10]);
+        assert!(!r.settle_owed(2, 9, 1) && !r.settle_owed(4, 10, 1));
+        // And at their timeout.
+        assert!(r.owe(5, 9, 1, t));
+        r.expire(Instant::now() + t * 2);
+        assert!(!r.settle_owed(5, 9, 1));
     }
 
     #[test]

@@ -354,7 +354,19 @@ impl Outbox {
     /// without waiting, so that the broker's drain timeout bounds every connection's close.
     /// A queue too full to take it even past its bound is closed at once, `reason` still sent.
     pub(crate) fn close_now(&self, reason: ErrorFrame) {
-        if !self.push_answer(Outbound::Close(reason.clone())) {
+        // Not through `push_answer`: a full queue here is a shutdown, not a slow consumer (nor
+        // a dropped message).
+        let close = Outbound::Close(reason.clone());
+        let queued = !self.control.full(close.size(), true) && {
+            let Some(tx) = &self.tx else { return };
+            self.control.add_pending(close.size());
+            let size = close.size();
+            tx.try_send(close).is_ok() || {
+                self.control.sub_pending(size);
+                false
+            }
+        };
+        if !queued {
             self.control.fail(reason);
         }
     }
@@ -1520,14 +1532,23 @@ mod tests {
         assert!(!control.is_killed());
         assert!(matches!(rx.try_recv(), Some(Outbound::Msg { .. })));
         assert!(matches!(rx.try_recv(), Some(Outbound::Close(_))));
-        // Full past the answer slack too: closed at once, the reason kept for the writer.
-        for _ in 0..=ANSWER_SLACK_ITEMS {
-            outbox.push_answer(Outbound::frame(Frame::Pong));
+        // Full past the answer slack too: closed at once, the reason kept for the writer, and
+        // under either policy neither a slow consumer nor a dropped message.
+        for policy in [SlowConsumerPolicy::Drop, SlowConsumerPolicy::Disconnect] {
+            let counters = Arc::new(crate::server::Counters::default());
+            let config = crate::Config { max_pending: 1, slow_consumer: policy, ..Default::default() };
+            let control = Arc::new(Control::new(&config, counters.clone(), Link::Client));
+            let (tx, _rx) = crate::queue::queue();
+            let outbox = Outbox::with_control(tx, control.clone());
+            for _ in 0..=ANSWER_SLACK_ITEMS {
+                control.add_pending(8);
+            }
+            outbox.close_now(error(ErrorCode::ShuttingDown, 0, "bye"));
+            assert!(control.is_killed());
+            let reason = control.reason.lock().unwrap().clone();
+            assert_eq!(reason.map(|r| r.code), Some(ErrorCode::ShuttingDown), "{policy:?}");
+            assert_eq!((counters.slow_consumers.get(), counters.dropped.get()), (0, 0), "{policy:?}");
         }
-        outbox.close_now(error(ErrorCode::ShuttingDown, 0, "bye"));
-        assert!(control.is_killed());
-        let reason = control.reason.lock().unwrap().clone();
-        assert_eq!(reason.map(|r| r.code), Some(ErrorCode::ShuttingDown));
     }
 
     #[tokio::test]

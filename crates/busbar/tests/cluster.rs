@@ -307,6 +307,29 @@ async fn an_unsolicited_reply_does_not_cross_the_route() {
     assert_eq!(a.stats().late_replies, 0, "never carried over the route");
 }
 
+/// A client on another broker that serves a topic through two subscriptions answers a
+/// scatter-gather twice, both answers crossing the route.
+#[tokio::test]
+async fn two_subscriptions_of_one_remote_client_both_answer_a_gather() {
+    let a = node(1, &[]).await;
+    let c = node(3, &[a.cluster_addr().unwrap()]).await;
+    meshed(&[&a, &c]).await;
+    let responder = client(&c).await;
+    let _one = responder.respond("two.x", |_m| async move { Ok::<_, String>("exact") }).await.unwrap();
+    let _two = responder.respond("two.*", |_m| async move { Ok::<_, String>("wildcard") }).await.unwrap();
+    responder.flush().await.unwrap();
+    wait_interest(&a, 2).await;
+    let requester = client(&a).await;
+    let answers = tokio::time::timeout(PATIENCE, requester.request_all("two.x", "?", LONG, None))
+        .await
+        .expect("both answers long before the timeout")
+        .unwrap();
+    let mut got: Vec<String> =
+        answers.iter().map(|a| a.as_ref().unwrap().payload_str().unwrap().to_string()).collect();
+    got.sort();
+    assert_eq!(got, ["exact", "wildcard"]);
+}
+
 #[tokio::test]
 async fn a_responder_lost_on_another_broker_fails_the_request_fast() {
     let (a, _b, c) = three().await;
