@@ -578,7 +578,9 @@ impl Client {
     }
 
     /// Flushes what is queued and closes the connection, for this handle and all its clones.
-    /// Subscriptions end; requests in flight fail with [`Error::Closed`].
+    /// Subscriptions end; requests in flight fail with [`Error::Closed`]. While the client is
+    /// reconnecting there is nothing to flush to: what the offline buffer holds is dropped
+    /// (logged with its count).
     pub async fn disconnect(&self) -> Result<()> {
         let (done, closed) = oneshot::channel();
         if self.commands.send(Command::Close { done }).await.is_ok() {

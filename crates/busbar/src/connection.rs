@@ -591,6 +591,10 @@ impl ConnectionTask {
                 let _ = done.send(Err(Error::ConnectionLost));
             }
             Command::Close { done } => {
+                if !self.offline.is_empty() {
+                    // No connection to send them on: said, not dropped in silence.
+                    warn!(buffered = self.offline.len(), "closed while offline: buffered messages not sent");
+                }
                 let _ = done.send(());
                 return false;
             }
