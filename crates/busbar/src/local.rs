@@ -205,8 +205,10 @@ impl PartialEq for Responder {
 /// Where a subscription is stored, to remove it.
 #[derive(Clone)]
 enum Slot {
-    Event(ByteString),
-    Regex,
+    /// A handler or stream on a pattern; true for a stream.
+    Event(ByteString, bool),
+    /// A handler or stream on a regular expression; true for a stream.
+    Regex(bool),
     Responder(ByteString),
 }
 
@@ -219,6 +221,10 @@ struct Table {
     slots: HashMap<u64, (Slot, Option<ByteString>)>,
     groups: HashMap<ByteString, (GroupRef, usize)>,
     topics: HashSet<Box<str>>,
+    /// Event subscriptions that are streams (queues), and that are synchronous handlers: with
+    /// both, a message goes to the streams before any handler runs (see `deliver_all`).
+    streams: usize,
+    syncs: usize,
 }
 
 impl Table {
@@ -244,8 +250,15 @@ impl Table {
 
     fn remove(&mut self, sid: u64) {
         let Some((slot, group)) = self.slots.remove(&sid) else { return };
+        if let Slot::Event(_, stream) | Slot::Regex(stream) = slot {
+            if stream {
+                self.streams -= 1;
+            } else {
+                self.syncs -= 1;
+            }
+        }
         match slot {
-            Slot::Event(pattern) => {
+            Slot::Event(pattern, _) => {
                 let probe = Arc::new(Handler {
                     sid,
                     group: None,
@@ -255,7 +268,7 @@ impl Table {
                 });
                 self.events.remove(&pattern, &probe);
             }
-            Slot::Regex => self.regexes.retain(|h| h.sid != sid),
+            Slot::Regex(_) => self.regexes.retain(|h| h.sid != sid),
             Slot::Responder(pattern) => {
                 let (tx, _) = crate::feed::feed(1);
                 let probe = Arc::new(Responder {
@@ -441,13 +454,19 @@ impl Bus {
             let group_name = group.as_ref().map(|g| g.name.clone());
             let is_regex = regex.is_some();
             let sink = sink.take().expect("taken once");
+            let stream = matches!(sink, Sink::Stream { .. });
+            if stream {
+                t.streams += 1;
+            } else {
+                t.syncs += 1;
+            }
             let handler = Arc::new(Handler { sid, group, regex, sink, turn: Turn::default() });
             if is_regex {
                 t.regexes.push(handler);
-                t.slots.insert(sid, (Slot::Regex, group_name));
+                t.slots.insert(sid, (Slot::Regex(stream), group_name));
             } else {
                 t.events.insert(pattern.pattern_str(), handler);
-                t.slots.insert(sid, (Slot::Event(pattern.pattern_str().into()), group_name));
+                t.slots.insert(sid, (Slot::Event(pattern.pattern_str().into(), stream), group_name));
             }
             Ok(sid)
         });
@@ -699,28 +718,72 @@ fn deliver_all<'t>(table: &'t Table, message: &Message) -> Delivery {
     let topic = message.topic();
     let mut delivery = Delivery::default();
     let mut grouped: Vec<&'t Arc<Handler>> = Vec::new();
+    let matches = |h: &&Arc<Handler>| h.regex.as_ref().is_some_and(|r| r.is_match(topic));
+    if table.streams > 0 && table.syncs > 0 {
+        // Streams first, then the handlers: a handler that publishes runs before its message
+        // is in any stream otherwise, and a stream would see the effect before its cause.
+        deliver_in_two_passes(table, message, &mut delivery);
+        return delivery;
+    }
     let mut visit = |h: &'t Arc<Handler>| match h.group {
         None => deliver(h, message, &mut delivery),
         Some(_) => grouped.push(h),
     };
     table.events.for_each_match(topic, &mut visit);
-    table.regexes.iter().filter(|h| h.regex.as_ref().is_some_and(|r| r.is_match(topic))).for_each(&mut visit);
-    if !grouped.is_empty() {
-        let name = |h: &Arc<Handler>| h.group.as_ref().map(|g| g.name.clone());
-        grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
-        for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
-            let Some(g) = &members[0].group else { continue };
-            let chosen = g.balancer.pick(
-                g.policy,
-                message.key(),
-                members.len(),
-                |i| members[i].sid,
-                |i| &members[i].turn,
-            );
-            deliver(members[chosen], message, &mut delivery);
-        }
+    table.regexes.iter().filter(matches).for_each(&mut visit);
+    for h in choose_members(grouped, message) {
+        deliver(h, message, &mut delivery);
     }
     delivery
+}
+
+/// [`deliver_all`] for a table with both streams and synchronous handlers: the streams (and a
+/// group's chosen member when it is a stream) get the message before any handler runs.
+fn deliver_in_two_passes<'t>(table: &'t Table, message: &Message, delivery: &mut Delivery) {
+    let topic = message.topic();
+    let is_stream = |h: &Handler| matches!(h.sink, Sink::Stream { .. });
+    // Each regex is tried once: a handler is a stream or not.
+    let matches = |h: &&Arc<Handler>| h.regex.as_ref().is_some_and(|r| r.is_match(topic));
+    let mut grouped: Vec<&'t Arc<Handler>> = Vec::new();
+    let mut first = |h: &'t Arc<Handler>| match h.group {
+        None if is_stream(h) => deliver(h, message, delivery),
+        None => {}
+        Some(_) => grouped.push(h),
+    };
+    table.events.for_each_match(topic, &mut first);
+    table.regexes.iter().filter(|h| is_stream(h)).filter(matches).for_each(&mut first);
+    // Members chosen once, delivered in the pass of their kind.
+    let chosen = choose_members(grouped, message);
+    for h in chosen.iter().filter(|h| is_stream(h)) {
+        deliver(h, message, delivery);
+    }
+    let mut second = |h: &Arc<Handler>| {
+        if h.group.is_none() && !is_stream(h) {
+            deliver(h, message, delivery);
+        }
+    };
+    table.events.for_each_match(topic, &mut second);
+    table.regexes.iter().filter(|h| !is_stream(h)).filter(matches).for_each(&mut second);
+    for h in chosen.iter().filter(|h| !is_stream(h)) {
+        deliver(h, message, delivery);
+    }
+}
+
+/// One member of each group among `grouped`, chosen by the group's policy.
+fn choose_members<'t>(mut grouped: Vec<&'t Arc<Handler>>, message: &Message) -> Vec<&'t Arc<Handler>> {
+    let mut chosen = Vec::new();
+    if grouped.is_empty() {
+        return chosen;
+    }
+    let name = |h: &Arc<Handler>| h.group.as_ref().map(|g| g.name.clone());
+    grouped.sort_unstable_by(|a, b| name(a).cmp(&name(b)).then(a.sid.cmp(&b.sid)));
+    for members in grouped.chunk_by(|a, b| name(a) == name(b)) {
+        let Some(g) = &members[0].group else { continue };
+        let i =
+            g.balancer.pick(g.policy, message.key(), members.len(), |i| members[i].sid, |i| &members[i].turn);
+        chosen.push(members[i]);
+    }
+    chosen
 }
 
 fn compile(regex: &str) -> Result<Regex> {
@@ -742,8 +805,14 @@ fn deliver(h: &Handler, message: &Message, delivery: &mut Delivery) {
             match tx.try_send(copy) {
                 Ok(()) => delivery.delivered += 1,
                 Err(crate::feed::TrySendError::Full(_)) => {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                    failed(h, message, delivery, "buffer full".into(), false);
+                    // Logged at each power of two (as the client does): a stalled stream under a
+                    // flood would otherwise log once per message.
+                    let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(subscription = h.sid, dropped = n, "stream buffer full: messages dropped");
+                    }
+                    let error = "buffer full".into();
+                    delivery.failures.push(HandlerFailure { subscription: h.sid, error, panicked: false });
                 }
                 // The stream is being dropped; its unsubscription is on its way.
                 Err(crate::feed::TrySendError::Closed(_)) => {}

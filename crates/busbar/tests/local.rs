@@ -359,3 +359,21 @@ async fn through_the_event_bus_trait_nothing_happens_until_polled() {
     assert!(sub.try_next().is_none());
     assert_eq!(bus.subscription_count(), 1);
 }
+
+/// A handler that publishes runs after its message is in the streams: a stream sees the cause
+/// before the effect, as over a broker.
+#[tokio::test]
+async fn a_stream_sees_a_message_before_what_its_handlers_publish() {
+    let bus = Bus::new();
+    let mut log = bus.subscribe("a.>").unwrap();
+    let b = bus.clone();
+    let _cause = bus
+        .on("a.x", move |_m: &busbar::Message| {
+            b.publish("a.y", "effect").unwrap();
+        })
+        .unwrap();
+    bus.publish("a.x", "cause").unwrap();
+    let first = log.next().await.unwrap();
+    let second = log.next().await.unwrap();
+    assert_eq!((first.topic(), second.topic()), ("a.x", "a.y"));
+}
