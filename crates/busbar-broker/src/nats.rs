@@ -551,24 +551,10 @@ impl Conn<'_> {
                 self.shared.stats.late_replies.inc();
                 return;
             };
-            // Only an answer to a CALL this client was handed goes over the route.
-            if !self.shared.requests().settle_owed(self.id, requester, id) {
-                self.shared.stats.late_replies.inc();
-                return;
-            }
             message.topic = topic.into();
             message.destination = requester;
-            let mut reply = Reply { id, error: None, remaining: 0, message };
-            if !may_reply(topic) {
-                // Told to the requester's broker, which fails the request with it (or, when
-                // other subscribers got it too, waits for them) rather than for its timeout.
-                reply.error = Some(ErrorCode::PermissionDenied);
-                reply.message.payload = Bytes::from_static(b"the responder may not reply on this topic");
-                reply.message.headers = Headers::default();
-            }
-            if !crate::cluster::forward_reply(self.shared, reply) {
-                self.shared.stats.late_replies.inc();
-            }
+            let reply = Reply { id, error: None, remaining: 0, message };
+            crate::cluster::reply_to_peer(self.shared, self.id, reply, perms);
             return;
         }
         let reply = Reply { id, error: None, remaining: 0, message };

@@ -263,6 +263,16 @@ impl Control {
     }
 }
 
+/// What became of an item offered to a connection's queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    Yes,
+    /// Over the connection's bounds.
+    Full,
+    /// The connection's writer is gone.
+    Gone,
+}
+
 /// The sending side of a connection's outbound queue. The channel itself is unbounded (no
 /// semaphore to pay per message); the bounds are the connection's `Control` counters of items
 /// and bytes, checked before each push and released by the writer.
@@ -357,16 +367,7 @@ impl Outbox {
         // Not through `push_answer`: a full queue here is a shutdown, not a slow consumer (nor
         // a dropped message).
         let close = Outbound::Close(reason.clone());
-        let queued = !self.control.full(close.size(), true) && {
-            let Some(tx) = &self.tx else { return };
-            self.control.add_pending(close.size());
-            let size = close.size();
-            tx.try_send(close).is_ok() || {
-                self.control.sub_pending(size);
-                false
-            }
-        };
-        if !queued {
+        if self.queue(close.size(), true, || close) != Queued::Yes {
             self.control.fail(reason);
         }
     }
@@ -380,19 +381,31 @@ impl Outbox {
     }
 
     fn push_bounded(&self, size: usize, slack: bool, make: impl FnOnce() -> Outbound) -> bool {
-        let Some(tx) = &self.tx else { return false };
+        match self.queue(size, slack, make) {
+            Queued::Yes => true,
+            Queued::Full => {
+                self.overflow("outbound queue over its bounds");
+                false
+            }
+            Queued::Gone => false,
+        }
+    }
+
+    /// Queues the item `make` builds, of `size`, when the bounds (past them by the answer slack
+    /// when `slack`) have room: built only then.
+    fn queue(&self, size: usize, slack: bool, make: impl FnOnce() -> Outbound) -> Queued {
+        let Some(tx) = &self.tx else { return Queued::Gone };
         let c = &self.control;
         if c.full(size, slack) {
-            self.overflow("outbound queue over its bounds");
-            return false;
+            return Queued::Full;
         }
         // Counted before it is queued, so that the writer never subtracts what was not added.
         c.add_pending(size);
         if tx.try_send(make()).is_err() {
             c.sub_pending(size);
-            return false;
+            return Queued::Gone;
         }
-        true
+        Queued::Yes
     }
 
     /// The connection does not keep up: close it or drop, by policy. Either way the broker's
@@ -1055,25 +1068,7 @@ async fn apply(
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester != 0 && crate::cluster::is_remote(shared, requester) {
-                // Only an answer to a CALL this client was handed goes over the route.
-                if !shared.requests().settle_owed(id, requester, reply.id) {
-                    shared.stats.late_replies.inc();
-                    return Ok(());
-                }
-                // Judged here, on the topic the reply names; the requester's broker checks that
-                // it is the request's.
-                let mut reply = reply;
-                let topic = reply.message.topic.clone();
-                if !(perms.allow_responses || perms.publish.permits_topic(&topic)) {
-                    shared.stats.permission_denied.inc();
-                    reply.error = Some(ErrorCode::PermissionDenied);
-                    reply.message.payload = "the responder may not reply on this topic".into();
-                    reply.message.headers = Default::default();
-                }
-                reply.message.source = id;
-                if !crate::cluster::forward_reply(shared, reply) {
-                    shared.stats.late_replies.inc();
-                }
+                crate::cluster::reply_to_peer(shared, id, reply, perms);
             } else {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");
