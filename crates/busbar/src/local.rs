@@ -220,7 +220,9 @@ struct Table {
     responders: SubscriptionTrie<Arc<Responder>>,
     slots: HashMap<u64, (Slot, Option<ByteString>)>,
     groups: HashMap<ByteString, (GroupRef, usize)>,
-    topics: HashSet<Box<str>>,
+    /// Shared between generations: a subscription change copies the table, and should not copy
+    /// thousands of registered topics with it.
+    topics: Arc<HashSet<Box<str>>>,
     /// Event subscriptions that are streams (queues), and that are synchronous handlers: with
     /// both, a message goes to the streams before any handler runs (see `deliver_all`).
     streams: usize,
@@ -430,7 +432,7 @@ impl Bus {
             })
             .collect::<Result<_>>()?;
         self.update(|table| {
-            table.topics.extend(topics);
+            Arc::make_mut(&mut table.topics).extend(topics);
             Ok(())
         })
     }
@@ -834,4 +836,22 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic".into());
     format!("panicked: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribing_does_not_copy_the_registered_topics() {
+        let bus = Bus::strict();
+        bus.register_topics((0..1000).map(|i| format!("t.{i}"))).unwrap();
+        let before = bus.inner.table.load().topics.clone();
+        let _h = bus.on("t.>", |_| ()).unwrap();
+        let after = bus.inner.table.load().topics.clone();
+        assert!(Arc::ptr_eq(&before, &after), "one set, shared by both generations");
+        bus.register_topics(["t.new"]).unwrap();
+        assert!(bus.inner.table.load().topics.contains("t.new"));
+        assert!(!before.contains("t.new"), "an older generation is left as it was");
+    }
 }
