@@ -855,22 +855,24 @@ fn reply_from_peer(reply: Reply, shared: &Shared) {
 }
 
 /// A local responder's REPLY to a requester on another broker: forwarded only when it answers
-/// a CALL the responder was handed (else dropped and counted late), judged here on the topic
-/// it names (the requester's broker checks that this is the request's): one the responder may
-/// not send goes as a PermissionDenied refusal, so that the requester does not wait out its
-/// timeout.
+/// a CALL the responder was handed (else dropped and counted late). A client's reply is judged
+/// here, with its `perms`, on the topic it names (the requester's broker checks that this is the
+/// request's): one the responder may not send goes as a PermissionDenied refusal, so that the
+/// requester does not wait out its timeout. `None`: the broker's own refusal for the responder.
 pub(crate) fn reply_to_peer(
     shared: &Shared,
     responder: u32,
     mut reply: Reply,
-    perms: &crate::auth::Permissions,
+    perms: Option<&crate::auth::Permissions>,
 ) {
     let requester = reply.message.destination;
     if !shared.requests().settle_owed(responder, requester, reply.id) {
         shared.stats.late_replies.inc();
         return;
     }
-    if !(perms.allow_responses || perms.publish.permits_topic(&reply.message.topic)) {
+    if let Some(perms) = perms
+        && !(perms.allow_responses || perms.publish.permits_topic(&reply.message.topic))
+    {
         shared.stats.permission_denied.inc();
         reply.error = Some(ErrorCode::PermissionDenied);
         reply.message.payload = bytes::Bytes::from_static(b"the responder may not reply on this topic");

@@ -554,7 +554,7 @@ impl Conn<'_> {
             message.topic = topic.into();
             message.destination = requester;
             let reply = Reply { id, error: None, remaining: 0, message };
-            crate::cluster::reply_to_peer(self.shared, self.id, reply, perms);
+            crate::cluster::reply_to_peer(self.shared, self.id, reply, Some(perms));
             return;
         }
         let reply = Reply { id, error: None, remaining: 0, message };
@@ -651,14 +651,8 @@ impl Conn<'_> {
         let text = "the responder unsubscribed before it replied";
         let mut reply = crate::requests::refusal(id, ErrorCode::ResponderLost, 0, topic, text);
         if crate::cluster::is_remote(self.shared, requester) {
-            if !self.shared.requests().settle_owed(self.id, requester, id) {
-                return;
-            }
-            reply.message.source = self.id;
             reply.message.destination = requester;
-            if !crate::cluster::forward_reply(self.shared, reply) {
-                self.shared.stats.late_replies.inc();
-            }
+            crate::cluster::reply_to_peer(self.shared, self.id, reply, None);
         } else if let Some(replied) = self.shared.requests().undelivered(requester, self.id, reply) {
             crate::requests::settle(replied, self.shared);
         }

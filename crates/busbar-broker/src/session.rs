@@ -1068,7 +1068,7 @@ async fn apply(
         Frame::Reply(reply) => {
             let requester = reply.message.destination;
             if requester != 0 && crate::cluster::is_remote(shared, requester) {
-                crate::cluster::reply_to_peer(shared, id, reply, perms);
+                crate::cluster::reply_to_peer(shared, id, reply, Some(perms));
             } else {
                 let e =
                     error(ErrorCode::InvalidReply, reply.id, "REPLY without the requester as destination");

@@ -741,19 +741,10 @@ impl ConnectionTask {
             self.leftover.push(Command::Publish(run));
             return Err(codec_error(e));
         }
-        let mut at = 0;
-        while at < run.len() {
-            let written = match conn.writer.get_mut().write(&run[at..]).await {
-                Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
-                other => other,
-            };
-            match written {
-                Ok(n) => at += n,
-                Err(e) => {
-                    self.leftover.push(Command::Publish(run.split_off(frame_start(&run, at))));
-                    return Err(Error::Io(e));
-                }
-            }
+        let (at, failed) = write_counted(conn.writer.get_mut(), &run).await;
+        if let Some(e) = failed {
+            self.leftover.push(Command::Publish(run.split_off(frame_start(&run, at))));
+            return Err(Error::Io(e));
         }
         self.commands.recycle(run);
         Ok(())
@@ -921,6 +912,20 @@ impl ConnectionTask {
     }
 }
 
+/// Writes `buf` to the socket straight (no codec buffer between): how many bytes went, and the
+/// error that stopped it short, so that the caller knows which frames were wholly written.
+async fn write_counted(io: &mut WriteHalf, buf: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut at = 0;
+    while at < buf.len() {
+        match io.write(&buf[at..]).await {
+            Ok(0) => return (at, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => at += n,
+            Err(e) => return (at, Some(e)),
+        }
+    }
+    (at, None)
+}
+
 /// Bytes of buffered frames written at once by [`write_offline`].
 const OFFLINE_RUN: usize = 64 * 1024;
 
@@ -957,18 +962,7 @@ async fn write_offline(
             run.extend_from_slice(frame);
             in_run += 1;
         }
-        let mut at = 0;
-        let mut failed = None;
-        while at < run.len() {
-            match writer.get_mut().write(&run[at..]).await {
-                Ok(0) => failed = Some(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => at += n,
-                Err(e) => failed = Some(e),
-            }
-            if failed.is_some() {
-                break;
-            }
-        }
+        let (at, failed) = write_counted(writer.get_mut(), &run).await;
         // Off the buffer: the frames wholly written.
         let mut done = 0;
         while in_run > 0
