@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use bytes::{Bytes, BytesMut};
+
+use crate::read_buffer::ReadBuffer;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -135,16 +137,13 @@ pub(crate) struct Conn {
     writer: FramedWrite<WriteHalf, FrameCodec>,
 }
 
-/// Room a read takes, at least: the read buffer grows by this much when less is left.
-const READ_BUFFER: usize = 64 * 1024;
-
 /// The read half and the bytes read from it but not decoded yet. Not a `FramedRead`: the
 /// connection task decodes straight from the buffer, so that a MSG goes from there to its
 /// subscription's queue without being moved through a codec, a stream and this task's future
 /// (a message is 150 bytes; each move is a `memcpy` call).
 struct Reader {
     io: ReadHalf,
-    buf: BytesMut,
+    buf: ReadBuffer,
     max_frame_size: usize,
     /// The last MSG's topic: the next one to the same topic skips the UTF-8 check.
     last_topic: busbar_core::frame::LastTopic,
@@ -153,16 +152,14 @@ struct Reader {
 impl Reader {
     /// Reads what the socket has (waiting for something); false at its end. Cancel safe.
     async fn fill(&mut self) -> std::io::Result<bool> {
-        if self.buf.capacity() - self.buf.len() < READ_BUFFER / 8 {
-            self.buf.reserve(READ_BUFFER);
-        }
-        Ok(self.io.read_buf(&mut self.buf).await? > 0)
+        self.buf.make_room();
+        Ok(self.io.read_buf(self.buf.bytes()).await? > 0)
     }
 
     /// The next frame, reading as needed; `None` at the end of the stream.
     async fn next(&mut self) -> Result<Option<Frame>> {
         loop {
-            if let Some(frame) = busbar_core::frame::decode(&mut self.buf, self.max_frame_size)? {
+            if let Some(frame) = busbar_core::frame::decode(self.buf.bytes(), self.max_frame_size)? {
                 return Ok(Some(frame));
             }
             if !self.fill().await? {
@@ -216,7 +213,7 @@ pub(crate) async fn handshake(options: &ClientOptions, addr: &str) -> Result<(Co
         };
         let mut reader = Reader {
             io: rd,
-            buf: BytesMut::new(),
+            buf: ReadBuffer::default(),
             max_frame_size: FrameCodec::default().max_frame_size(),
             last_topic: Default::default(),
         };
@@ -813,7 +810,7 @@ impl ConnectionTask {
             let (subs, requests, handle, ids) = (&self.subs, &mut self.requests, &self.handle, &self.ids);
             let max = conn.reader.max_frame_size;
             let decoded = busbar_core::frame::decode_msg_with(
-                &mut conn.reader.buf,
+                conn.reader.buf.bytes(),
                 conn.reader.max_frame_size,
                 &mut conn.reader.last_topic,
                 |sid, inner| match subs.get(&sid) {

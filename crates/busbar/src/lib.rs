@@ -18,6 +18,7 @@
 //! |-----------|---------------|
 //! | `connection` | the task that owns the socket: batching writes, heartbeats, reconnect with backoff, restoring subscriptions, the offline buffer |
 //! | `commands` | the bounded queue from the handles to that task; publishes are encoded straight into it |
+//! | `read_buffer` | a connection's read buffer; earlier ones are taken back once the messages that point into them are dropped |
 //! | `feed`    | the bounded queue from that task (or the in-process bus) to a subscription's stream, taken in batches |
 //! | `client`  | [`Client`] (cheap clone handle): publish, subscribe, request/reply, commands, scatter-gather; [`ClientOptions`], [`Pattern`], [`Status`], [`Subscription`] and [`Requests`] (streams), [`HandlerTask`], and the private connection task that owns the socket |
 //! | `request` | [`Request`]: a request or command to answer, with `reply`/`fail` (answered with an error if dropped) |
@@ -57,6 +58,7 @@ mod error;
 mod feed;
 pub mod local;
 mod message;
+mod read_buffer;
 mod request;
 mod subscription;
 mod tls;
