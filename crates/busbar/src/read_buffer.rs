@@ -8,8 +8,9 @@
 //! among a few [`SPARE_BUFFERS`]; when the application keeps up, it has dropped what pointed into
 //! one of them by the time the current one fills, and that one is taken back instead.
 //!
-//! What this keeps alive: at most [`SPARE_BUFFERS`] buffers beside the current one, on a
-//! connection that has filled one (an idle connection keeps none).
+//! What this keeps alive: at most [`SPARE_BUFFERS`] buffers beside the current one, each under
+//! one and a half [`READ_BUFFER`]s, on a connection that has filled one (an idle connection keeps
+//! none). A frame larger than half a buffer grows the buffer as before and leaves no spare.
 
 use std::collections::VecDeque;
 
@@ -44,6 +45,13 @@ impl ReadBuffer {
             return;
         }
         let left = self.buf.len();
+        if left > READ_BUFFER / 2 {
+            // A frame larger than a buffer, coming in: grow this one as a `Vec` grows (doubling,
+            // so the bytes already read are copied a bounded number of times), and keep no spare
+            // of that size.
+            self.buf.reserve(READ_BUFFER);
+            return;
+        }
         let next = match self.spare.iter_mut().position(|b| b.try_reclaim(left + READ_BUFFER / 2)) {
             Some(i) => self.spare.remove(i).unwrap_or_default(),
             None => BytesMut::with_capacity(READ_BUFFER + left),
@@ -107,6 +115,26 @@ mod tests {
         rb.make_room();
         assert_eq!(rb.bytes().as_ptr(), ptr);
         assert_eq!(rb.bytes().len(), 5);
+    }
+
+    #[test]
+    fn a_frame_larger_than_a_buffer_grows_it_by_doubling() {
+        let mut rb = ReadBuffer::default();
+        let held = fill(&mut rb, 0);
+        let spares = rb.spare.len();
+        // Reads of one frame of a few buffers' size: nothing is decoded, the buffer fills.
+        let mut grown = 0;
+        while rb.bytes().len() < 16 * READ_BUFFER {
+            rb.make_room();
+            grown += 1;
+            let room = rb.bytes().capacity() - rb.bytes().len();
+            rb.bytes().extend(std::iter::repeat_n(1u8, room));
+        }
+        // Doubling: about log2(16) growths (a buffer at a time would take 16, copying all that
+        // was read each time).
+        assert!(grown <= 7, "grown {grown} times");
+        assert!(rb.spare.len() <= spares + 1, "no spare kept of a large frame's size");
+        drop(held);
     }
 
     #[test]
