@@ -86,6 +86,12 @@ pub(crate) struct Requests {
     /// when it answers one of them. Otherwise any client could push REPLY frames (with no
     /// publish rights) onto a route until it closed as a slow consumer.
     owed: FastMap<(u32, u32, u64), (Instant, u32)>,
+    /// Per connection, the requests in flight it has yet to answer (one per CALL it holds), and
+    /// the entries of `owed` it is in (either side): with `per_requester`, a connection gone
+    /// that is in none of them (most are publishers and subscribers) is forgotten without a pass
+    /// over the whole table, under the lock every request takes.
+    asked: FastMap<u32, usize>,
+    owes: FastMap<u32, usize>,
 }
 
 /// Most CALLs from other brokers awaiting a reply here at once (as many as requests in flight
@@ -93,8 +99,8 @@ pub(crate) struct Requests {
 pub(crate) const MAX_OWED: usize = MAX_PENDING;
 
 /// Most requests in flight on a broker, all requesters together (each is also held to
-/// `max_requests`): the table, and the pass over it at each disconnect, stay bounded however
-/// many connections there are.
+/// `max_requests`): the table, and the pass over it when a connection in it goes, stay bounded
+/// however many connections there are.
 pub(crate) const MAX_PENDING: usize = 1 << 18;
 
 /// The header that carries a native error reply's code to a NATS requester.
@@ -180,16 +186,22 @@ impl Requests {
         // request may wait long (a payload of a megabyte would stay with a 20-byte topic).
         let topic = ByteString::from(&*topic);
         let deadline = Instant::now() + timeout;
+        for &r in &responders {
+            count(&mut self.asked, r);
+        }
         let pending = Pending { reply_to, topic, responders, deadline, first_wins };
-        if self.pending.insert((requester, id), pending).is_none() {
-            *self.per_requester.entry(requester).or_default() += 1;
+        match self.pending.insert((requester, id), pending) {
+            None => count(&mut self.per_requester, requester),
+            // The same id again: the one it replaces asks nobody any more.
+            Some(old) => old.responders.iter().for_each(|&r| uncount(&mut self.asked, r)),
         }
         Ok(())
     }
 
     fn forget(&mut self, key: (u32, u64)) {
-        if self.pending.remove(&key).is_some() {
+        if let Some(p) = self.pending.remove(&key) {
             uncount(&mut self.per_requester, key.0);
+            p.responders.iter().for_each(|&r| uncount(&mut self.asked, r));
         }
     }
 
@@ -211,6 +223,7 @@ impl Requests {
         let Some(i) = p.responders.iter().position(|&r| r == responder) else { return Replied::Unknown };
         let allowed = may_reply(&p.topic);
         p.responders.swap_remove(i);
+        uncount(&mut self.asked, responder);
         if p.first_wins && !allowed {
             // Another subscriber may still answer: this refusal does not end the request.
             if p.responders.is_empty() {
@@ -219,7 +232,7 @@ impl Requests {
             return Replied::Unknown;
         }
         if p.first_wins {
-            p.responders.clear();
+            p.responders.drain(..).for_each(|r| uncount(&mut self.asked, r));
         }
         if !allowed {
             reply.error = Some(ErrorCode::PermissionDenied);
@@ -284,6 +297,7 @@ impl Requests {
         let i = p.responders.iter().position(|&r| r == responder)?;
         if p.first_wins && p.responders.len() > 1 {
             p.responders.swap_remove(i);
+            uncount(&mut self.asked, responder);
             return None;
         }
         Some(self.reply(requester, responder, reply, None, may_reply))
@@ -310,6 +324,8 @@ impl Requests {
                     return false;
                 }
                 e.insert((deadline, 1));
+                count(&mut self.owes, responder);
+                count(&mut self.owes, requester);
             }
         }
         true
@@ -323,6 +339,8 @@ impl Requests {
         *calls -= 1;
         if *calls == 0 {
             e.remove();
+            uncount(&mut self.owes, responder);
+            uncount(&mut self.owes, requester);
         }
         true
     }
@@ -330,30 +348,41 @@ impl Requests {
     /// [`Requests::remove_connection`] for many connections (the clients of a broker whose route
     /// went down) in one pass over the requests in flight, not one pass each.
     pub(crate) fn remove_connections(&mut self, mut gone: Vec<u32>) {
+        let Self { pending, per_requester, owed, asked, owes, .. } = self;
+        // Those in no request and owed nothing: nothing to walk for.
+        gone.retain(|c| per_requester.contains_key(c) || asked.contains_key(c) || owes.contains_key(c));
         if gone.is_empty() {
             return;
         }
         gone.sort_unstable();
         let is_gone = |conn: &u32| gone.binary_search(conn).is_ok();
-        if !self.owed.is_empty() {
+        if gone.iter().any(|c| owes.contains_key(c)) {
             // Owed by a responder gone, or to a requester gone (another broker's client: its
             // broker forgot the request).
-            self.owed.retain(|(responder, requester, _), _| !is_gone(responder) && !is_gone(requester));
+            owed.retain(|&(responder, requester, _), _| {
+                let keep = !is_gone(&responder) && !is_gone(&requester);
+                if !keep {
+                    uncount(owes, responder);
+                    uncount(owes, requester);
+                }
+                keep
+            });
         }
-        if self.pending.is_empty() {
+        if !gone.iter().any(|c| per_requester.contains_key(c) || asked.contains_key(c)) {
             return;
         }
-        let Self { pending, per_requester, .. } = self;
-        // One pass, in place: no copy of the keys (a disconnect is frequent, the table large).
+        // One pass, in place: no copy of the keys (the table may be large).
         pending.retain(|&(requester, id), p| {
             let keep = if is_gone(&requester) {
+                p.responders.iter().for_each(|&r| uncount(asked, r));
                 false
             } else if !p.responders.iter().any(is_gone) {
                 true
             } else {
                 // Once per CALL owed (a connection may answer through several subscriptions).
                 while let Some(i) = p.responders.iter().position(is_gone) {
-                    p.responders.swap_remove(i);
+                    let r = p.responders.swap_remove(i);
+                    uncount(asked, r);
                     // First-wins requests fail only when nobody is left to answer; a NATS
                     // requester has no way to hear of a lost responder and times out by itself.
                     if (p.first_wins && !p.responders.is_empty()) || matches!(p.reply_to, ReplyTo::Subject(_))
@@ -378,17 +407,25 @@ impl Requests {
 
     /// Forgets requests whose timeout has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        self.owed.retain(|_, (deadline, _)| *deadline > now);
-        let before = self.pending.len();
-        let Self { pending, per_requester, .. } = self;
+        let Self { pending, per_requester, owed, asked, owes, .. } = self;
+        owed.retain(|&(responder, requester, _), (deadline, _)| {
+            let keep = *deadline > now;
+            if !keep {
+                uncount(owes, responder);
+                uncount(owes, requester);
+            }
+            keep
+        });
+        let before = pending.len();
         pending.retain(|&(requester, _), p| {
             let keep = p.deadline > now;
             if !keep {
                 uncount(per_requester, requester);
+                p.responders.iter().for_each(|&r| uncount(asked, r));
             }
             keep
         });
-        before - self.pending.len()
+        before - pending.len()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -396,9 +433,14 @@ impl Requests {
     }
 }
 
-/// One request of `requester` fewer.
-fn uncount(per_requester: &mut FastMap<u32, usize>, requester: u32) {
-    if let Entry::Occupied(mut e) = per_requester.entry(requester) {
+/// One more for `conn` in one of the per-connection counts.
+fn count(counts: &mut FastMap<u32, usize>, conn: u32) {
+    *counts.entry(conn).or_default() += 1;
+}
+
+/// One fewer for `conn` (a count that reaches zero leaves the map).
+fn uncount(counts: &mut FastMap<u32, usize>, conn: u32) {
+    if let Entry::Occupied(mut e) = counts.entry(conn) {
         *e.get_mut() -= 1;
         if *e.get() == 0 {
             e.remove();
@@ -433,6 +475,111 @@ mod tests {
             r.insert(requester, 1, native(vec![2], t), 2).unwrap();
         }
         assert_eq!(r.insert(u32::MAX, 1, native(vec![2], t), 2), Err(TooMany));
+    }
+
+    impl Requests {
+        /// Asserts that the per-connection counts are what the tables hold.
+        fn check_counts(&self) {
+            let (mut per_requester, mut asked, mut owes) =
+                <(FastMap<u32, usize>, FastMap<_, _>, FastMap<_, _>)>::default();
+            for (&(requester, _), p) in &self.pending {
+                count(&mut per_requester, requester);
+                p.responders.iter().for_each(|&r| count(&mut asked, r));
+            }
+            for &(responder, requester, _) in self.owed.keys() {
+                count(&mut owes, responder);
+                count(&mut owes, requester);
+            }
+            assert_eq!(per_requester, self.per_requester, "per requester");
+            assert_eq!(asked, self.asked, "asked");
+            assert_eq!(owes, self.owes, "owes");
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert { requester: u32, id: u64, responders: Vec<u32>, first_wins: bool, subject: bool },
+        Reply { requester: u32, id: u64, responder: u32, allowed: bool },
+        Refused { requester: u32, id: u64, responder: u32, allowed: bool },
+        Owe { responder: u32, requester: u32, id: u64, short: bool },
+        SettleOwed { responder: u32, requester: u32, id: u64 },
+        Gone(Vec<u32>),
+        Expire,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // Few connections and ids, so that operations meet the same requests.
+        let conn = || 0u32..6;
+        let id = || 0u64..4;
+        prop_oneof![
+            4 => (conn(), id(), proptest::collection::vec(conn(), 0..4), any::<bool>(), any::<bool>())
+                .prop_map(|(requester, id, responders, first_wins, subject)| Op::Insert {
+                    requester, id, responders, first_wins, subject
+                }),
+            4 => (conn(), id(), conn(), any::<bool>())
+                .prop_map(|(requester, id, responder, allowed)| Op::Reply { requester, id, responder, allowed }),
+            2 => (conn(), id(), conn(), any::<bool>())
+                .prop_map(|(requester, id, responder, allowed)| Op::Refused { requester, id, responder, allowed }),
+            2 => (conn(), conn(), id(), any::<bool>())
+                .prop_map(|(responder, requester, id, short)| Op::Owe { responder, requester, id, short }),
+            2 => (conn(), conn(), id()).prop_map(|(responder, requester, id)| Op::SettleOwed { responder, requester, id }),
+            2 => proptest::collection::vec(conn(), 1..3).prop_map(Op::Gone),
+            1 => Just(Op::Expire),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever happens to requests, the per-connection counts that let a disconnect skip
+        /// the table stay exact; and a connection they say is in nothing is in nothing.
+        #[test]
+        fn the_per_connection_counts_follow_the_tables(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut r = Requests::default();
+            let long = Duration::from_secs(3600);
+            for op in ops {
+                match op {
+                    Op::Insert { requester, id, responders, first_wins, subject } => {
+                        let reply_to = if subject {
+                            ReplyTo::Subject("_INBOX.x".into())
+                        } else {
+                            ReplyTo::Conn(Outbox::detached())
+                        };
+                        let responders = responders.into();
+                        let ask = NewRequest { reply_to, topic: "a".into(), responders, timeout: long, first_wins };
+                        let _ = r.insert(requester, id, ask, 3);
+                    }
+                    Op::Reply { requester, id, responder, allowed } => {
+                        let _ = r.reply(requester, responder, reply(id), None, |_| allowed);
+                    }
+                    Op::Refused { requester, id, responder, allowed } => {
+                        let _ = r.refused(requester, responder, reply(id), |_| allowed);
+                    }
+                    Op::Owe { responder, requester, id, short } => {
+                        let _ = r.owe(responder, requester, id, if short { Duration::ZERO } else { long });
+                    }
+                    Op::SettleOwed { responder, requester, id } => {
+                        let _ = r.settle_owed(responder, requester, id);
+                    }
+                    Op::Gone(gone) => {
+                        let skipped: Vec<u32> = gone
+                            .iter()
+                            .copied()
+                            .filter(|c| !r.per_requester.contains_key(c) && !r.asked.contains_key(c) && !r.owes.contains_key(c))
+                            .collect();
+                        r.remove_connections(gone.clone());
+                        // Every connection gone is out of every table, skipped or not.
+                        for c in gone {
+                            proptest::prop_assert!(r.pending.iter().all(|(&(q, _), p)| q != c && !p.responders.contains(&c)));
+                            proptest::prop_assert!(r.owed.keys().all(|&(a, q, _)| a != c && q != c), "{skipped:?}");
+                        }
+                    }
+                    Op::Expire => {
+                        r.expire(Instant::now() + Duration::from_millis(1));
+                    }
+                }
+                r.check_counts();
+            }
+        }
     }
 
     fn native(responders: Vec<u32>, timeout: Duration) -> NewRequest {
