@@ -498,7 +498,7 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Insert { requester: u32, id: u64, responders: Vec<u32>, first_wins: bool, subject: bool },
+        Insert { requester: u32, id: u64, responders: Vec<u32>, first_wins: bool, subject: bool, short: bool },
         Reply { requester: u32, id: u64, responder: u32, allowed: bool },
         Refused { requester: u32, id: u64, responder: u32, allowed: bool },
         Owe { responder: u32, requester: u32, id: u64, short: bool },
@@ -513,9 +513,9 @@ mod tests {
         let conn = || 0u32..6;
         let id = || 0u64..4;
         prop_oneof![
-            4 => (conn(), id(), proptest::collection::vec(conn(), 0..4), any::<bool>(), any::<bool>())
-                .prop_map(|(requester, id, responders, first_wins, subject)| Op::Insert {
-                    requester, id, responders, first_wins, subject
+            4 => (conn(), id(), proptest::collection::vec(conn(), 0..4), any::<bool>(), any::<bool>(), any::<bool>())
+                .prop_map(|(requester, id, responders, first_wins, subject, short)| Op::Insert {
+                    requester, id, responders, first_wins, subject, short
                 }),
             4 => (conn(), id(), conn(), any::<bool>())
                 .prop_map(|(requester, id, responder, allowed)| Op::Reply { requester, id, responder, allowed }),
@@ -538,14 +538,16 @@ mod tests {
             let long = Duration::from_secs(3600);
             for op in ops {
                 match op {
-                    Op::Insert { requester, id, responders, first_wins, subject } => {
+                    Op::Insert { requester, id, responders, first_wins, subject, short } => {
                         let reply_to = if subject {
                             ReplyTo::Subject("_INBOX.x".into())
                         } else {
                             ReplyTo::Conn(Outbox::detached())
                         };
                         let responders = responders.into();
-                        let ask = NewRequest { reply_to, topic: "a".into(), responders, timeout: long, first_wins };
+                        // A short one expires at the next sweep.
+                        let timeout = if short { Duration::ZERO } else { long };
+                        let ask = NewRequest { reply_to, topic: "a".into(), responders, timeout, first_wins };
                         let _ = r.insert(requester, id, ask, 3);
                     }
                     Op::Reply { requester, id, responder, allowed } => {
