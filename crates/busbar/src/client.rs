@@ -13,7 +13,7 @@
 //! publishing task straight into the queue (see `commands.rs`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar_core::{
@@ -510,8 +510,9 @@ impl Client {
     /// have answered, `expected` answers have arrived, or `timeout` passes. Each answer is a
     /// reply or the error its responder returned. [`Error::NoResponders`] when nobody serves the
     /// topic. At most 1 024 answers wait to be taken: a larger burst than that, arriving faster
-    /// than this call takes them, ends the gather with the answers it has (logged), as does a
-    /// connection lost meanwhile once some have come.
+    /// than this call takes them, ends the gather with the answers it has, followed by
+    /// [`Error::GatherOverflow`]; a connection lost meanwhile, once some have come, ends it with
+    /// the answers it has.
     pub async fn request_all_message(
         &self,
         message: Outgoing,
@@ -519,7 +520,8 @@ impl Client {
         expected: Option<usize>,
     ) -> Result<Vec<Result<Message>>> {
         let (tx, mut rx) = mpsc::channel(GATHER_CAPACITY);
-        let id = self.send_request(message, timeout, true, ReplySink::All(tx)).await?;
+        let overflow = Arc::new(AtomicBool::new(false));
+        let id = self.send_request(message, timeout, true, ReplySink::All(tx, overflow.clone())).await?;
         let deadline = crate::request::deadline_in(timeout);
         let mut answers = Vec::new();
         loop {
@@ -541,6 +543,9 @@ impl Client {
             }
         }
         let _ = self.commands.try_send(Command::CancelRequest { id });
+        if overflow.load(Ordering::Relaxed) {
+            answers.push(Err(Error::GatherOverflow { capacity: GATHER_CAPACITY }));
+        }
         Ok(answers)
     }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
@@ -81,7 +81,8 @@ pub(crate) enum Sink {
 #[derive(Debug)]
 pub(crate) enum ReplySink {
     One(oneshot::Sender<Reply>),
-    All(mpsc::Sender<Reply>),
+    /// A gather: its replies, and whether one was dropped for want of room (the gather ended).
+    All(mpsc::Sender<Reply>, Arc<AtomicBool>),
 }
 
 impl ReplySink {
@@ -89,7 +90,7 @@ impl ReplySink {
     fn is_closed(&self) -> bool {
         match self {
             ReplySink::One(tx) => tx.is_closed(),
-            ReplySink::All(tx) => tx.is_closed(),
+            ReplySink::All(tx, _) => tx.is_closed(),
         }
     }
 }
@@ -1051,13 +1052,14 @@ fn deliver_reply(requests: &mut HashMap<u64, ReplySink, foldhash::fast::RandomSt
                 let _ = tx.send(reply);
             }
         }
-        Some(ReplySink::All(tx)) => {
+        Some(ReplySink::All(tx, overflow)) => {
             let last = reply.remaining == 0;
             match tx.try_send(reply) {
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Its requester is not keeping up with the answers: it gets those it has,
-                    // now, rather than wait out its timeout for one that was dropped.
+                    // now, rather than wait out its timeout for one that was dropped, and is told.
                     warn!(id, "gather buffer full: reply dropped, and the gather ended");
+                    overflow.store(true, Ordering::Relaxed);
                     requests.remove(&id);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -1298,12 +1300,14 @@ mod tests {
     fn a_gather_whose_buffer_fills_ends_with_what_it_has() {
         let mut requests = HashMap::default();
         let (tx, mut rx) = mpsc::channel(1);
-        requests.insert(5, ReplySink::All(tx));
+        let overflow = Arc::new(AtomicBool::new(false));
+        requests.insert(5, ReplySink::All(tx, overflow.clone()));
         let reply =
             |remaining| Reply { id: 5, error: None, remaining, message: busbar_core::Message::new("t", "x") };
         deliver_reply(&mut requests, reply(1));
         deliver_reply(&mut requests, reply(0)); // the buffer is full: dropped
         assert!(requests.is_empty(), "the gather ended");
+        assert!(overflow.load(Ordering::Relaxed), "and says why");
         assert_eq!(rx.try_recv().unwrap().remaining, 1);
         assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)), "not left waiting");
     }

@@ -87,6 +87,14 @@ pub enum Error {
         /// The buffer's size.
         capacity: usize,
     },
+    /// Scatter-gather: more answers arrived at once than the gather holds (`capacity`), faster
+    /// than they were taken. The answers before were kept and the rest dropped; this error ends
+    /// the list `request_all` returns, so that a short list is never taken for a whole one.
+    #[error("more answers arrived at once than the gather holds ({capacity}): the rest were dropped")]
+    GatherOverflow {
+        /// Answers the gather holds before they are taken.
+        capacity: usize,
+    },
     /// The connection is closed (by `disconnect`, by the broker, or lost).
     #[error("connection closed")]
     Closed,
