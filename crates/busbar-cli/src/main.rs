@@ -633,8 +633,11 @@ async fn publish(args: PubArgs) -> Result<()> {
         }
         client.publish_message(message).await?;
     }
-    // Wait until the broker has routed them, so that exiting right away loses nothing.
-    client.flush().await?;
+    // Wait until the broker has routed them, so that exiting right away loses nothing. A flush
+    // waits for a reconnect when the connection is lost meanwhile: not forever here.
+    tokio::time::timeout(Duration::from_secs(10), client.flush())
+        .await
+        .context("the broker did not confirm the messages within 10 s (connection lost?)")??;
     client.disconnect().await?;
     eprintln!("published {} message(s) to {}", args.count, args.topic);
     Ok(())

@@ -552,9 +552,11 @@ impl Client {
     /// Waits until the broker has handled every frame this client sent before (a PING/PONG round
     /// trip). Fails with the first error the broker reported about a publish since the last
     /// flush (one outside the user's permissions, say), which otherwise is only logged: the
-    /// connection stays up either way. While the client is reconnecting it fails at once with
-    /// [`Error::ConnectionLost`]: what was published meanwhile is in the offline buffer (not
-    /// lost) and goes out on reconnect, so publishing it again would send it twice.
+    /// connection stays up either way. While the client is reconnecting it waits for the next
+    /// connection: what was published meanwhile goes out first, from the offline buffer, and the
+    /// flush answers once the broker has handled it. It fails with [`Error::ConnectionLost`] when
+    /// that connection is lost as well or the client stops reconnecting, and with
+    /// [`Error::Closed`] after [`Client::disconnect`]; wrap it in a timeout to bound the wait.
     pub async fn flush(&self) -> Result<()> {
         let (done, flushed) = oneshot::channel();
         self.command(Command::Flush { done }).await?;
@@ -563,7 +565,8 @@ impl Client {
 
     /// Drains, then closes: unsubscribes everything, lets the handlers started with
     /// `subscribe_with`/`respond`/`handle_commands` finish the messages already delivered to
-    /// them (for at most `timeout`), flushes, and disconnects.
+    /// them (for at most `timeout`), flushes (waiting at most `timeout` again, as a flush waits
+    /// for a reconnect), and disconnects.
     pub async fn drain(&self, timeout: Duration) -> Result<()> {
         let (done, unsubscribed) = oneshot::channel();
         self.command(Command::UnsubscribeAll { done }).await?;
@@ -572,7 +575,7 @@ impl Client {
         if tokio::time::timeout(timeout, self.handlers.wait()).await.is_err() {
             warn!("drain: handlers still busy after the timeout");
         }
-        let _ = self.flush().await;
+        let _ = tokio::time::timeout(timeout, self.flush()).await;
         self.disconnect().await
     }
 

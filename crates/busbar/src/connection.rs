@@ -277,6 +277,9 @@ pub(crate) struct ConnectionTask {
     unreported: Option<Error>,
     pub(crate) requests: HashMap<u64, ReplySink, foldhash::fast::RandomState>,
     pongs: VecDeque<PongWaiter>,
+    /// Flushes asked for while disconnected: sent, each a PING, once the next connection has
+    /// taken the offline buffer (they cover what it holds).
+    offline_flushes: Vec<oneshot::Sender<Result<()>>>,
     offline: VecDeque<Bytes>,
     /// Bytes of the frames in `offline`.
     offline_bytes: usize,
@@ -294,6 +297,9 @@ pub(crate) struct ConnectionTask {
 
 /// Most broker addresses learned from a cluster.
 const MAX_LEARNED: usize = 64;
+/// Most flushes waiting for the next connection (one per caller waiting); past it, a flush
+/// fails at once with `ConnectionLost`.
+const MAX_OFFLINE_FLUSHES: usize = 1024;
 
 impl ConnectionTask {
     #[allow(clippy::too_many_arguments)]
@@ -322,6 +328,7 @@ impl ConnectionTask {
             unreported: None,
             requests: HashMap::default(),
             pongs: VecDeque::new(),
+            offline_flushes: Vec::new(),
             offline: VecDeque::new(),
             offline_bytes: 0,
             offline_drops: 0,
@@ -404,6 +411,11 @@ impl ConnectionTask {
         let closed = self.offline_state.closed.load(Ordering::Acquire);
         let why = || if closed { Error::Closed } else { Error::ConnectionLost };
         self.requests.clear();
+        if for_good {
+            for done in std::mem::take(&mut self.offline_flushes) {
+                let _ = done.send(Err(why()));
+            }
+        }
         for waiter in std::mem::take(&mut self.pongs) {
             match waiter {
                 PongWaiter::Heartbeat => {}
@@ -586,9 +598,17 @@ impl ConnectionTask {
                 self.requests.remove(&id);
             }
             Command::Flush { done } => {
-                let _ = done.send(Err(Error::ConnectionLost));
+                // Answered once the next connection has sent what was published meanwhile.
+                if self.offline_flushes.len() < MAX_OFFLINE_FLUSHES {
+                    self.offline_flushes.push(done);
+                } else {
+                    let _ = done.send(Err(Error::ConnectionLost));
+                }
             }
             Command::Close { done } => {
+                // What waits (flushes, subscribes) fails with `Closed`, as after a disconnect
+                // while connected.
+                self.offline_state.closed.store(true, Ordering::Release);
                 if !self.offline.is_empty() {
                     // No connection to send them on: said, not dropped in silence.
                     warn!(buffered = self.offline.len(), "closed while offline: buffered messages not sent");
@@ -683,6 +703,15 @@ impl ConnectionTask {
         }
         if buffered > 0 || !self.subs.is_empty() {
             debug!(subscriptions = self.subs.len(), buffered, "restored subscriptions, flushed buffer");
+        }
+        // Flushes asked for while offline: their PONG comes once the broker has handled all the
+        // above.
+        for done in std::mem::take(&mut self.offline_flushes) {
+            if done.is_closed() {
+                continue;
+            }
+            feed(conn, Frame::Ping).await?;
+            self.pongs.push_back(PongWaiter::Flush { done, error: None });
         }
         SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)
     }

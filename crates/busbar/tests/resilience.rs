@@ -66,6 +66,30 @@ async fn a_broker_restarted_on_the_same_port_gets_its_clients_back() {
     assert_eq!(broker.stats().subscriptions, 2);
 }
 
+/// A flush while the broker is down answers once the next connection has sent what was
+/// published meanwhile, and the broker has handled it.
+#[tokio::test]
+async fn a_flush_while_offline_answers_once_the_next_connection_has_sent_the_buffer() {
+    let broker = broker().await;
+    let addr = broker.local_addr();
+    let c = Client::connect_with(fast_reconnect(addr.to_string())).await.unwrap();
+    let mut sub = c.subscribe("kept").await.unwrap();
+    broker.stop().await;
+    wait_status(&c, Status::Reconnecting).await;
+    c.publish("kept", "1").await.unwrap();
+    let flushing = tokio::spawn({
+        let c = c.clone();
+        async move { c.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!flushing.is_finished(), "nothing to flush to yet: it waits");
+    let _broker = Broker::start(Config::with_listen(addr)).await.expect("rebind the same port");
+    tokio::time::timeout(PATIENCE, flushing).await.expect("flushed once back").unwrap().unwrap();
+    assert_eq!(c.buffered(), 0);
+    let m = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload_str(), Some("1"));
+}
+
 #[tokio::test]
 async fn a_message_buffered_offline_too_large_for_the_new_broker_is_dropped_alone() {
     let broker = broker().await;
@@ -267,8 +291,18 @@ async fn the_offline_buffer_is_bounded() {
     for i in 0..20 {
         dropping.publish("t", vec![i]).await.unwrap();
     }
-    dropping.flush().await.unwrap_err(); // a flush while offline fails: ConnectionLost
+    dropping.subscribe("barrier").await.unwrap(); // handled after every publish before it
     assert_eq!(dropping.buffered(), 5);
+    // A flush while offline waits for the next connection; a disconnect meanwhile ends it.
+    let flushing = tokio::spawn({
+        let dropping = dropping.clone();
+        async move { dropping.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!flushing.is_finished(), "nothing to flush to: it waits");
+    dropping.disconnect().await.unwrap();
+    let flushed = tokio::time::timeout(PATIENCE, flushing).await.unwrap().unwrap();
+    assert!(matches!(flushed, Err(Error::Closed)), "{flushed:?}");
 }
 
 #[tokio::test]
@@ -294,7 +328,7 @@ async fn the_offline_buffer_is_bounded_in_bytes_too() {
     }
     // Larger than the whole buffer: not kept, and nothing is evicted for it.
     dropping.publish("t", vec![0u8; 20_000]).await.unwrap();
-    dropping.flush().await.unwrap_err(); // handled after every publish before it
+    dropping.subscribe("barrier").await.unwrap(); // handled after every publish before it
     assert_eq!(dropping.buffered(), 9);
 }
 
