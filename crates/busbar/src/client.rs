@@ -524,6 +524,7 @@ impl Client {
         let id = self.send_request(message, timeout, true, ReplySink::All(tx, overflow.clone())).await?;
         let deadline = crate::request::deadline_in(timeout);
         let mut answers = Vec::new();
+        let mut cut_short = false;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(reply)) => {
@@ -538,12 +539,19 @@ impl Client {
                         break;
                     }
                 }
-                Ok(None) if answers.is_empty() => return Err(self.lost_or_closed()),
-                Ok(None) | Err(_) => break,
+                Ok(None) if answers.is_empty() && !overflow.load(Ordering::Relaxed) => {
+                    return Err(self.lost_or_closed());
+                }
+                Ok(None) => {
+                    // The connection task let go of it: connection lost, or answers dropped.
+                    cut_short = overflow.load(Ordering::Relaxed);
+                    break;
+                }
+                Err(_) => break,
             }
         }
         let _ = self.commands.try_send(Command::CancelRequest { id });
-        if overflow.load(Ordering::Relaxed) {
+        if cut_short {
             answers.push(Err(Error::GatherOverflow { capacity: GATHER_CAPACITY }));
         }
         Ok(answers)
@@ -552,7 +560,10 @@ impl Client {
     /// Waits until the broker has handled every frame this client sent before (a PING/PONG round
     /// trip). Fails with the first error the broker reported about a publish since the last
     /// flush (one outside the user's permissions, say), which otherwise is only logged: the
-    /// connection stays up either way. While the client is reconnecting it waits for the next
+    /// connection stays up either way. It also fails, once, when publishes since the last flush
+    /// may have gone missing: with [`Error::ConnectionLost`] when some were written into a
+    /// connection that was then lost, with [`Error::BufferFull`] when the offline buffer dropped
+    /// one. The flush after that is clean. While the client is reconnecting it waits for the next
     /// connection: what was published meanwhile goes out first, from the offline buffer, and the
     /// flush answers once the broker has handled it. It fails with [`Error::ConnectionLost`] when
     /// that connection is lost as well or the client stops reconnecting, and with
@@ -560,7 +571,8 @@ impl Client {
     pub async fn flush(&self) -> Result<()> {
         let (done, flushed) = oneshot::channel();
         self.command(Command::Flush { done }).await?;
-        flushed.await.map_err(|_| Error::Closed)?
+        // Dropped unanswered: the connection task ended (closed, or out of reconnects).
+        flushed.await.map_err(|_| self.lost_or_closed())?
     }
 
     /// Drains, then closes: unsubscribes everything, lets the handlers started with

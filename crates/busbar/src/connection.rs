@@ -272,9 +272,13 @@ pub(crate) struct ConnectionTask {
     /// By subscription id (looked up per received message: foldhash, not SipHash; the ids are
     /// this client's own).
     pub(crate) subs: HashMap<u64, (Sub, Sink), foldhash::fast::RandomState>,
-    /// The first error the broker reported about a publish while no flush waited: the next
-    /// flush, which covers that publish too, reports it.
+    /// The first error about a publish while no flush waited: the next flush, which covers
+    /// that publish too, reports it. The broker's refusal; `ConnectionLost` when a connection was
+    /// lost with publishes written since the last flush's PING (the kernel may have dropped
+    /// them); `BufferFull` when the offline buffer dropped one.
     unreported: Option<Error>,
+    /// Publishes were written since the last flush's PING.
+    written: bool,
     pub(crate) requests: HashMap<u64, ReplySink, foldhash::fast::RandomState>,
     pongs: VecDeque<PongWaiter>,
     /// Flushes asked for while disconnected: sent, each a PING, once the next connection has
@@ -326,6 +330,7 @@ impl ConnectionTask {
             server,
             subs: HashMap::default(),
             unreported: None,
+            written: false,
             requests: HashMap::default(),
             pongs: VecDeque::new(),
             offline_flushes: Vec::new(),
@@ -376,6 +381,10 @@ impl ConnectionTask {
                 }
                 End::Lost(e) => {
                     warn!(error = %e, "connection lost");
+                    if std::mem::take(&mut self.written) {
+                        // Written into a connection now gone, never confirmed: perhaps lost.
+                        self.unreported.get_or_insert(Error::ConnectionLost);
+                    }
                     self.fail_in_flight(false);
                     if !self.options.reconnect.enabled {
                         break;
@@ -411,10 +420,9 @@ impl ConnectionTask {
         let closed = self.offline_state.closed.load(Ordering::Acquire);
         let why = || if closed { Error::Closed } else { Error::ConnectionLost };
         self.requests.clear();
-        if for_good {
-            for done in std::mem::take(&mut self.offline_flushes) {
-                let _ = done.send(Err(why()));
-            }
+        // Flushes that waited for this connection, lost before they were sent on it.
+        for done in std::mem::take(&mut self.offline_flushes) {
+            let _ = done.send(Err(why()));
         }
         for waiter in std::mem::take(&mut self.pongs) {
             match waiter {
@@ -551,6 +559,7 @@ impl ConnectionTask {
 
     /// Counts messages the offline buffer could not keep (logged at each power of two).
     fn offline_dropped(&mut self) {
+        self.unreported.get_or_insert(Error::BufferFull { capacity: self.options.offline_buffer });
         self.offline_drops += 1;
         if self.offline_drops.is_power_of_two() {
             warn!(dropped = self.offline_drops, policy = ?self.options.offline_policy, "offline buffer full: messages dropped");
@@ -599,6 +608,8 @@ impl ConnectionTask {
             }
             Command::Flush { done } => {
                 // Answered once the next connection has sent what was published meanwhile.
+                // Callers that gave up (a timeout around the flush) hold no place.
+                self.offline_flushes.retain(|d| !d.is_closed());
                 if self.offline_flushes.len() < MAX_OFFLINE_FLUSHES {
                     self.offline_flushes.push(done);
                 } else {
@@ -691,6 +702,7 @@ impl ConnectionTask {
         }
         let buffered = self.offline.len();
         let max = conn.reader.max_frame_size;
+        self.written |= buffered > 0;
         let written = write_offline(&mut conn.writer, &mut self.offline, &mut self.offline_bytes, max).await;
         self.offline_changed();
         let too_large = written?;
@@ -706,12 +718,15 @@ impl ConnectionTask {
         }
         // Flushes asked for while offline: their PONG comes once the broker has handled all the
         // above.
+        // The first reports what happened since the last flush (a loss, a drop). Each waits
+        // in `pongs` before its PING is written, so that a failure fails it (ConnectionLost).
         for done in std::mem::take(&mut self.offline_flushes) {
             if done.is_closed() {
                 continue;
             }
+            self.written = false;
+            self.pongs.push_back(PongWaiter::Flush { done, error: self.unreported.take() });
             feed(conn, Frame::Ping).await?;
-            self.pongs.push_back(PongWaiter::Flush { done, error: None });
         }
         SinkExt::<Frame>::flush(&mut conn.writer).await.map_err(codec_error)
     }
@@ -768,6 +783,7 @@ impl ConnectionTask {
             self.leftover.push(Command::Publish(run));
             return Err(codec_error(e));
         }
+        self.written = true;
         let (at, failed) = write_counted(conn.writer.get_mut(), &run).await;
         if let Some(e) = failed {
             self.leftover.push(Command::Publish(run.split_off(frame_start(&run, at))));
@@ -821,6 +837,7 @@ impl ConnectionTask {
                 // Waiting before the PING is written: a connection that fails on it fails the
                 // flush with ConnectionLost, not Closed.
                 self.pongs.push_back(PongWaiter::Flush { done, error: self.unreported.take() });
+                self.written = false;
                 feed(conn, Frame::Ping).await?;
             }
             Command::Close { done } => {

@@ -2,8 +2,10 @@
 
 use busbar_core::{ErrorCode, FrameError, TopicError};
 
-/// Everything that can go wrong talking to a broker.
+/// Everything that can go wrong talking to a broker. More kinds may come: match with a
+/// wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The broker could not be reached.
     #[error("cannot connect to {addr}: {source}")]

@@ -90,6 +90,46 @@ async fn a_flush_while_offline_answers_once_the_next_connection_has_sent_the_buf
     assert_eq!(m.payload_str(), Some("1"));
 }
 
+/// A flush reports what may have gone missing since the last one: publishes written into a
+/// connection that was then lost (never confirmed), or dropped by a full offline buffer. The
+/// flush after it is clean.
+#[tokio::test]
+async fn a_flush_after_a_loss_or_a_drop_says_so_once() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.local_addr()).await;
+    let mut options = fast_reconnect(proxy.addr().to_string());
+    options.offline_buffer = 1;
+    options.offline_policy = OfflinePolicy::DropOldest;
+    let c = Client::connect_with(options).await.unwrap();
+    let watcher = client(&broker).await;
+    let mut seen = watcher.subscribe("w").await.unwrap();
+    // Written (the watcher got it), not confirmed by a flush, then the connection is cut.
+    c.publish("w", "written").await.unwrap();
+    assert_eq!(seen.next().await.unwrap().payload_str(), Some("written"));
+    proxy.cut();
+    wait_status(&c, Status::Reconnecting).await;
+    wait_status(&c, Status::Connected).await;
+    let lost = tokio::time::timeout(PATIENCE, c.flush()).await.unwrap();
+    assert!(matches!(lost, Err(Error::ConnectionLost)), "{lost:?}");
+    tokio::time::timeout(PATIENCE, c.flush()).await.unwrap().expect("then clean");
+
+    // Two published while offline into a buffer of one: the oldest is dropped.
+    proxy.pause();
+    proxy.cut();
+    wait_status(&c, Status::Reconnecting).await;
+    c.publish("w", "dropped").await.unwrap();
+    c.publish("w", "kept").await.unwrap();
+    let flushing = tokio::spawn({
+        let c = c.clone();
+        async move { c.flush().await }
+    });
+    proxy.resume();
+    let dropped = tokio::time::timeout(PATIENCE, flushing).await.unwrap().unwrap();
+    assert!(matches!(dropped, Err(Error::BufferFull { capacity: 1 })), "{dropped:?}");
+    assert_eq!(seen.next().await.unwrap().payload_str(), Some("kept"));
+    tokio::time::timeout(PATIENCE, c.flush()).await.unwrap().expect("then clean");
+}
+
 #[tokio::test]
 async fn a_message_buffered_offline_too_large_for_the_new_broker_is_dropped_alone() {
     let broker = broker().await;
