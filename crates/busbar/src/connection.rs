@@ -18,8 +18,6 @@ use std::time::Duration;
 
 use busbar_core::{ErrorCode, Frame, FrameCodec, Hello, IdGenerator, Reply, Sub, Welcome};
 use bytes::{Bytes, BytesMut};
-
-use crate::read_buffer::ReadBuffer;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,6 +32,7 @@ use crate::client::{ClientOptions, Credentials, OfflinePolicy, Status};
 use crate::commands::{CommandRx, WeakCommandTx};
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::read_buffer::ReadBuffer;
 use crate::request::{ReplyTo, Request};
 
 /// What handles ask the connection task to do. Large parts are boxed: a command is moved into
@@ -717,9 +716,8 @@ impl ConnectionTask {
             debug!(subscriptions = self.subs.len(), buffered, "restored subscriptions, flushed buffer");
         }
         // Flushes asked for while offline: their PONG comes once the broker has handled all the
-        // above.
-        // The first reports what happened since the last flush (a loss, a drop). Each waits
-        // in `pongs` before its PING is written, so that a failure fails it (ConnectionLost).
+        // above. The first reports what happened since the last flush (a loss, a drop). Each
+        // waits in `pongs` before its PING is written, so that a failure fails it.
         for done in std::mem::take(&mut self.offline_flushes) {
             if done.is_closed() {
                 continue;

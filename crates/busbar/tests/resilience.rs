@@ -25,6 +25,12 @@ fn fast_reconnect(addr: impl Into<String>) -> ClientOptions {
     o
 }
 
+/// A flush on a task of its own, to be looked at while it waits.
+fn flush_in_background(client: &Client) -> tokio::task::JoinHandle<busbar::Result<()>> {
+    let client = client.clone();
+    tokio::spawn(async move { client.flush().await })
+}
+
 async fn wait_status(client: &Client, want: Status) {
     let mut w = client.status_watch();
     tokio::time::timeout(PATIENCE, w.wait_for(|s| *s == want))
@@ -77,10 +83,7 @@ async fn a_flush_while_offline_answers_once_the_next_connection_has_sent_the_buf
     broker.stop().await;
     wait_status(&c, Status::Reconnecting).await;
     c.publish("kept", "1").await.unwrap();
-    let flushing = tokio::spawn({
-        let c = c.clone();
-        async move { c.flush().await }
-    });
+    let flushing = flush_in_background(&c);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!flushing.is_finished(), "nothing to flush to yet: it waits");
     let _broker = Broker::start(Config::with_listen(addr)).await.expect("rebind the same port");
@@ -119,10 +122,7 @@ async fn a_flush_after_a_loss_or_a_drop_says_so_once() {
     wait_status(&c, Status::Reconnecting).await;
     c.publish("w", "dropped").await.unwrap();
     c.publish("w", "kept").await.unwrap();
-    let flushing = tokio::spawn({
-        let c = c.clone();
-        async move { c.flush().await }
-    });
+    let flushing = flush_in_background(&c);
     proxy.resume();
     let dropped = tokio::time::timeout(PATIENCE, flushing).await.unwrap().unwrap();
     assert!(matches!(dropped, Err(Error::BufferFull { capacity: 1 })), "{dropped:?}");
@@ -334,10 +334,7 @@ async fn the_offline_buffer_is_bounded() {
     dropping.subscribe("barrier").await.unwrap(); // handled after every publish before it
     assert_eq!(dropping.buffered(), 5);
     // A flush while offline waits for the next connection; a disconnect meanwhile ends it.
-    let flushing = tokio::spawn({
-        let dropping = dropping.clone();
-        async move { dropping.flush().await }
-    });
+    let flushing = flush_in_background(&dropping);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!flushing.is_finished(), "nothing to flush to: it waits");
     dropping.disconnect().await.unwrap();
