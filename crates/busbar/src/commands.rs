@@ -48,9 +48,14 @@ struct State {
     closed: bool,
     /// Someone waits for room.
     waiting: bool,
-    /// A run's buffer given back by the task, for the next run.
-    spare: Option<BytesMut>,
+    /// Runs' buffers given back by the task, for the next runs (at most [`SPARE_RUNS`]): a
+    /// publisher ahead of the task has several runs queued, and each new one allocated afresh
+    /// faulted in new pages as it was filled.
+    spares: Vec<BytesMut>,
 }
+
+/// Most run buffers kept for reuse.
+const SPARE_RUNS: usize = 4;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -68,7 +73,7 @@ pub(crate) fn commands(capacity: usize) -> (CommandTx, CommandRx) {
             len: 0,
             closed: false,
             waiting: false,
-            spare: None,
+            spares: Vec::new(),
         }),
         task: AtomicWaker::new(),
         room: Notify::new(),
@@ -280,12 +285,12 @@ impl CommandTx {
                 state.len += 1;
             }
         } else {
-            let spare = state.spare.take().filter(|run| run.capacity() >= size);
+            let spare = state.spares.pop().filter(|run| run.capacity() >= size);
             let mut run = spare.unwrap_or_else(|| BytesMut::with_capacity(size.max(RUN_CAPACITY)));
             if let Err(e) = encode(&mut run) {
                 // Kept for the next run unless it is larger than `recycle` keeps.
-                if run.capacity() <= 4 * RUN_CAPACITY {
-                    state.spare = Some(run);
+                if run.capacity() <= 4 * RUN_CAPACITY && state.spares.len() < SPARE_RUNS {
+                    state.spares.push(run);
                 }
                 return Err(e);
             }
@@ -432,8 +437,8 @@ impl CommandRx {
         }
         run.clear();
         let mut state = self.shared.lock();
-        if state.spare.is_none() {
-            state.spare = Some(run);
+        if state.spares.len() < SPARE_RUNS {
+            state.spares.push(run);
         }
     }
 }
@@ -507,6 +512,44 @@ mod tests {
         ));
         publish_byte(&tx, 9).await.unwrap();
         assert!(matches!(rx.recv().await, Some(Command::Publish(run)) if run[..] == [9]));
+    }
+
+    #[tokio::test]
+    async fn runs_given_back_are_reused_up_to_a_bound() {
+        let (tx, mut rx) = commands(64);
+        // Frames of a whole run each: a run per publish.
+        let publish_runs = |n| {
+            let tx = &tx;
+            async move {
+                for _ in 0..n {
+                    tx.publish(RUN_CAPACITY, usize::MAX, |run| {
+                        run.put_bytes(0, RUN_CAPACITY);
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        };
+        let mut got = Vec::new();
+        publish_runs(SPARE_RUNS + 2).await;
+        rx.recv_all(&mut got).await;
+        let mut given_back = Vec::new();
+        for command in got.drain(..) {
+            let Command::Publish(run) = command else { panic!("a run") };
+            given_back.push(run.as_ptr());
+            rx.recycle(run);
+        }
+        assert_eq!(tx.shared.lock().spares.len(), SPARE_RUNS, "kept up to the bound");
+        publish_runs(SPARE_RUNS + 2).await;
+        rx.recv_all(&mut got).await;
+        // The next runs are those kept (the ones after are new: their addresses may be those of
+        // the runs let go of, so they are not compared).
+        for command in &got[..SPARE_RUNS] {
+            let Command::Publish(run) = command else { panic!("a run") };
+            assert!(given_back.contains(&run.as_ptr()), "a kept run reused");
+        }
+        assert!(tx.shared.lock().spares.is_empty());
     }
 
     #[tokio::test]
