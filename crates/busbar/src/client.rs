@@ -539,9 +539,8 @@ impl Client {
                         break;
                     }
                 }
-                Ok(None) if answers.is_empty() && !overflow.load(Ordering::Relaxed) => {
-                    return Err(self.lost_or_closed());
-                }
+                // (A dropped answer comes after those that filled the buffer: never empty then.)
+                Ok(None) if answers.is_empty() => return Err(self.lost_or_closed()),
                 Ok(None) => {
                     // The connection task let go of it: connection lost, or answers dropped.
                     cut_short = overflow.load(Ordering::Relaxed);
