@@ -200,8 +200,7 @@ impl Requests {
 
     fn forget(&mut self, key: (u32, u64)) {
         if let Some(p) = self.pending.remove(&key) {
-            uncount(&mut self.per_requester, key.0);
-            p.responders.iter().for_each(|&r| uncount(&mut self.asked, r));
+            uncount_request(&mut self.per_requester, &mut self.asked, key.0, &p.responders);
         }
     }
 
@@ -339,8 +338,7 @@ impl Requests {
         *calls -= 1;
         if *calls == 0 {
             e.remove();
-            uncount(&mut self.owes, responder);
-            uncount(&mut self.owes, requester);
+            uncount_owed(&mut self.owes, responder, requester);
         }
         true
     }
@@ -362,8 +360,7 @@ impl Requests {
             owed.retain(|&(responder, requester, _), _| {
                 let keep = !is_gone(&responder) && !is_gone(&requester);
                 if !keep {
-                    uncount(owes, responder);
-                    uncount(owes, requester);
+                    uncount_owed(owes, responder, requester);
                 }
                 keep
             });
@@ -374,7 +371,6 @@ impl Requests {
         // One pass, in place: no copy of the keys (the table may be large).
         pending.retain(|&(requester, id), p| {
             let keep = if is_gone(&requester) {
-                p.responders.iter().for_each(|&r| uncount(asked, r));
                 false
             } else if !p.responders.iter().any(is_gone) {
                 true
@@ -399,7 +395,7 @@ impl Requests {
                 !p.responders.is_empty()
             };
             if !keep {
-                uncount(per_requester, requester);
+                uncount_request(per_requester, asked, requester, &p.responders);
             }
             keep
         });
@@ -411,8 +407,7 @@ impl Requests {
         owed.retain(|&(responder, requester, _), (deadline, _)| {
             let keep = *deadline > now;
             if !keep {
-                uncount(owes, responder);
-                uncount(owes, requester);
+                uncount_owed(owes, responder, requester);
             }
             keep
         });
@@ -420,8 +415,7 @@ impl Requests {
         pending.retain(|&(requester, _), p| {
             let keep = p.deadline > now;
             if !keep {
-                uncount(per_requester, requester);
-                p.responders.iter().for_each(|&r| uncount(asked, r));
+                uncount_request(per_requester, asked, requester, &p.responders);
             }
             keep
         });
@@ -436,6 +430,23 @@ impl Requests {
 /// One more for `conn` in one of the per-connection counts.
 fn count(counts: &mut FastMap<u32, usize>, conn: u32) {
     *counts.entry(conn).or_default() += 1;
+}
+
+/// A request of `requester` leaves the table, still owed by `responders`.
+fn uncount_request(
+    per_requester: &mut FastMap<u32, usize>,
+    asked: &mut FastMap<u32, usize>,
+    requester: u32,
+    responders: &[u32],
+) {
+    uncount(per_requester, requester);
+    responders.iter().for_each(|&r| uncount(asked, r));
+}
+
+/// An entry of `owed` leaves the table.
+fn uncount_owed(owes: &mut FastMap<u32, usize>, responder: u32, requester: u32) {
+    uncount(owes, responder);
+    uncount(owes, requester);
 }
 
 /// One fewer for `conn` (a count that reaches zero leaves the map).
