@@ -57,6 +57,17 @@ struct State {
 /// Most run buffers kept for reuse.
 const SPARE_RUNS: usize = 4;
 
+impl State {
+    /// Keeps `run`, emptied, for a next run: up to [`SPARE_RUNS`], none larger than four runs'
+    /// worth (one grown for a large frame is let go of).
+    fn keep_spare(&mut self, mut run: BytesMut) {
+        if run.capacity() <= 4 * RUN_CAPACITY && self.spares.len() < SPARE_RUNS {
+            run.clear();
+            self.spares.push(run);
+        }
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics under this lock but an encoder on a broken invariant; what it leaves
@@ -288,10 +299,7 @@ impl CommandTx {
             let spare = state.spares.pop().filter(|run| run.capacity() >= size);
             let mut run = spare.unwrap_or_else(|| BytesMut::with_capacity(size.max(RUN_CAPACITY)));
             if let Err(e) = encode(&mut run) {
-                // Kept for the next run unless it is larger than `recycle` keeps.
-                if run.capacity() <= 4 * RUN_CAPACITY && state.spares.len() < SPARE_RUNS {
-                    state.spares.push(run);
-                }
+                state.keep_spare(run);
                 return Err(e);
             }
             if let Some(first) = first {
@@ -430,16 +438,9 @@ impl CommandRx {
         n
     }
 
-    /// Gives a run's buffer back, emptied, for the next run (one is kept).
-    pub(crate) fn recycle(&self, mut run: BytesMut) {
-        if run.capacity() > 4 * RUN_CAPACITY {
-            return;
-        }
-        run.clear();
-        let mut state = self.shared.lock();
-        if state.spares.len() < SPARE_RUNS {
-            state.spares.push(run);
-        }
+    /// Gives a run's buffer back, emptied, for the next runs.
+    pub(crate) fn recycle(&self, run: BytesMut) {
+        self.shared.lock().keep_spare(run);
     }
 }
 
